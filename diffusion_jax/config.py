@@ -1,0 +1,222 @@
+"""The typed boundary: ml_collections configs in, frozen dataclasses out.
+
+Config files (configs/*.py) define `get_config(arg: str | None = None) -> ConfigDict`. They are the only
+place where strings choose objects; this module loads them (`path.py` or `path.py:arg`), applies
+command-line overrides (`train.steps=200`), and turns the result into an `Experiment` of frozen
+dataclasses that the library consumes. Every value is checked here, before anything is compiled, and
+every error names the config key.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+from diffusion_jax.data import DataConfig
+from diffusion_jax.losses import LossConfig
+from diffusion_jax.models import UNetConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    name: str = "linear"
+    num_timesteps: int = 1000
+    beta_start: float | None = None
+    beta_end: float | None = None
+    zero_terminal_snr: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 2e-4
+    warmup_steps: int = 5000          # linear warmup from 0 (Ho et al. 2020)
+    decay: str = "constant"           # constant | cosine (to 0 at train.steps)
+    weight_decay: float = 0.0         # AdamW decoupled weight decay
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0            # global-norm clipping; 0 disables
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 800_000
+    batch_size: int = 128             # global batch, split over devices
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False          # decay min(ema_decay, (1+step)/(10+step)) for short runs
+    num_devices: int = 0              # 0 = all available
+    fsdp: bool = False                # shard params / optimizer state / EMA over the "data" axis
+    log_every: int = 100
+    ckpt_every: int = 10_000
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    sample_every: int = 0             # 0 = only at the end
+    sample_num: int = 64
+    sample_steps: int = 50            # DDIM steps for the grids written during training
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    sampler: str = "ddim"             # ddim | ddpm
+    steps: int = 50
+    eta: float = 0.0
+    spacing: str = "leading"
+    variance: str = "fixed_small"     # DDPM only: fixed_small | fixed_large | learned
+    clip_denoised: float = 1.0        # clip x0-hat to [-c, c]; 0 disables
+    num: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    seed: int
+    data: DataConfig
+    model: UNetConfig
+    schedule: ScheduleConfig
+    loss: LossConfig
+    optim: OptimConfig
+    train: TrainConfig
+    sample: SampleConfig
+
+    SECTIONS = {"data": DataConfig, "model": UNetConfig, "schedule": ScheduleConfig, "loss": LossConfig,
+                "optim": OptimConfig, "train": TrainConfig, "sample": SampleConfig}
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "Experiment":
+        raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+        unknown = set(raw) - set(cls.SECTIONS) - {"seed"}
+        if unknown:
+            raise ValueError(f"unknown top-level config key(s) {sorted(unknown)}; "
+                             f"expected {['seed', *cls.SECTIONS]}")
+        sections = {}
+        for name, klass in cls.SECTIONS.items():
+            values = dict(raw.get(name, {}))
+            fields = {f.name: f for f in dataclasses.fields(klass)}
+            for key in values:
+                if key not in fields:
+                    raise ValueError(f"unknown config key '{name}.{key}'{_suggest(key, fields)}")
+            for key, value in values.items():
+                if isinstance(value, list):
+                    values[key] = tuple(value)
+            sections[name] = klass(**values)
+        exp = cls(seed=int(raw.get("seed", 0)), **sections)
+        exp.validate()
+        return exp
+
+    def validate(self) -> None:
+        """Checks that need no data and no compilation; each error names its key."""
+        self.data.validate()
+        self.model.validate()
+        self.loss.validate(self.model.learn_sigma)
+        if self.model.image_size != self.data.image_size:
+            raise ValueError(f"model.image_size={self.model.image_size} differs from "
+                             f"data.image_size={self.data.image_size}")
+        _positive(self, "schedule.num_timesteps", "train.steps", "train.batch_size", "train.log_every",
+                  "train.ckpt_every", "train.keep_checkpoints", "train.sample_num", "train.sample_steps",
+                  "sample.steps", "sample.num")
+        if not 0.0 <= self.train.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.train.ema_decay}")
+        if self.optim.learning_rate <= 0:
+            raise ValueError(f"optim.learning_rate must be > 0, got {self.optim.learning_rate}")
+        if self.optim.decay not in ("constant", "cosine"):
+            raise ValueError(f"optim.decay={self.optim.decay!r} is unknown; choose from ('constant', 'cosine')")
+        for key, steps in (("sample.steps", self.sample.steps), ("train.sample_steps", self.train.sample_steps)):
+            if steps > self.schedule.num_timesteps:
+                raise ValueError(f"{key}={steps} exceeds schedule.num_timesteps={self.schedule.num_timesteps}")
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, **{k: dataclasses.asdict(getattr(self, k)) for k in self.SECTIONS}}
+
+
+def _positive(exp, *keys):
+    for key in keys:
+        section, name = key.split(".")
+        value = getattr(getattr(exp, section), name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
+def _suggest(key, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; known keys: {sorted(options)}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading config files and applying overrides
+# ----------------------------------------------------------------------------------------------------
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Load `path/to/config.py` or `path/to/config.py:arg` (the arg is passed to get_config)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"_diffusion_jax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path!r} defines no get_config()")
+    config = module.get_config(arg) if arg else module.get_config()
+    return config
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir!r} a diffusion-jax training workdir?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def _parse_like(text: str, current: Any, key: str):
+    if isinstance(current, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"config key '{key}' expects a bool, got {text!r}")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text
+        raise ValueError(f"config key '{key}' expects {type(current).__name__}, got {text!r}") from None
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, (tuple, list)):
+        value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    elif current is not None and not isinstance(value, type(current)):
+        raise ValueError(f"config key '{key}' expects {type(current).__name__}, got {text!r}")
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Apply 'a.b=value' strings (as given on the command line after --config.)."""
+    config = copy.deepcopy(config)  # keeps FieldReferences (model.image_size -> data.image_size)
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise ValueError(f"config override {item!r} must look like key=value (e.g. train.steps=200)")
+        *parents, leaf = key.split(".")
+        node, path = config, []
+        for part in parents:
+            path.append(part)
+            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+                raise ValueError(f"unknown config key '{'.'.join(path)}'{_suggest(part, node.keys())}")
+            node = node[part]
+        if leaf not in node:
+            raise ValueError(f"unknown config key '{key}'{_suggest(leaf, node.keys())}")
+        node[leaf] = _parse_like(text, node[leaf], key)
+    return config
+
+
+def load_experiment(spec: str, overrides: Sequence[str] = ()) -> tuple[Experiment, ml_collections.ConfigDict]:
+    """Config file + overrides -> (validated Experiment, resolved ConfigDict)."""
+    config = apply_overrides(load_config_file(spec), overrides)
+    return Experiment.from_config(config), config

@@ -1,0 +1,266 @@
+"""The DDPM / ADM U-Net (NHWC) and its typed configuration.
+
+References:
+  Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models" (DDPM): the defaults of
+    `UNetConfig` are the DDPM CIFAR-10 model (35,746,307 parameters, the same as diffusers'
+    `UNet2DModel` for google/ddpm-cifar10-32).
+  Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis" (ADM): multi-head
+    attention, class-conditional embeddings.
+  Nichol & Dhariwal 2021, "Improved DDPM": `learn_sigma` doubles the output channels.
+  Ho & Salimans 2022, classifier-free guidance: label `num_classes` is the null class.
+
+Used functionally:
+    model = UNet(UNetConfig(), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)   # params is the only state
+    out = jax.jit(lambda p, x, t: nnx.merge(graphdef, p)(x, t))(params, x, t)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffusion_jax.models.layers import (AttentionBlock, Downsample, ResBlock, Upsample, _norm,
+                                         timestep_embedding)
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Hyper-parameters of `UNet`; errors name keys as `model.<field>`."""
+
+    image_size: int = 32
+    in_channels: int = 3
+    out_channels: int | None = None        # None -> in_channels, doubled when learn_sigma
+    channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)   # feature-map sizes (pixels) with self-attention
+    num_heads: int = 1
+    dropout: float = 0.1
+    num_groups: int = 32                    # GroupNorm groups
+    num_classes: int | None = None          # class-conditional; label == num_classes is the null class
+    context_dim: int | None = None          # cross-attention on a (B, L, context_dim) context
+    learn_sigma: bool = False               # output 2*C channels (improved DDPM learned variance)
+    dtype: str = "float32"                  # compute dtype ("float32" | "bfloat16"); params float32
+
+    def __post_init__(self):
+        # Accept lists (e.g. from ml_collections) but keep the dataclass hashable.
+        for name in ("channel_mult", "attention_resolutions"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(value))
+
+    @property
+    def resolved_out_channels(self) -> int:
+        if self.out_channels is not None:
+            return self.out_channels
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Feature-map size of each level: image_size // 2**level."""
+        return tuple(self.image_size // 2**i for i in range(len(self.channel_mult)))
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending key (e.g. `model.image_size`)."""
+
+        def positive_int(name, value):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name}={value!r} must be a positive int")
+
+        for name in ("image_size", "in_channels", "channels", "num_res_blocks", "num_heads", "num_groups"):
+            positive_int(name, getattr(self, name))
+        for name in ("out_channels", "num_classes", "context_dim"):
+            if getattr(self, name) is not None:
+                positive_int(name, getattr(self, name))
+        if not isinstance(self.channel_mult, tuple) or not self.channel_mult:
+            raise ValueError(f"model.channel_mult={self.channel_mult!r} must be a non-empty tuple of ints")
+        for i, m in enumerate(self.channel_mult):
+            positive_int(f"channel_mult[{i}]", m)
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"model.dropout={self.dropout!r} must be in [0, 1)")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r} must be one of {sorted(_DTYPES)}")
+        if self.learn_sigma and self.out_channels is not None and self.out_channels % 2:
+            raise ValueError(f"model.out_channels={self.out_channels} must be even when model.learn_sigma=True")
+        n_down = len(self.channel_mult) - 1
+        if self.image_size % 2**n_down:
+            raise ValueError(
+                f"model.image_size={self.image_size} is not divisible by 2**{n_down} = {2**n_down} "
+                "(len(model.channel_mult)-1 downsamplings)")
+        for i, m in enumerate(self.channel_mult):
+            ch = self.channels * m
+            if ch % self.num_groups:
+                raise ValueError(
+                    f"model.channels * model.channel_mult[{i}] = {ch} is not divisible by "
+                    f"model.num_groups={self.num_groups}")
+        resolutions = self.resolutions
+        for r in self.attention_resolutions:
+            if r not in resolutions:
+                raise ValueError(
+                    f"model.attention_resolutions contains {r}, which never occurs; the feature-map "
+                    f"sizes are {list(resolutions)}")
+        attn_levels = [i for i, r in enumerate(resolutions) if r in self.attention_resolutions]
+        for i in attn_levels + [len(self.channel_mult) - 1]:  # the middle block always attends
+            ch = self.channels * self.channel_mult[i]
+            if ch % self.num_heads:
+                raise ValueError(
+                    f"model.num_heads={self.num_heads} does not divide the {ch} channels of an "
+                    f"attention block at resolution {resolutions[i]}")
+
+
+class _Level(nnx.Module):
+    """One resolution level: ResBlocks, attention after each (if any), optional resampling."""
+
+    def __init__(self, res: list, attn: list, resample):
+        self.res = nnx.List(res)
+        self.attn = nnx.List(attn)  # empty, or one AttentionBlock per ResBlock
+        self.resample = resample    # Downsample / Upsample / None
+
+
+class UNet(nnx.Module):
+    """DDPM / ADM U-Net epsilon (or x0 / v) predictor.
+
+    Layout (L = len(channel_mult), C_i = channels * channel_mult[i]):
+      t -> sinusoidal(channels) -> Linear(4C) -> SiLU -> Linear(4C) = emb  (+ class embedding)
+      conv_in 3x3 -> down levels i = 0..L-1: num_res_blocks x [ResBlock(C_i) (+ Attention)],
+        Downsample unless last -> middle: ResBlock, Attention, ResBlock ->
+      up levels i = L-1..0: (num_res_blocks + 1) x [concat skip, ResBlock(C_i) (+ Attention)],
+        Upsample unless i == 0 -> GroupNorm, SiLU, conv_out 3x3.
+    """
+
+    def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
+        config.validate()
+        self.config = config
+        c = config
+        dt = _DTYPES[c.dtype]
+        emb_dim = 4 * c.channels
+        kw = dict(groups=c.num_groups, dropout_rate=float(c.dropout), dtype=dt, rngs=rngs)
+        attn = lambda ch: AttentionBlock(ch, num_heads=c.num_heads, groups=c.num_groups,  # noqa: E731
+                                         context_dim=c.context_dim, dtype=dt, rngs=rngs)
+
+        self.time_embed_1 = nnx.Linear(c.channels, emb_dim, rngs=rngs)
+        self.time_embed_2 = nnx.Linear(emb_dim, emb_dim, rngs=rngs)
+        self.class_embed = (nnx.Embed(c.num_classes + 1, emb_dim, rngs=rngs)
+                            if c.num_classes is not None else None)
+        self.conv_in = nnx.Conv(c.in_channels, c.channels, (3, 3), padding="SAME", dtype=dt, rngs=rngs)
+
+        n_levels = len(c.channel_mult)
+        skip_chs = [c.channels]
+        ch = c.channels
+        down = []
+        for i, mult in enumerate(c.channel_mult):
+            use_attn = c.resolutions[i] in c.attention_resolutions
+            res, attns = [], []
+            for _ in range(c.num_res_blocks):
+                res.append(ResBlock(ch, c.channels * mult, emb_dim, **kw))
+                ch = c.channels * mult
+                if use_attn:
+                    attns.append(attn(ch))
+                skip_chs.append(ch)
+            last = i == n_levels - 1
+            down.append(_Level(res, attns, None if last else Downsample(ch, dtype=dt, rngs=rngs)))
+            if not last:
+                skip_chs.append(ch)
+        self.down = nnx.List(down)
+
+        self.mid_res1 = ResBlock(ch, ch, emb_dim, **kw)
+        self.mid_attn = attn(ch)
+        self.mid_res2 = ResBlock(ch, ch, emb_dim, **kw)
+
+        up = []  # in order of application: lowest resolution first
+        for i in reversed(range(n_levels)):
+            use_attn = c.resolutions[i] in c.attention_resolutions
+            res, attns = [], []
+            for _ in range(c.num_res_blocks + 1):
+                res.append(ResBlock(ch + skip_chs.pop(), c.channels * c.channel_mult[i], emb_dim, **kw))
+                ch = c.channels * c.channel_mult[i]
+                if use_attn:
+                    attns.append(attn(ch))
+            up.append(_Level(res, attns, Upsample(ch, dtype=dt, rngs=rngs) if i > 0 else None))
+        self.up = nnx.List(up)
+
+        self.norm_out = _norm(ch, c.num_groups, rngs)
+        self.conv_out = nnx.Conv(ch, c.resolved_out_channels, (3, 3), padding="SAME", dtype=dt, rngs=rngs)
+
+    def __call__(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None):
+        """Predict from a noisy batch.
+
+        Args:
+          x: (B, H, W, in_channels) float.
+          t: (B,) (or scalar) float or int timesteps in DDPM units (0..T-1, may be fractional).
+          y: (B,) int labels in [0, num_classes] (num_classes = null class), or None (-> null class);
+            must be None for an unconditional model.
+          context: (B, L, context_dim), required iff `context_dim` is set.
+          train: apply dropout, with randomness from `dropout_key` (one fold per ResBlock).
+        Returns:
+          (B, H, W, resolved_out_channels) float32.
+        """
+        c = self.config
+        dt = _DTYPES[c.dtype]
+        x = jnp.asarray(x)
+        if x.ndim != 4 or x.shape[-1] != c.in_channels:
+            raise ValueError(f"x must be (B, H, W, {c.in_channels}) (NHWC), got shape {x.shape}")
+        b = x.shape[0]
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+        use_dropout = train and c.dropout > 0
+        if use_dropout and dropout_key is None:
+            raise ValueError("train=True with model.dropout > 0 needs a dropout_key")
+
+        emb = self.time_embed_2(nnx.silu(self.time_embed_1(timestep_embedding(t, c.channels))))
+        if self.class_embed is not None:
+            if y is None:
+                y = jnp.full((b,), c.num_classes, jnp.int32)
+            y = jnp.asarray(y)
+            if y.shape != (b,):
+                raise ValueError(f"y must have shape ({b},), got {y.shape}")
+            emb = emb + self.class_embed(y.astype(jnp.int32))
+        elif y is not None:
+            raise ValueError("class labels y were given but the model is unconditional "
+                             "(model.num_classes is None)")
+        if c.context_dim is None and context is not None:
+            raise ValueError("context was given but the model has no cross-attention (model.context_dim is None)")
+        if c.context_dim is not None:
+            if context is None:
+                raise ValueError(f"the model has cross-attention (model.context_dim={c.context_dim}); "
+                                 "pass context of shape (B, L, context_dim)")
+            context = jnp.asarray(context)
+            if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != c.context_dim:
+                raise ValueError(f"context must be ({b}, L, {c.context_dim}), got {context.shape}")
+            context = context.astype(dt)
+        emb = emb.astype(dt)
+
+        counter = iter(range(10**6))
+        key = lambda: jax.random.fold_in(dropout_key, next(counter)) if use_dropout else None  # noqa: E731
+
+        h = self.conv_in(x.astype(dt))
+        skips = [h]
+        for level in self.down:
+            for j, res in enumerate(level.res):
+                h = res(h, emb, key())
+                if len(level.attn):
+                    h = level.attn[j](h, context)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+
+        h = self.mid_res1(h, emb, key())
+        h = self.mid_attn(h, context)
+        h = self.mid_res2(h, emb, key())
+
+        for level in self.up:
+            for j, res in enumerate(level.res):
+                h = res(jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1), emb, key())
+                if len(level.attn):
+                    h = level.attn[j](h, context)
+            if level.resample is not None:
+                h = level.resample(h)
+
+        h = self.conv_out(nnx.silu(self.norm_out(h)).astype(dt))
+        return h.astype(jnp.float32)
