@@ -33,7 +33,7 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def fsdp_spec(shape, num_devices: int, min_size: int = 2 ** 14) -> P:
+def fsdp_spec(shape, num_devices: int, min_size: int = 2 ** 10) -> P:
     """Split the largest axis divisible by the device count; small arrays stay replicated."""
     if num_devices == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
         return P()

@@ -47,16 +47,16 @@ def beta_schedule(name: str, num_timesteps: int, beta_start: float | None = None
         raise ValueError(f"schedule.num_timesteps must be a positive int, got {num_timesteps!r}")
     T = int(num_timesteps)
     if name == "linear":
-        start, end = beta_start or 1e-4, beta_end or 0.02
+        start, end = 1e-4 if beta_start is None else beta_start, 0.02 if beta_end is None else beta_end
         betas = np.linspace(start, end, T, dtype=np.float64)
     elif name == "scaled_linear":
-        start, end = beta_start or 0.00085, beta_end or 0.012
+        start, end = 0.00085 if beta_start is None else beta_start, 0.012 if beta_end is None else beta_end
         betas = np.linspace(start ** 0.5, end ** 0.5, T, dtype=np.float64) ** 2
     elif name == "cosine":
         i = np.arange(T, dtype=np.float64)
         betas = np.minimum(1 - _cosine_alpha_bar((i + 1) / T) / _cosine_alpha_bar(i / T), max_beta)
     elif name == "sigmoid":
-        start, end = beta_start or 1e-4, beta_end or 0.02
+        start, end = 1e-4 if beta_start is None else beta_start, 0.02 if beta_end is None else beta_end
         x = np.linspace(-6, 6, T, dtype=np.float64)
         betas = 1 / (1 + np.exp(-x)) * (end - start) + start
     else:
@@ -87,6 +87,8 @@ class DiscreteSchedule:
     betas: jax.Array
     alphas_cumprod: jax.Array        # alpha_bar_t
     alphas_cumprod_prev: jax.Array   # alpha_bar_{t-1}, with alpha_bar_{-1} = 1
+    sqrt_alphas_cumprod: jax.Array   # alpha_t = sqrt(alpha_bar_t)   (float64 on the host, then float32:
+    sqrt_one_minus_alphas_cumprod: jax.Array  # sigma_t = sqrt(1 - alpha_bar_t)   1 - abar is exact at small t)
     # posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, posterior_variance)   (Ho et al. eq. 6-7)
     posterior_variance: jax.Array
     posterior_log_variance_clipped: jax.Array
@@ -99,6 +101,8 @@ class DiscreteSchedule:
         if b.ndim != 1 or not np.all((b > 0) & (b <= 1)):
             raise ValueError("betas must be a 1-D array with values in (0, 1]")
         abar = np.cumprod(1.0 - b)
+        with np.errstate(divide="ignore"):  # beta = 1 (zero terminal SNR) gives log 0 = -inf: fine here
+            one_minus_abar = -np.expm1(np.cumsum(np.log1p(-b)))
         abar_prev = np.concatenate([[1.0], abar[:-1]])
         post_var = b * (1.0 - abar_prev) / (1.0 - abar)
         # The posterior variance is 0 at t=0; clip the log as Ho et al. do (use the t=1 value there).
@@ -106,6 +110,7 @@ class DiscreteSchedule:
         f32 = lambda a: jnp.asarray(a, jnp.float32)
         return cls(
             betas=f32(b), alphas_cumprod=f32(abar), alphas_cumprod_prev=f32(abar_prev),
+            sqrt_alphas_cumprod=f32(np.sqrt(abar)), sqrt_one_minus_alphas_cumprod=f32(np.sqrt(one_minus_abar)),
             posterior_variance=f32(post_var), posterior_log_variance_clipped=f32(post_logvar),
             posterior_mean_coef1=f32(b * np.sqrt(abar_prev) / (1.0 - abar)),
             posterior_mean_coef2=f32((1.0 - abar_prev) * np.sqrt(1.0 - b) / (1.0 - abar)),
@@ -117,20 +122,18 @@ class DiscreteSchedule:
 
     def alpha(self, t):
         """Signal scale sqrt(alpha_bar_t), shape of t."""
-        return jnp.sqrt(self.alphas_cumprod[t])
+        return self.sqrt_alphas_cumprod[t]
 
     def sigma(self, t):
         """Noise scale sqrt(1 - alpha_bar_t), shape of t."""
-        return jnp.sqrt(1.0 - self.alphas_cumprod[t])
+        return self.sqrt_one_minus_alphas_cumprod[t]
 
     def snr(self, t):
         """alpha_bar_t / (1 - alpha_bar_t)."""
-        abar = self.alphas_cumprod[t]
-        return abar / (1.0 - abar)
+        return (self.sqrt_alphas_cumprod[t] / self.sqrt_one_minus_alphas_cumprod[t]) ** 2
 
     def log_snr(self, t):
-        abar = self.alphas_cumprod[t]
-        return jnp.log(abar) - jnp.log1p(-abar)
+        return 2.0 * (jnp.log(self.sqrt_alphas_cumprod[t]) - jnp.log(self.sqrt_one_minus_alphas_cumprod[t]))
 
 
 def make_schedule(name: str = "linear", num_timesteps: int = 1000, *, beta_start: float | None = None,
@@ -186,8 +189,8 @@ class ContinuousSchedule:
     def from_config(cls, name: str = "linear", num_timesteps: int = 1000, *, beta_start=None, beta_end=None,
                     zero_terminal_snr: bool = False) -> "ContinuousSchedule":
         if name == "linear" and not zero_terminal_snr:
-            return cls("linear", beta_min=num_timesteps * (beta_start or 1e-4),
-                       beta_max=num_timesteps * (beta_end or 0.02))
+            return cls("linear", beta_min=num_timesteps * (1e-4 if beta_start is None else beta_start),
+                       beta_max=num_timesteps * (0.02 if beta_end is None else beta_end))
         if name == "cosine" and not zero_terminal_snr:
             return cls("cosine")
         betas = beta_schedule(name, num_timesteps, beta_start, beta_end)

@@ -139,7 +139,7 @@ def convert_diffusers_unet(state_dict: Mapping[str, Any], config: UNetConfig) ->
     _, params = nnx.split(abstract, nnx.Param)
     sd = {k: v for k, v in state_dict.items()}
     used, flat = set(), []
-    for path, var in params.flat_state():
+    for path, var in nnx.to_flat_state(params):
         key = _diffusers_key(path)
         if key not in sd:
             raise ValueError(f"diffusers state_dict has no {key!r} (needed for {'/'.join(map(str, path))})")
@@ -158,4 +158,4 @@ def convert_diffusers_unet(state_dict: Mapping[str, Any], config: UNetConfig) ->
     if unused:
         raise ValueError(f"diffusers state_dict keys not used by UNet{config}: {unused[:8]}"
                          f"{' ...' if len(unused) > 8 else ''}")
-    return nnx.State.from_flat_path(flat)
+    return nnx.from_flat_state(flat)

@@ -22,6 +22,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 GROUPNORM_EPS = 1e-6  # DDPM's TF group norm (and diffusers' google/ddpm-cifar10-32 norm_eps).
+# DDPM's `default_init`: variance_scaling(1, fan_avg, uniform). The last layer of every residual
+# branch (ResBlock conv2, attention output projections) and the output conv start at zero
+# (DDPM `init_scale=0.`, ADM `zero_module`), so each block starts as the identity.
+DEFAULT_INIT = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+ZERO_INIT = nnx.initializers.zeros_init()
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -53,13 +58,19 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def _norm(ch: int, groups: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
+def group_norm(ch: int, groups: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
     # Normalisation always runs in float32 (also under bfloat16 compute).
     return nnx.GroupNorm(ch, num_groups=groups, epsilon=GROUPNORM_EPS, dtype=jnp.float32, rngs=rngs)
 
 
-def _conv(cin: int, cout: int, k: int, rngs: nnx.Rngs, dtype, stride: int = 1, padding="SAME") -> nnx.Conv:
-    return nnx.Conv(cin, cout, (k, k), strides=stride, padding=padding, dtype=dtype, rngs=rngs)
+def conv(cin: int, cout: int, k: int, rngs: nnx.Rngs, dtype, stride: int = 1, padding="SAME",
+         zero: bool = False) -> nnx.Conv:
+    return nnx.Conv(cin, cout, (k, k), strides=stride, padding=padding, dtype=dtype,
+                    kernel_init=ZERO_INIT if zero else DEFAULT_INIT, rngs=rngs)
+
+
+def linear(cin: int, cout: int, rngs: nnx.Rngs, dtype=None, zero: bool = False) -> nnx.Linear:
+    return nnx.Linear(cin, cout, dtype=dtype, kernel_init=ZERO_INIT if zero else DEFAULT_INIT, rngs=rngs)
 
 
 class ResBlock(nnx.Module):
@@ -73,12 +84,12 @@ class ResBlock(nnx.Module):
 
     def __init__(self, cin: int, cout: int, emb_dim: int, *, groups: int, dropout_rate: float,
                  dtype, rngs: nnx.Rngs):
-        self.norm1 = _norm(cin, groups, rngs)
-        self.conv1 = _conv(cin, cout, 3, rngs, dtype)
-        self.time_proj = nnx.Linear(emb_dim, cout, dtype=dtype, rngs=rngs)
-        self.norm2 = _norm(cout, groups, rngs)
-        self.conv2 = _conv(cout, cout, 3, rngs, dtype)
-        self.skip = _conv(cin, cout, 1, rngs, dtype) if cin != cout else None
+        self.norm1 = group_norm(cin, groups, rngs)
+        self.conv1 = conv(cin, cout, 3, rngs, dtype)
+        self.time_proj = linear(emb_dim, cout, rngs, dtype)
+        self.norm2 = group_norm(cout, groups, rngs)
+        self.conv2 = conv(cout, cout, 3, rngs, dtype, zero=True)
+        self.skip = conv(cin, cout, 1, rngs, dtype) if cin != cout else None
         self.dropout_rate = dropout_rate
 
     def __call__(self, x: jax.Array, emb: jax.Array, key: jax.Array | None = None) -> jax.Array:
@@ -114,13 +125,14 @@ class AttentionBlock(nnx.Module):
 
     def __init__(self, ch: int, *, num_heads: int, groups: int, context_dim: int | None,
                  dtype, rngs: nnx.Rngs):
-        lin = lambda i, o: nnx.Linear(i, o, dtype=dtype, rngs=rngs)  # noqa: E731
+        lin = lambda i, o, zero=False: linear(i, o, rngs, dtype, zero)  # noqa: E731
         self.num_heads = num_heads
-        self.norm = _norm(ch, groups, rngs)
-        self.q, self.k, self.v, self.proj_out = lin(ch, ch), lin(ch, ch), lin(ch, ch), lin(ch, ch)
+        self.norm = group_norm(ch, groups, rngs)
+        self.q, self.k, self.v = lin(ch, ch), lin(ch, ch), lin(ch, ch)
+        self.proj_out = lin(ch, ch, zero=True)
         if context_dim is not None:
-            self.cross_norm = _norm(ch, groups, rngs)
-            self.cross_q, self.cross_out = lin(ch, ch), lin(ch, ch)
+            self.cross_norm = group_norm(ch, groups, rngs)
+            self.cross_q, self.cross_out = lin(ch, ch), lin(ch, ch, zero=True)
             self.cross_k, self.cross_v = lin(context_dim, ch), lin(context_dim, ch)
         else:
             self.cross_norm = None
@@ -145,7 +157,7 @@ class Downsample(nnx.Module):
     only (diffusers `downsample_padding=0`). (B, H, W, C) -> (B, H/2, W/2, C)."""
 
     def __init__(self, ch: int, *, dtype, rngs: nnx.Rngs):
-        self.conv = _conv(ch, ch, 3, rngs, dtype, stride=2, padding=((0, 1), (0, 1)))
+        self.conv = conv(ch, ch, 3, rngs, dtype, stride=2, padding=((0, 1), (0, 1)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(x)
@@ -155,7 +167,7 @@ class Upsample(nnx.Module):
     """Nearest-neighbour x2 upsampling followed by a 3x3 conv. (B, H, W, C) -> (B, 2H, 2W, C)."""
 
     def __init__(self, ch: int, *, dtype, rngs: nnx.Rngs):
-        self.conv = _conv(ch, ch, 3, rngs, dtype)
+        self.conv = conv(ch, ch, 3, rngs, dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)

@@ -18,13 +18,14 @@ Used functionally:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models.layers import (AttentionBlock, Downsample, ResBlock, Upsample, _norm,
-                                         timestep_embedding)
+from diffusion_jax.models.layers import (AttentionBlock, Downsample, ResBlock, Upsample, conv, linear,
+                                         group_norm, timestep_embedding)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -144,11 +145,11 @@ class UNet(nnx.Module):
         attn = lambda ch: AttentionBlock(ch, num_heads=c.num_heads, groups=c.num_groups,  # noqa: E731
                                          context_dim=c.context_dim, dtype=dt, rngs=rngs)
 
-        self.time_embed_1 = nnx.Linear(c.channels, emb_dim, rngs=rngs)
-        self.time_embed_2 = nnx.Linear(emb_dim, emb_dim, rngs=rngs)
+        self.time_embed_1 = linear(c.channels, emb_dim, rngs)
+        self.time_embed_2 = linear(emb_dim, emb_dim, rngs)
         self.class_embed = (nnx.Embed(c.num_classes + 1, emb_dim, rngs=rngs)
                             if c.num_classes is not None else None)
-        self.conv_in = nnx.Conv(c.in_channels, c.channels, (3, 3), padding="SAME", dtype=dt, rngs=rngs)
+        self.conv_in = conv(c.in_channels, c.channels, 3, rngs, dt)
 
         n_levels = len(c.channel_mult)
         skip_chs = [c.channels]
@@ -185,8 +186,8 @@ class UNet(nnx.Module):
             up.append(_Level(res, attns, Upsample(ch, dtype=dt, rngs=rngs) if i > 0 else None))
         self.up = nnx.List(up)
 
-        self.norm_out = _norm(ch, c.num_groups, rngs)
-        self.conv_out = nnx.Conv(ch, c.resolved_out_channels, (3, 3), padding="SAME", dtype=dt, rngs=rngs)
+        self.norm_out = group_norm(ch, c.num_groups, rngs)
+        self.conv_out = conv(ch, c.resolved_out_channels, 3, rngs, dt, zero=True)
 
     def __call__(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None):
         """Predict from a noisy batch.
@@ -212,17 +213,13 @@ class UNet(nnx.Module):
         if use_dropout and dropout_key is None:
             raise ValueError("train=True with model.dropout > 0 needs a dropout_key")
 
-        emb = self.time_embed_2(nnx.silu(self.time_embed_1(timestep_embedding(t, c.channels))))
-        if self.class_embed is not None:
-            if y is None:
-                y = jnp.full((b,), c.num_classes, jnp.int32)
-            y = jnp.asarray(y)
-            if y.shape != (b,):
-                raise ValueError(f"y must have shape ({b},), got {y.shape}")
-            emb = emb + self.class_embed(y.astype(jnp.int32))
-        elif y is not None:
+        if self.class_embed is None and y is not None:
             raise ValueError("class labels y were given but the model is unconditional "
                              "(model.num_classes is None)")
+        if self.class_embed is not None:
+            y = jnp.full((b,), c.num_classes, jnp.int32) if y is None else jnp.asarray(y).astype(jnp.int32)
+            if y.shape != (b,):
+                raise ValueError(f"y must have shape ({b},), got {y.shape}")
         if c.context_dim is None and context is not None:
             raise ValueError("context was given but the model has no cross-attention (model.context_dim is None)")
         if c.context_dim is not None:
@@ -233,9 +230,13 @@ class UNet(nnx.Module):
             if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != c.context_dim:
                 raise ValueError(f"context must be ({b}, L, {c.context_dim}), got {context.shape}")
             context = context.astype(dt)
+
+        emb = self.time_embed_2(nnx.silu(self.time_embed_1(timestep_embedding(t, c.channels))))
+        if self.class_embed is not None:
+            emb = emb + self.class_embed(y)
         emb = emb.astype(dt)
 
-        counter = iter(range(10**6))
+        counter = itertools.count()
         key = lambda: jax.random.fold_in(dropout_key, next(counter)) if use_dropout else None  # noqa: E731
 
         h = self.conv_in(x.astype(dt))

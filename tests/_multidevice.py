@@ -1,0 +1,57 @@
+"""Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (see test_train.py).
+
+One train step of the tiny U-Net on the same state and batch, on a 1-device mesh, an 8-device data-parallel
+mesh, and 8-device FSDP. Prints a JSON line with the losses and the largest parameter difference.
+"""
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import DIGITS, TINY  # noqa: E402
+
+from diffusion_jax import parallel  # noqa: E402
+from diffusion_jax.config import load_experiment  # noqa: E402
+from diffusion_jax.data import Batches, load_source  # noqa: E402
+from diffusion_jax.schedules import make_schedule  # noqa: E402
+from diffusion_jax.train.state import StepOptions, create_train_state, make_optimizer, make_train_step  # noqa: E402
+
+
+def one_step(exp, num_devices, fsdp):
+    mesh = parallel.make_mesh(num_devices)
+    parallel.check_batch_size(exp.train.batch_size, mesh)
+    tx, lr = make_optimizer(exp.optim, exp.train.steps)
+    graphdef, state, shardings = create_train_state(exp.model, tx, jax.random.PRNGKey(0), mesh, fsdp)
+    opts = StepOptions(exp.train.ema_decay, exp.train.ema_warmup, False, exp.model.num_classes)
+    step = make_train_step(graphdef, make_schedule("linear", 1000), exp.loss, tx, lr, opts, mesh, shardings)
+    batch = Batches(load_source(exp.data), exp.train.batch_size).batch_at(0)
+    sharded_specs = sorted({str(s.spec) for s in jax.tree.leaves(shardings)})
+    for _ in range(2):
+        state, metrics = step(state, parallel.shard_batch(batch, mesh))
+    return float(metrics["loss"]), jax.device_get(state.params), sharded_specs
+
+
+def main():
+    assert jax.device_count() == 8, jax.device_count()
+    # One resolution level and no attention: the smallest U-Net that still has every kind of layer sharded.
+    exp = load_experiment(DIGITS + ":debug", TINY + ["train.batch_size=16", "optim.warmup_steps=0",
+                                                     "model.channel_mult=(1,)", "model.attention_resolutions=()"])[0]
+    loss1, params1, _ = one_step(exp, 1, False)
+    loss8, params8, _ = one_step(exp, 8, False)
+    loss_fsdp, params_fsdp, specs = one_step(exp, 8, True)
+    diff = lambda a, b: max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    try:
+        parallel.check_batch_size(12, parallel.make_mesh(8))
+        batch_error = ""
+    except ValueError as e:
+        batch_error = str(e)
+    print(json.dumps({"loss1": loss1, "loss8": loss8, "loss_fsdp": loss_fsdp,
+                      "param_diff_dp": diff(params1, params8), "param_diff_fsdp": diff(params1, params_fsdp),
+                      "fsdp_specs": specs, "batch_error": batch_error}))
+
+
+if __name__ == "__main__":
+    main()
