@@ -2,6 +2,7 @@
 
     diffusion-jax train  --config configs/digits.py --workdir workdirs/digits [--config.train.steps=200]
     diffusion-jax sample --workdir workdirs/digits --sampler ddim --steps 50 --num 64 --seed 0 --out grid.png
+    diffusion-jax bench train_step --batch 16 --steps 5
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def _train(args, overrides) -> None:
 def _sample(args, overrides) -> None:
     if overrides:
         raise ValueError(f"sample takes no --config.* overrides (got {overrides}); its options are flags")
+    import dataclasses
+
     import jax
     import numpy as np
 
@@ -33,7 +36,6 @@ def _sample(args, overrides) -> None:
     from diffusion_jax.sampling import SamplerSpec, class_labels, make_sample_fn
     from diffusion_jax.schedules import make_schedule
     from diffusion_jax.train.checkpoint import load_trained
-    import dataclasses
 
     exp, graphdef, params, step = load_trained(args.workdir, args.step)
     spec = SamplerSpec(args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
@@ -55,6 +57,14 @@ def _sample(args, overrides) -> None:
         extra = {} if labels is None else {"labels": np.asarray(labels)}
         np.savez(args.npz, images=viz.to_uint8(images), **extra)
         print(f"uint8 NHWC samples -> {args.npz}")
+
+
+def _bench(args, overrides) -> None:
+    if args.name != "train_step":
+        raise ValueError(f"unknown benchmark {args.name!r}; available: train_step")
+    from diffusion_jax.bench import main as bench_main
+
+    bench_main(args.bench_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default="samples.png", help="PNG grid")
     sample.add_argument("--npz", default=None, help="also save uint8 samples to this .npz")
     sample.set_defaults(func=_sample)
+
+    bench = sub.add_parser("bench", help="benchmarks (train_step: ours vs diffusers/PyTorch)")
+    bench.add_argument("name", choices=["train_step"])
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed on, e.g. --batch 16 --steps 5")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -115,7 +115,7 @@ def make_train_step(graphdef, schedule: DiscreteSchedule, loss_cfg: LossConfig, 
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay_at(state.step, opts.ema_decay, opts.ema_warmup)
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=lr_fn(state.step))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=lr_fn(state.step))
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
         return new_state, metrics
 
