@@ -19,17 +19,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.model = dict(
         image_size=c.data.get_ref("image_size"), in_channels=1, out_channels=None,
-        channels=16 if debug else 32, channel_mult=(1, 2) if debug else (1, 2, 2), num_res_blocks=1,
-        attention_resolutions=(8,), num_heads=1 if debug else 2, dropout=0.0,
+        channels=16, channel_mult=(1, 2) if debug else (1, 2, 4), num_res_blocks=1,
+        attention_resolutions=(8,), num_heads=1, dropout=0.0,
         num_groups=8, num_classes=10, context_dim=None, learn_sigma=False, dtype="float32",
     )
     c.schedule = dict(name="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02, zero_terminal_snr=False)
     c.loss = dict(prediction="eps", weighting="simple", snr_gamma=5.0, loss_type="mse", cond_drop_prob=0.1)
-    c.optim = dict(learning_rate=2e-3, warmup_steps=200, decay="cosine", weight_decay=0.0,
+    c.optim = dict(learning_rate=2e-3, warmup_steps=100, decay="cosine", weight_decay=0.0,
                    b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0)
     c.train = dict(
-        steps=20 if debug else 3000, batch_size=16 if debug else 128, ema_decay=0.999, ema_warmup=True,
-        num_devices=0, fsdp=False, log_every=10 if debug else 100, ckpt_every=1000, keep_checkpoints=2,
+        steps=20 if debug else 1500, batch_size=16 if debug else 64, ema_decay=0.995, ema_warmup=True,
+        num_devices=0, fsdp=False, log_every=10 if debug else 100, ckpt_every=500, keep_checkpoints=2,
         async_checkpointing=True, sample_every=0, sample_num=20 if debug else 100, sample_steps=10 if debug else 50,
     )
     c.sample = dict(sampler="ddim", steps=50, eta=0.0, spacing="leading", variance="fixed_small",
