@@ -65,3 +65,17 @@ def test_sample_with_ddpm_and_bad_steps(capsys, trained_workdir, tmp_path):
     assert code == 0 and "NFE 4" in out.out
     code, out = run(capsys, "sample", "--workdir", trained_workdir, "--steps", "0", "--out", str(tmp_path / "e.png"))
     assert code == 2 and "--steps" in out.err
+
+
+def test_sampler_grid_experiment(trained_workdir, tmp_path):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "sampler_grid.py")
+    spec = importlib.util.spec_from_file_location("sampler_grid", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--workdir", trained_workdir, "--steps", "2", "--num", "2", "--out", str(tmp_path)])
+    index = (tmp_path / "index.md").read_text()
+    assert index.count("| 2 | 2 |") == 3  # ddim, ddpm_small, ddpm_large at 2 steps, NFE 2
+    assert (tmp_path / "ddim_0002.png").exists()
