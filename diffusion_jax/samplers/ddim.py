@@ -15,17 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.param import eps_from_x0, to_x0_eps
 from diffusion_jax.samplers.spacing import check_prediction, initial_noise, respace, select_timesteps
-
-
-def predict_x0_eps(out, x, alpha, sigma, prediction: str, clip_denoised):
-    """(x0_hat, eps_hat) from a network output; with clipping, eps_hat is re-derived from the clipped x0_hat."""
-    x0, eps = to_x0_eps(prediction, out, x, alpha, sigma)
-    if clip_denoised is not None:
-        x0 = jnp.clip(x0, -clip_denoised, clip_denoised)
-        eps = eps_from_x0(x, x0, alpha, sigma)
-    return x0, eps
+from diffusion_jax.samplers.wrapper import predict_x0_eps
 
 
 def ddim_sample(denoise_fn, schedule, key, shape, *, steps: int, eta: float = 0.0, prediction: str = "eps",
