@@ -38,8 +38,13 @@ def _sample(args, overrides) -> None:
     from diffusion_jax.train.checkpoint import load_trained
 
     exp, graphdef, params, step = load_trained(args.workdir, args.step)
-    spec = SamplerSpec(args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
-                       variance=args.variance, clip_denoised=args.clip)
+    options = dict(_parse_option(o) for o in args.option)
+    if args.eta is not None:
+        options["eta"] = args.eta
+    if args.variance is not None:
+        options["variance"] = args.variance
+    spec = SamplerSpec(args.sampler, steps=args.steps, spacing=args.spacing, clip_denoised=args.clip,
+                       options=tuple(sorted(options.items())), guidance_scale=args.guidance_scale)
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     if not 1 <= args.steps <= exp.schedule.num_timesteps:
@@ -47,12 +52,13 @@ def _sample(args, overrides) -> None:
     schedule = make_schedule(**dataclasses.asdict(exp.schedule))
     shape = (args.num, exp.model.image_size, exp.model.image_size, exp.model.in_channels)
     sample_fn = make_sample_fn(graphdef, schedule, spec, shape, prediction=exp.loss.prediction,
-                               learn_sigma=exp.model.learn_sigma)
+                               learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes)
     labels = class_labels(args.num, exp.model.num_classes)
     images, nfe = sample_fn(params, jax.random.PRNGKey(args.seed), labels)
     images = np.asarray(images)
     viz.save_grid(images, args.out)
-    print(f"{args.num} samples from step {step} ({args.sampler}, {args.steps} steps, NFE {nfe}) -> {args.out}")
+    print(f"{args.num} samples from step {step} ({args.sampler}, {args.steps} steps, NFE {nfe}"
+          f"{', options ' + str(options) if options else ''}) -> {args.out}")
     if args.npz:
         extra = {} if labels is None else {"labels": np.asarray(labels)}
         np.savez(args.npz, images=viz.to_uint8(images), **extra)
@@ -67,7 +73,22 @@ def _bench(args, overrides) -> None:
     bench_main(args.bench_args)
 
 
+def _parse_option(text: str):
+    """'s_churn=40' -> ('s_churn', 40.0); values are Python literals, else strings."""
+    import ast
+
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise ValueError(f"--option {text!r} must look like NAME=VALUE (e.g. --option s_churn=40)")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from diffusion_jax.samplers import SAMPLERS, SPACINGS
+
     parser = argparse.ArgumentParser(prog="diffusion-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,11 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="sample from the EMA params of a trained workdir")
     sample.add_argument("--workdir", required=True)
-    sample.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    sample.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS),
+                        help="; ".join(f"{k}: {v.about}" for k, v in SAMPLERS.items()))
     sample.add_argument("--steps", type=int, default=50)
-    sample.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
-    sample.add_argument("--spacing", default="leading", choices=["leading", "trailing", "linspace"])
-    sample.add_argument("--variance", default="fixed_small", choices=["fixed_small", "fixed_large", "learned"])
+    sample.add_argument("--spacing", default="leading", choices=list(SPACINGS))
+    sample.add_argument("--eta", type=float, default=None, help="ddim / euler_ancestral stochasticity")
+    sample.add_argument("--variance", default=None, choices=["fixed_small", "fixed_large", "learned"],
+                        help="ddpm variance (default fixed_small)")
+    sample.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="any sampler option, repeatable, e.g. --option s_churn=40 --option order=3")
+    sample.add_argument("--guidance-scale", type=float, default=1.0,
+                        help="classifier-free guidance weight (class-conditional models; 1 = off)")
     sample.add_argument("--clip", type=float, default=1.0, help="clip x0-hat to [-c, c]; 0 disables")
     sample.add_argument("--num", type=int, default=64)
     sample.add_argument("--seed", type=int, default=0)

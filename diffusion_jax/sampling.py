@@ -3,57 +3,69 @@ to end. Samplers themselves (diffusion_jax.samplers) never see a module or a con
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models.functional import make_apply_fn
-from diffusion_jax.samplers import SAMPLERS
+from diffusion_jax.samplers import Guidance, run_sampler
+from diffusion_jax.samplers.registry import get_sampler
 from diffusion_jax.schedules import DiscreteSchedule
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
-    """What to run: a sampler name from SAMPLERS and its options (all static for jit)."""
+    """What to run: a sampler name from `samplers.SAMPLERS` and its options (all static for jit).
+
+    options: sampler-specific options as (name, value) pairs, e.g. (("eta", 0.5),) for ddim or
+    (("s_churn", 40.0),) for edm; `samplers.sampler_options(name)` lists them.
+    guidance_scale: classifier-free guidance weight w for class-conditional models (1 = off), the
+    unconditional branch using the null class.
+    """
     sampler: str = "ddim"
     steps: int = 50
-    eta: float = 0.0
     spacing: str = "leading"
-    variance: str = "fixed_small"
     clip_denoised: float | None = 1.0
+    options: tuple[tuple[str, Any], ...] = ()
+    guidance_scale: float = 1.0
+    guidance_rescale: float = 0.0
 
     def validate(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sample.sampler={self.sampler!r} is unknown; choose from {sorted(SAMPLERS)}")
+        get_sampler(self.sampler, **dict(self.options))  # unknown sampler or option -> ValueError naming it
 
 
 def make_sample_fn(graphdef, schedule: DiscreteSchedule, spec: SamplerSpec, shape: tuple[int, ...], *,
-                   prediction: str = "eps", learn_sigma: bool = False) -> Callable:
-    """Returns jitted `sample(params, key, y=None) -> (images (N,H,W,C), nfe)`.
+                   prediction: str = "eps", learn_sigma: bool = False, num_classes: int | None = None) -> Callable:
+    """Returns `sample(params, key, y=None) -> (images (N,H,W,C), nfe)`, compiled end to end.
 
     y: (N,) int32 labels for a class-conditional model (None for unconditional).
     """
     spec.validate()
+    options = dict(spec.options)
+    if options.get("variance") == "learned" and not learn_sigma:
+        raise ValueError("sampler option variance='learned' needs a model trained with model.learn_sigma=True")
+    if spec.guidance_scale != 1.0 and num_classes is None:
+        raise ValueError("guidance needs a class-conditional model (model.num_classes); this one is unconditional")
     apply = make_apply_fn(graphdef)
     channels = shape[-1]
-    keep_variance = learn_sigma and spec.sampler == "ddpm" and spec.variance == "learned"
-    if spec.variance == "learned" and not learn_sigma and spec.sampler == "ddpm":
-        raise ValueError("sample.variance='learned' needs a model trained with model.learn_sigma=True")
-    kwargs = dict(steps=spec.steps, prediction=prediction, spacing=spec.spacing,
-                  clip_denoised=spec.clip_denoised or None)
-    if spec.sampler == "ddim":
-        kwargs["eta"] = spec.eta
-    if spec.sampler == "ddpm":
-        kwargs["variance"] = spec.variance
-    sampler = SAMPLERS[spec.sampler]
+    keep_variance = options.get("variance") == "learned"
+    guidance = Guidance(spec.guidance_scale, spec.guidance_rescale)
 
     def sample(params, key, y=None):
-        def denoise_fn(x, t):
-            out = apply(params, x, t, y=y)
-            return out if keep_variance else out[..., :channels]
+        def net(label):
+            def denoise_fn(x, t):
+                t = jnp.broadcast_to(t, x.shape[:1])
+                out = apply(params, x, t, y=label)
+                return out if keep_variance else out[..., :channels]
+            return denoise_fn
 
-        x, info = sampler(denoise_fn, schedule, key, shape, **kwargs)
+        uncond = None
+        if guidance.active:
+            uncond = net(jnp.full(shape[:1], num_classes, jnp.int32))
+        x, info = run_sampler(spec.sampler, net(y), schedule, key, shape, steps=spec.steps, prediction=prediction,
+                              spacing=spec.spacing, clip_denoised=spec.clip_denoised or None,
+                              guidance=guidance if guidance.active else None, uncond_fn=uncond, options=options)
         return x, info["nfe"]
 
     jitted = jax.jit(sample)

@@ -21,8 +21,9 @@ from diffusion_jax.sampling import SamplerSpec, class_labels, make_sample_fn  # 
 from diffusion_jax.schedules import make_schedule  # noqa: E402
 from diffusion_jax.train.checkpoint import load_trained  # noqa: E402
 
-RUNS = {"ddim": dict(sampler="ddim", eta=0.0), "ddpm_small": dict(sampler="ddpm", variance="fixed_small"),
-        "ddpm_large": dict(sampler="ddpm", variance="fixed_large")}
+RUNS = {"ddim": dict(sampler="ddim", options=(("eta", 0.0),)),
+        "ddpm_small": dict(sampler="ddpm", options=(("variance", "fixed_small"),)),
+        "ddpm_large": dict(sampler="ddpm", options=(("variance", "fixed_large"),))}
 
 
 def main(argv=None):
@@ -43,7 +44,7 @@ def main(argv=None):
     for name, steps in tqdm(jobs, desc="grids"):
         spec = SamplerSpec(steps=steps, **RUNS[name])
         fn = make_sample_fn(graphdef, schedule, spec, shape, prediction=exp.loss.prediction,
-                            learn_sigma=exp.model.learn_sigma)
+                            learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes)
         images, nfe = fn(params, jax.random.PRNGKey(args.seed), labels)
         path = viz.save_grid(np.asarray(images), os.path.join(args.out, f"{name}_{steps:04d}.png"),
                              nrow=exp.model.num_classes or None)

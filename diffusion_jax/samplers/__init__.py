@@ -1,13 +1,19 @@
-"""Samplers: pure functions of a denoiser, `(denoise_fn, schedule, key, shape, *, steps, ...) -> (x, info)`.
+"""Samplers: pure functions of a denoiser, compiled end to end (one `lax.scan` / `while_loop` each).
 
-Each is one `jax.lax.scan`, so `jax.jit(lambda params, key: ddim_sample(..., steps=50))` compiles end to end.
-`SAMPLERS` maps the config name to the function (lookup by name happens only at the config boundary).
+Two calling conventions:
+  * DDPM / DDIM on discrete timesteps: `sampler(denoise_fn, schedule, key, shape, *, steps, ...) -> (x, info)`.
+  * Every other solver on a noise-level `Grid` (grid.py) with a `Denoiser` (wrapper.py):
+    `solver(denoiser, grid, x_T, key, **options) -> (x, info)`.
+`run_sampler(name, denoise_fn, schedule, key, shape, steps=...)` (registry.py) does either by name; lookup by
+name happens only there, at the config boundary. info["nfe"] counts network evaluations.
 """
 from diffusion_jax.samplers.ddim import ddim_sample
 from diffusion_jax.samplers.ddpm import VARIANCES, ddpm_sample
-from diffusion_jax.samplers.spacing import SPACINGS, StepTables, respace, select_timesteps
+from diffusion_jax.samplers.grid import SPACINGS, Grid, continuous_grid, discrete_grid
+from diffusion_jax.samplers.registry import SAMPLERS, get_sampler, run_sampler, sampler_options
+from diffusion_jax.samplers.spacing import StepTables, respace, select_timesteps
+from diffusion_jax.samplers.wrapper import Guidance, make_denoiser
 
-SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample}
-
-__all__ = ["SAMPLERS", "SPACINGS", "VARIANCES", "StepTables", "ddim_sample", "ddpm_sample", "respace",
-           "select_timesteps"]
+__all__ = ["Grid", "Guidance", "SAMPLERS", "SPACINGS", "VARIANCES", "StepTables", "continuous_grid", "ddim_sample",
+           "ddpm_sample", "discrete_grid", "get_sampler", "make_denoiser", "respace", "run_sampler",
+           "sampler_options", "select_timesteps"]

@@ -158,7 +158,7 @@ def singlestep_orders(K: int, order: int, lower_order_final: bool) -> np.ndarray
 
 
 def dpm_solver_singlestep(denoiser, grid, x_T, key=None, *, order: int = 2, algorithm: str = "dpmsolver++",
-                          solver_type: str = "midpoint", lower_order_final: bool = True,
+                          solver_type: str = "midpoint", lower_order_final: bool = False,
                           return_trajectory: bool = False):
     """Singlestep DPM-Solver-1/2/3 (2022a Alg. 1, 2; "++": 2022b Alg. 1) with the grid's levels as stages (module doc).
 
@@ -182,7 +182,7 @@ def dpm_solver_singlestep(denoiser, grid, x_T, key=None, *, order: int = 2, algo
         h, A, c, g, clean = exp_coeffs(algorithm, l_b, a_b, s_b, l_t, a_t, s_t)
         e1, e2, e3 = h_phis(g)
         r0 = jnp.where(o >= 2, (l_i - l_b) / h, 1.0)           # position of the last stage, (0, 1)
-        r1 = jnp.where(o >= 3, (l_1 - l_b) / h, 0.5)           # order 3: position of the first stage
+        r1 = jnp.where(o >= 3, (l_1 - l_b) / h, -1.0)           # order 3: position of the first stage
         u1 = e1 * m0
         u2 = e1 * m1 + (0.5 * e1 if solver_type == "midpoint" else e2) * (m0 - m1) / r0     # 2022a Alg. 1
         d10, d11 = (m1 - m2) / r1, (m0 - m2) / r0

@@ -10,7 +10,7 @@ h = lam_t - lam_s, hh = -h (data) or h (noise), e1 = expm1(hh), and B(hh) = hh (
                         m_t = the output at the predicted x_t, which is reused by the next predictor (no extra call)
 
 (A, c) = (sigma_t/sigma_s, alpha_t) for data, (alpha_t/alpha_s, sigma_t) for noise. The coefficients solve the
-order conditions  R a = b,  R_{jk} = r_k^{j-1},  b_j = (j - 1)! h phi_{j+1}(hh) / B(hh)  (Zhao et al. 2023, the
+order conditions  R a = b,  R_{jk} = r_k^{j-1},  b_j = j! h phi_{j+1}(hh) / B(hh)  (Zhao et al. 2023, the
 B(h) variant of UniC / UniP, Sec. 3.2 and App. C; phi recursion h phi_{k+1} = h phi_k / hh - 1/k!),
 except a = 1/2 for UniP-2 and UniC-1 (as the reference code and diffusers). UniC-p raises UniP-p's order by one
 (Thm. 3.1). Step i: evaluate m_i at the predicted x_i, correct x_i with UniC of the previous step's order (unless
@@ -35,7 +35,7 @@ def _rhs(hh, B, p: int):
     """b_1..b_p of the order conditions (diffusers' loop over h_phi_k)."""
     b, hphi = [], jnp.expm1(hh) / hh - 1.0
     for j in range(1, p + 1):
-        b.append(hphi * math.factorial(j - 1) / B)
+        b.append(hphi * math.factorial(j) / B)
         hphi = hphi / hh - 1.0 / math.factorial(j + 1)
     return b
 
@@ -50,18 +50,19 @@ def _solve(rs, b):
     return [a[k] for k in range(n)]
 
 
-def _uni_update(kind, variant, x_s, m_s, ms_prev, lams_prev, lvl_s, lvl_t, p_static: int, m_t=None):
-    """UniP-p (m_t None) or UniC-p update from level s to t. ms_prev / lams_prev: outputs and lambdas at s_1, s_2."""
+def _uni_update(kind, variant, x_s, m_s, ms_prev, lams_prev, lvl_s, lvl_t, p_static: int, valid, m_t=None):
+    """UniP-p (m_t None) or UniC-p update from level s to t. ms_prev / lams_prev: outputs and lambdas at s_1, s_2.
+    Where not `valid` (the step uses a lower order) distinct dummy r_k keep the algebra finite (no NaN gradients)."""
     (a_s, s_s, l_s), (a_t, s_t, l_t) = lvl_s, lvl_t
     h, A, c, _, clean = exp_coeffs("dpmsolver" if kind == "noise" else "dpmsolver++", l_s, a_s, s_s, l_t, a_t, s_t)
     hh = h if kind == "noise" else -h
     e1 = jnp.expm1(hh)
     B = hh if variant == "bh1" else e1
     n_prev = p_static - 1                                     # history terms used
-    rs = [(lams_prev[k] - l_s) / h for k in range(n_prev)]
+    rs = [jnp.where(valid, (lams_prev[k] - l_s) / h, -1.0 - k) for k in range(n_prev)]
     Ds = [(ms_prev[k] - m_s) / rs[k] for k in range(n_prev)]
     if m_t is None:                                           # UniP-p: p - 1 coefficients
-        a = [0.5] if p_static == 2 else _solve(rs, _rhs(hh, B, p_static))
+        a = [0.5] if p_static <= 2 else _solve(rs, _rhs(hh, B, p_static))
         res = sum((a[k] * Ds[k] for k in range(n_prev)), jnp.zeros_like(x_s))
     else:                                                     # UniC-p: p coefficients, r_p = 1
         a = [0.5] if p_static == 1 else _solve(rs + [jnp.ones_like(h)], _rhs(hh, B, p_static))
@@ -108,11 +109,12 @@ def unipc(denoiser, grid, x_T, key=None, *, order: int = 2, variant: str = "bh2"
         m0 = x0 if predict_x0 else eps
         xc = x
         for q in range(1, min(order, K) + 1):                                # UniC-q from level i-1 to i
-            x_q, _ = _uni_update(kind, variant, x_last, m1, [m2, m3], lams[1:], prev[0], (a_i, s_i, l_i), q, m0)
+            x_q, _ = _uni_update(kind, variant, x_last, m1, [m2, m3], lams[1:], prev[0], (a_i, s_i, l_i), q,
+                                 pc >= q, m0)
             xc = jnp.where(pc == q, x_q, xc)
         x_next = xc
         for q in range(1, min(order, K) + 1):                                # UniP-q from level i to i+1
-            x_q, clean = _uni_update(kind, variant, xc, m0, [m1, m2], lams, (a_i, s_i, l_i), lvl_t, q)
+            x_q, clean = _uni_update(kind, variant, xc, m0, [m1, m2], lams, (a_i, s_i, l_i), lvl_t, q, pp >= q)
             x_next = jnp.where(pp == q, x_q, x_next)
         x_next = jnp.where(clean, lvl_t[0] * x0, x_next).astype(x.dtype)
         return (x_next, xc, m0, m1, m2), (x_next if return_trajectory else None)

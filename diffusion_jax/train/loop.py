@@ -78,7 +78,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     shape = (tc.sample_num, *source.image_shape)
     spec = SamplerSpec("ddim", steps=tc.sample_steps)
     sample_fn = make_sample_fn(graphdef, schedule, spec, shape, prediction=exp.loss.prediction,
-                               learn_sigma=exp.model.learn_sigma)
+                               learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes)
     labels = class_labels(tc.sample_num, exp.model.num_classes)
 
     def write_samples(step: int):

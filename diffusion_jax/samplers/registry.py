@@ -1,0 +1,126 @@
+"""Samplers by name: the one lookup, used only at the config / command-line boundary.
+
+    x, info = run_sampler("dpmpp_2m", denoise_fn, schedule, key, shape, steps=20, spacing="karras")
+
+`run_sampler` builds the noise-level `Grid` from the schedule, the `Denoiser` from the network's
+parameterization (with classifier-free guidance when asked), draws x_T from fold_in(key, 0), and calls
+the solver with `key` for its own noise. DDPM and DDIM keep their own discrete-timestep loops.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.samplers import adaptive, dpm_solver, euler, pndm, sde_solvers, unipc
+from diffusion_jax.samplers.ddim import ddim_sample
+from diffusion_jax.samplers.ddpm import ddpm_sample
+from diffusion_jax.samplers.grid import continuous_grid, discrete_grid
+from diffusion_jax.samplers.wrapper import Guidance, guide, make_denoiser
+from diffusion_jax.schedules import DiscreteSchedule
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    fn: Callable
+    fixed: dict            # options the name fixes (e.g. order=2)
+    stochastic: bool
+    about: str
+
+
+def _e(fn, about, stochastic=False, **fixed):
+    return Entry(fn, fixed, stochastic, about)
+
+
+SAMPLERS: dict[str, Entry] = {
+    "ddpm": _e(ddpm_sample, "DDPM ancestral (Ho et al. 2020), fixed_small / fixed_large / learned variance", True),
+    "ddim": _e(ddim_sample, "DDIM (Song et al. 2021), eta = 0 deterministic", False),
+    "euler": _e(euler.euler, "Euler on the probability-flow ODE (EDM coordinates)"),
+    "heun": _e(euler.heun, "Heun, EDM Algorithm 1 (2nd order)"),
+    "edm": _e(euler.edm_sampler, "EDM stochastic sampler, Algorithm 2 (s_churn, s_tmin, s_tmax, s_noise)", True),
+    "euler_ancestral": _e(euler.euler_ancestral, "Euler ancestral (k-diffusion / diffusers)", True),
+    "plms": _e(pndm.plms, "PLMS: pseudo linear multistep (Liu et al. 2022)"),
+    "pndm": _e(pndm.pndm, "PNDM with the pseudo Runge-Kutta warm-up (Liu et al. 2022)", warmup="prk"),
+    "dpm_solver_1": _e(dpm_solver.dpm_solver_singlestep, "DPM-Solver-1 (Lu et al. 2022a)", order=1,
+                       algorithm="dpmsolver"),
+    "dpm_solver_2": _e(dpm_solver.dpm_solver_singlestep, "DPM-Solver-2 singlestep", order=2, algorithm="dpmsolver"),
+    "dpm_solver_3": _e(dpm_solver.dpm_solver_singlestep, "DPM-Solver-3 singlestep", order=3, algorithm="dpmsolver"),
+    "dpmpp_2s": _e(dpm_solver.dpm_solver_singlestep, "DPM-Solver++(2S) singlestep", order=2),
+    "dpmpp_2m": _e(dpm_solver.dpm_solver_multistep, "DPM-Solver++(2M) multistep (Lu et al. 2022b)", order=2),
+    "dpmpp_3m": _e(dpm_solver.dpm_solver_multistep, "DPM-Solver++(3M) multistep", order=3),
+    "dpmpp_2m_sde": _e(dpm_solver.dpm_solver_multistep, "SDE-DPM-Solver++(2M)", True, order=2,
+                       algorithm="sde-dpmsolver++"),
+    "unipc_bh1": _e(unipc.unipc, "UniPC with B(h) = h (Zhao et al. 2023)", variant="bh1"),
+    "unipc_bh2": _e(unipc.unipc, "UniPC with B(h) = e^h - 1", variant="bh2"),
+    "euler_maruyama": _e(sde_solvers.euler_maruyama, "Euler-Maruyama on the reverse SDE (Song et al. 2021)", True),
+    "pc": _e(sde_solvers.predictor_corrector, "score_sde predictor-corrector (Langevin corrector)", True),
+    "adaptive": _e(adaptive.adaptive_ode, "adaptive PF-ODE (diffrax Tsit5 / Dopri5, rtol / atol)"),
+}
+_LEGACY = ("ddpm", "ddim")
+_BUILT_IN = {"denoiser", "grid", "x_T", "key", "denoise_fn", "schedule", "shape", "steps", "prediction",
+             "spacing", "clip_denoised", "return_trajectory", "half_grid"}
+
+
+def sampler_options(name: str) -> list[str]:
+    """The options a sampler takes beyond the common ones (steps, spacing, prediction, ...)."""
+    entry = get_entry(name)
+    params = inspect.signature(entry.fn).parameters
+    return sorted(p for p in params if p not in _BUILT_IN and p not in entry.fixed)
+
+
+def get_entry(name: str) -> Entry:
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler.name={name!r} is unknown; choose from {sorted(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def get_sampler(name: str, **options) -> Callable:
+    """The solver function with its name's fixed options and `options` bound; unknown options are refused."""
+    entry = get_entry(name)
+    allowed = sampler_options(name)
+    for key in options:
+        if key not in allowed:
+            raise ValueError(f"sampler {name!r} has no option {key!r}; its options are {allowed}")
+    return functools.partial(entry.fn, **entry.fixed, **options)
+
+
+def run_sampler(name: str, denoise_fn, schedule, key, shape, *, steps: int, prediction: str = "eps",
+                spacing: str = "leading", clip_denoised: float | None = None, guidance: Guidance | None = None,
+                uncond_fn=None, options: dict | None = None, rho: float = 7.0, x_T=None):
+    """Sample `shape` with sampler `name`. Returns (x_0, info) with info["nfe"].
+
+    schedule: a `DiscreteSchedule` (DDPM betas) or a continuous one from `diffusion_jax.sde`.
+    denoise_fn(x, t) -> prediction of kind `prediction`; uncond_fn likewise for classifier-free guidance.
+    """
+    options = dict(options or {})
+    solver = get_sampler(name, **options)
+    if name in _LEGACY:
+        if not isinstance(schedule, DiscreteSchedule):
+            raise ValueError(f"sampler {name!r} needs a discrete (DDPM) schedule; use 'euler' / 'dpmpp_2m' / ...")
+        if guidance is not None and guidance.active:
+            if guidance.interval is not None:
+                raise ValueError(f"sampler {name!r} does not support guidance.interval; use a grid sampler")
+            cond = denoise_fn
+            denoise_fn = lambda x, t: guide(cond(x, t), uncond_fn(x, t), guidance.scale, guidance.rescale)
+        return solver(denoise_fn, schedule, key, shape, steps=steps, prediction=prediction, spacing=spacing,
+                      clip_denoised=clip_denoised, x_T=x_T)
+    if isinstance(schedule, DiscreteSchedule):
+        grid = discrete_grid(schedule, steps, spacing, rho=rho)
+    else:
+        grid = continuous_grid(schedule, steps, spacing, rho=rho)
+    denoiser = make_denoiser(denoise_fn, prediction, clip_denoised=clip_denoised, guidance=guidance,
+                             uncond_fn=uncond_fn)
+    if x_T is None:  # N(0, (alpha^2 + sigma^2) I): unit variance for VP, ~sigma_max^2 for VE / EDM (alpha = 1)
+        scale = jnp.sqrt(grid.alpha[0] ** 2 + grid.sigma[0] ** 2)
+        x_T = jax.random.normal(jax.random.fold_in(key, 0), shape) * scale
+    if name == "pndm":
+        if not isinstance(schedule, DiscreteSchedule):
+            raise ValueError("sampler 'pndm' (PRK warm-up) needs a discrete schedule; use 'plms'")
+        solver = functools.partial(solver, half_grid=pndm.prk_half_grid(schedule, grid))
+    if name in ("euler_maruyama", "pc") and not isinstance(schedule, DiscreteSchedule) and "sde" not in options:
+        solver = functools.partial(solver, sde=schedule)
+    return solver(denoiser, grid, x_T, key)
