@@ -55,24 +55,53 @@ def bench_jax(cfg: UNetConfig, batch: int, steps: int, dtype: str) -> dict:
     return {"params": count_params(state.params), "compile_s": first - med, "step_s": med, "img_per_s": batch / med}
 
 
-def bench_torch(cfg: UNetConfig, batch: int, steps: int, threads: int | None) -> dict | None:
-    try:
-        import torch
-        from diffusers import UNet2DModel
-    except ImportError:
-        return None
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
+def diffusers_unet(cfg: UNetConfig):
+    """diffusers' UNet2DModel with the same architecture as our UNet(cfg) (DDPM settings)."""
+    from diffusers import UNet2DModel
+
     chans = tuple(cfg.channels * m for m in cfg.channel_mult)
     res = [cfg.image_size // 2 ** i for i in range(len(chans))]
     attn = [r in cfg.attention_resolutions for r in res]
-    model = UNet2DModel(
+    return UNet2DModel(
         sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
         block_out_channels=chans, layers_per_block=cfg.num_res_blocks, norm_num_groups=cfg.num_groups,
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
         dropout=cfg.dropout, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6)
+
+
+def bench_torch_module(cfg: UNetConfig, batch: int, steps: int, repeats: int) -> float | None:
+    """Median seconds of a `steps`-step DDIM loop in diffusers (Python loop, torch.no_grad); None without torch."""
+    try:
+        import torch
+        from diffusers import DDIMScheduler
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    model = diffusers_unet(cfg).eval()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+
+    def loop():
+        scheduler.set_timesteps(steps)
+        x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size)
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.step(model(x, t).sample, t, x).prev_sample
+        return x
+
+    loop()
+    return statistics.median(_timed(loop, repeats))
+
+
+def bench_torch(cfg: UNetConfig, batch: int, steps: int, threads: int | None) -> dict | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = diffusers_unet(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.0)
     abar = torch.tensor(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)), dtype=torch.float32)
     x0 = torch.rand(batch, cfg.in_channels, cfg.image_size, cfg.image_size) * 2 - 1

@@ -1,8 +1,9 @@
 """Adaptive probability-flow ODE solve with diffrax (Tsit5 / Dopri5 and a PID step-size controller).
 
 In EDM / VE coordinates y = x / alpha, s = sigma / alpha every schedule's probability-flow ODE (Song et al. 2021,
-eq. 13) is dy/ds = (y - x0_hat) / s = eps_hat (Karras et al. 2022, eq. 3-4). We integrate it in
-lambda = -log s = log(alpha / sigma) (DPM-Solver's lambda, increasing from the noisiest level), where it reads
+eq. 13) is dy/ds = (y - x0_hat) / s = eps_hat (Karras et al. 2022, eq. 1 with sigma(t) = t and the score of
+eq. 3). We integrate it in lambda = -log s = log(alpha / sigma) (DPM-Solver's lambda, increasing from the noisiest
+level), where it reads
 
     dy/dlambda = -s eps_hat(alpha y; t, alpha, sigma),        s = exp(-lambda),
 

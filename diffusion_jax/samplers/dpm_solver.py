@@ -107,7 +107,7 @@ def multistep_orders(K: int, order: int, lower_order_final: bool, euler_at_final
 
 def dpm_solver_multistep(denoiser, grid, x_T, key=None, *, order: int = 2, algorithm: str = "dpmsolver++",
                          solver_type: str = "midpoint", lower_order_final: bool = True, euler_at_final: bool = False,
-                         return_trajectory: bool = False):
+                         diffusers_3m: bool = False, return_trajectory: bool = False):
     """Multistep DPM-Solver(++) on `grid`: order 2 = DPM-Solver++(2M) (2022b, Alg. 2), 3 = 3M; algorithm
     "sde-dpmsolver++" = SDE-DPM-Solver++(2M) (noise for step i from fold_in(key, i)). One network call per step.
 
@@ -135,7 +135,7 @@ def dpm_solver_multistep(denoiser, grid, x_T, key=None, *, order: int = 2, algor
         d10, d11 = (m0 - m1) / r0, (m1 - m2) / r1
         u1 = e1 * m0                                                         # DPM-Solver-1 = DDIM (2022b eq. 9)
         u2 = u1 + (0.5 * e1 if solver_type == "midpoint" else e2) * d10      # 2M (2022b Alg. 2)
-        d1, d2 = d10 + r0 / (r0 + r1) * (d10 - d11), (d10 - d11) / (r0 + r1)
+        d1, d2 = d10 + r0 / (r0 + r1) * (d10 - d11), (1.0 if diffusers_3m else 2.0) * (d10 - d11) / (r0 + r1)
         u3 = u1 + e2 * d1 + e3 * d2                                          # 3M (diffusers)
         x_next = A * x - c * _select(o, u1, u2, u3)
         if algorithm.startswith("sde"):

@@ -121,7 +121,8 @@ def edm_sampler(denoiser, grid: Grid, x_T, key=None, *, s_churn: float = 0.0, s_
             gamma = jnp.where((s_cur >= s_tmin) & (s_cur <= s_tmax), gamma_max, 0.0)        # Alg. 2, line 4
             s_hat = (1.0 + gamma) * s_cur                                                   # line 5
             z = jax.random.normal(jax.random.fold_in(key, i), y.shape, y.dtype)
-            y = y + jnp.sqrt(s_hat ** 2 - s_cur ** 2) * s_noise * z                         # line 6
+            # line 6; sqrt(s_hat^2 - s_i^2) written without cancellation (exactly 0 at gamma = 0)
+            y = y + s_cur * jnp.sqrt(gamma * (2.0 + gamma)) * s_noise * z
             t, a, sg = (jnp.where(gamma > 0, u, v) for u, v in zip(level_of_s(s_hat), (t, a, sg)))
             s_cur = jnp.where(gamma > 0, s_hat, s_cur)
         d, _ = deriv(y, t, a, sg)                                                           # line 7
@@ -163,8 +164,8 @@ def euler_ancestral(denoiser, grid: Grid, x_T, key=None, *, eta: float = 1.0, s_
     def step(y, inp):
         i, t, a, sg, s_cur, a_n, s_next = inp
         d, _ = deriv(y, t, a, sg)
-        s_up = jnp.minimum(s_next, eta * jnp.sqrt(s_next ** 2 * (s_cur ** 2 - s_next ** 2) / s_cur ** 2))
-        s_down = jnp.sqrt(s_next ** 2 - s_up ** 2)
+        s_up = jnp.minimum(s_next, eta * s_next * jnp.sqrt(jnp.maximum(1.0 - (s_next / s_cur) ** 2, 0.0)))
+        s_down = jnp.sqrt(jnp.maximum(s_next ** 2 - s_up ** 2, 0.0))
         y_next = y + (s_down - s_cur) * d
         if eta > 0:
             y_next = y_next + s_noise * s_up * jax.random.normal(jax.random.fold_in(key, i), y.shape, y.dtype)

@@ -65,6 +65,10 @@ _BUILT_IN = {"denoiser", "grid", "x_T", "key", "denoise_fn", "schedule", "shape"
              "spacing", "clip_denoised", "return_trajectory", "half_grid"}
 
 
+def _traced(tree) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
 def sampler_options(name: str) -> list[str]:
     """The options a sampler takes beyond the common ones (steps, spacing, prediction, ...)."""
     entry = get_entry(name)
@@ -108,19 +112,22 @@ def run_sampler(name: str, denoise_fn, schedule, key, shape, *, steps: int, pred
             denoise_fn = lambda x, t: guide(cond(x, t), uncond_fn(x, t), guidance.scale, guidance.rescale)
         return solver(denoise_fn, schedule, key, shape, steps=steps, prediction=prediction, spacing=spacing,
                       clip_denoised=clip_denoised, x_T=x_T)
-    if isinstance(schedule, DiscreteSchedule):
-        grid = discrete_grid(schedule, steps, spacing, rho=rho)
-    else:
-        grid = continuous_grid(schedule, steps, spacing, rho=rho)
+    with jax.ensure_compile_time_eval():  # a schedule closed over by a jitted caller gives a concrete grid
+        if isinstance(schedule, DiscreteSchedule):
+            grid = discrete_grid(schedule, steps, spacing, rho=rho)
+        else:
+            grid = continuous_grid(schedule, steps, spacing, rho=rho)
+        half_grid = pndm.prk_half_grid(schedule, grid) if name == "pndm" and not _traced(grid) else None
     denoiser = make_denoiser(denoise_fn, prediction, clip_denoised=clip_denoised, guidance=guidance,
                              uncond_fn=uncond_fn)
     if x_T is None:  # N(0, (alpha^2 + sigma^2) I): unit variance for VP, ~sigma_max^2 for VE / EDM (alpha = 1)
         scale = jnp.sqrt(grid.alpha[0] ** 2 + grid.sigma[0] ** 2)
         x_T = jax.random.normal(jax.random.fold_in(key, 0), shape) * scale
     if name == "pndm":
-        if not isinstance(schedule, DiscreteSchedule):
-            raise ValueError("sampler 'pndm' (PRK warm-up) needs a discrete schedule; use 'plms'")
-        solver = functools.partial(solver, half_grid=pndm.prk_half_grid(schedule, grid))
+        if not isinstance(schedule, DiscreteSchedule) or half_grid is None:
+            raise ValueError("sampler 'pndm' (PRK warm-up) needs a concrete discrete schedule (not a jit "
+                             "argument); use 'plms' otherwise")
+        solver = functools.partial(solver, half_grid=half_grid)
     if name in ("euler_maruyama", "pc") and not isinstance(schedule, DiscreteSchedule) and "sde" not in options:
         solver = functools.partial(solver, sde=schedule)
     return solver(denoiser, grid, x_T, key)

@@ -15,11 +15,11 @@ run from the grid's noisiest level to its last one. Step i (level i -> i + 1, x 
                        grid's levels exactly (d sigma^2 = 2 f sigma^2 + g^2):  F_i = log a_i,
                        G_i^2 = b_i 2F_i / (exp(2F_i) - 1)   (-> b_i as F_i -> 0; VP: -log(1 - beta_i)). For a
                        discrete DDPM grid this is the only f, g available and it is first-order consistent.
-    reverse_diffusion  x <- (2 - a_i) x + b_i score + sqrt(b_i) z                          (eq. 46; score_sde's
+    reverse_diffusion  x <- (2 - a_i) x + b_i score + sqrt(b_i) z                (appendix E, score_sde's
                        ReverseDiffusionPredictor: x - f_i + G_i^2 score with f_i = (a_i - 1) x, G_i^2 = b_i)
-    ancestral          x <- (x + b_i score) / a_i + sqrt(b_i sigma_{i+1}^2 / sigma_i^2) z  (eq. 47, Ho et al. Alg. 2:
-                       the posterior mean and variance of the discretized chain; score_sde's VP code uses
-                       variance b_i instead, DDPM's "fixed_large")
+    ancestral          x <- (x + b_i score) / a_i + sqrt(b_i sigma_{i+1}^2 / sigma_i^2) z   (appendix F;
+                       Ho et al. Alg. 2: the posterior mean and variance of the discretized chain; score_sde's VP
+                       code uses variance b_i instead, DDPM's "fixed_large")
     none               x unchanged (with the Langevin corrector: annealed Langevin dynamics, Song & Ermon 2019)
 
 Langevin corrector (Alg. 4 VE / Alg. 5 VP), n_corrector_steps times at level i before its predictor step:
@@ -27,8 +27,9 @@ Langevin corrector (Alg. 4 VE / Alg. 5 VP), n_corrector_steps times at level i b
     eps_L = 2 a_i^2 (snr ||z|| / ||score||)^2,   x <- x + eps_L score + sqrt(2 eps_L) z
 
 (a_i^2 is the discretized chain's alpha_i = 1 - beta_i, 1 for VE; norms per example, where score_sde's code
-averages them over the batch). denoise_final (score_sde's noise_removal): at a clean last level (sigma = 0) the
-last step returns the Tweedie estimate x0_hat = E[x0 | x] of its own evaluation instead of a noisy step; when the
+averages them over the batch). denoise_final (the role of score_sde's noise_removal, which returns the last step's
+mean without its noise): at a clean last level (sigma = 0) the last step returns the Tweedie estimate
+x0_hat = E[x0 | x] of its own evaluation instead of a noisy step; when the
 grid ends at sigma > 0 one more evaluation there gives x0_hat (nfe + 1). With predictor="none" x stays at level
 K - 1, so the final x0_hat is taken there. Noise: see `brownian` (noise="independent" | "brownian"); the
 Brownian path drives the predictor; corrector noise is always independent (fold_in(key, 1), level, step).
@@ -78,7 +79,7 @@ def _check(grid, x_T, key, predictor, corrector, snr, n_corrector_steps, denoise
         raise ValueError("grid: only the last level may have sigma = 0 (the score is needed at every other level)")
     stochastic = predictor != "none" or (corrector == "langevin" and n_corrector_steps > 0)
     if stochastic and key is None:
-        raise ValueError("the SDE solvers are stochastic and need a key")
+        raise ValueError(f"sampler.predictor={predictor!r} / corrector={corrector!r} is stochastic and needs a key")
 
 
 def step_coefficients(grid, predictor: str, sde=None):
