@@ -212,7 +212,8 @@ def test_convergence_orders():
     """Terminal RMS error against the float64 PF-ODE reference (Dopri8, rtol 1e-8) on the linear VP schedule, Karras
     steps (rho = 7) ending at sigma_min (final="last": a jump to sigma = 0 has a fixed size, whatever K, and its
     first-order error would put a floor under Heun). Slopes fitted over 20, 40, 80 steps (10 is pre-asymptotic):
-    Euler 1 +- 0.15, Heun 2 +- 0.25 (measured 1.02 and 2.12; the error at 80 steps, 5e-4, is 50x the float32 floor).
+    Euler 1 +- 0.2, Heun 2 +- 0.25 (measured 1.11 and 2.11, PLMS 2.56; Heun's error at 80 steps, 5e-4, is ~50x the
+    float32 floor).
     One compilation per solver: coarser grids are padded to 80 steps by repeating the last level (zero-length
     steps leave y unchanged)."""
     sched, steps, K = SCHED["linear"], (10, 20, 40, 80), 80
@@ -232,7 +233,7 @@ def test_convergence_orders():
         errs[fn.__name__] = np.array([np.sqrt(np.mean((np.asarray(run(padded(n), x_T), np.float64) - ref) ** 2))
                                       for n in steps])
     slope = {k: _slope(steps[1:], e[1:]) for k, e in errs.items()}
-    assert abs(slope["euler"] - 1.0) < 0.15, (slope, errs)
+    assert abs(slope["euler"] - 1.0) < 0.2, (slope, errs)
     assert abs(slope["heun"] - 2.0) < 0.25, (slope, errs)
     # PLMS: Adams-Bashforth weights for equal steps on Karras' unequal ones; at least second order here (~2.6)
     assert slope["plms"] > 1.7 and np.all(np.diff(errs["plms"]) < 0), (slope, errs)

@@ -2,23 +2,26 @@
 
 With x = alpha x0 + sigma eps, the probability-flow ODE is semi-linear and its exact solution from level s to t is
 
-    x_t = alpha_t/alpha_s x_s - alpha_t int_{lam_s}^{lam_t} e^{-lam} eps_hat dlam           (2022a, eq. 3.4; noise)
-    x_t = sigma_t/sigma_s x_s + sigma_t int_{lam_s}^{lam_t} e^{lam} x0_hat dlam             (2022b, eq. 8;  data "++")
+    x_t = alpha_t/alpha_s x_s - alpha_t int_{lam_s}^{lam_t} e^{-lam} eps_hat dlam            (2022a, eq. 3.4; noise)
+    x_t = sigma_t/sigma_s x_s + sigma_t int_{lam_s}^{lam_t} e^{lam} x0_hat dlam              (2022b, Sec. 4; data, "++")
 
-and the SDE-DPM-Solver++ step (2022b, appendix; diffusers' "sde-dpmsolver++") is
+and the SDE-DPM-Solver++ step (2022b; diffusers' "sde-dpmsolver++") is
     x_t = sigma_t/sigma_s e^{-h} x_s + 2 alpha_t int e^{-2(lam_t - lam)} x0_hat dlam + sigma_t sqrt(1 - e^{-2h}) z.
-Expanding the prediction in a Taylor series in lam about the base s, D0 + (lam - lam_s) D1/h + (lam - lam_s)^2 D2/h^2
-(h = lam_t - lam_s), every variant is one formula in the "h phi" functions of g (g = -h data, h noise, -2h SDE):
+Expanding the prediction m(lam) about the base s (D0 = m, D1 ~ h m', D2 ~ h^2 m'', h = lam_t - lam_s), every
+variant is one formula in the "h phi_k" functions of g (g = -h data, h noise, -2h SDE):
 
     x_t = A x_s - c (e1(g) D0 + e2(g) D1 + e3(g) D2) [+ sigma_t sqrt(-expm1(-2h)) z]
-    e1 = expm1(g),  e2 = e1/g - 1,  e3 = e2/g - 1/2                    (2022a eq. 3.6, 2022b eq. 9 with phi_k)
+    e1 = expm1(g) = g phi_1(g),  e2 = e1/g - 1 = g phi_2(g),  e3 = e2/g - 1/2 = g phi_3(g)      (2022a Sec. 3.3, App. B)
     (A, c) = (sigma_t/sigma_s, alpha_t) data | (alpha_t/alpha_s, sigma_t) noise | (sigma_t/sigma_s e^{-h}, alpha_t) SDE
 
-solver_type="midpoint" replaces e2 by e1 / 2 in the second-order update (2022a Alg. 1 / 2022b Alg. 2 written with
-"e^{-h} - 1" instead of phi_2; same order), as diffusers. Multistep (2022b Alg. 2, "2M"; 3M as diffusers) estimates
-D1, D2 by divided differences of the previous outputs; singlestep (2022a Alg. 1, 2; 2022b Alg. 1, "2S") uses the
-grid's own levels as its intermediate points, as diffusers' DPMSolverSinglestepScheduler: a block of k steps is one
-DPM-Solver-k step whose stages are the grid points (r = ratios of lam gaps; uniform lam grid: r1 = 1/2, or 1/3, 2/3).
+solver_type="midpoint" replaces e2 by e1 / 2 in the second-order update (2022a Alg. 1 / 2022b Alg. 2 as written
+with "e^{-h} - 1"; same order), as diffusers. Multistep (2022b Alg. 2, "2M"; "3M") estimates D1, D2 by divided
+differences of the previous outputs. Note on 3M: the reference code (dpm_solver_pytorch.py, and diffusers) takes
+D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 m'' / 2, half of what e3 multiplies, which makes "3M" second order (see the
+tests: slope 2.0 on a cubic x0_hat(lam)); we use 2 (D1_0 - D1_1) / (r0 + r1) (third order) unless diffusers_3m=True.
+Singlestep (2022a Alg. 1, 2; 2022b Alg. 1, "2S") uses the grid's own levels as its intermediate points, as diffusers'
+DPMSolverSinglestepScheduler: a block of k steps is one DPM-Solver-k step whose stages are the grid points (r = ratios
+of lam gaps; on a uniform-lam grid r1 = 1/2, or 1/3 and 2/3 as in 2022a).
 
 Clean end (sigma_t = 0, lam_t = +inf, the final level of a final="zero" grid): every first-order update degenerates
 to x_t = alpha_t x0_hat (data: sigma_t/sigma_s = 0, e1 = -1; noise: the limit of the same formula), the step diffusers
@@ -110,13 +113,17 @@ def dpm_solver_multistep(denoiser, grid, x_T, key=None, *, order: int = 2, algor
                          diffusers_3m: bool = False, return_trajectory: bool = False):
     """Multistep DPM-Solver(++) on `grid`: order 2 = DPM-Solver++(2M) (2022b, Alg. 2), 3 = 3M; algorithm
     "sde-dpmsolver++" = SDE-DPM-Solver++(2M) (noise for step i from fold_in(key, i)). One network call per step.
+    Orders as diffusers' DPMSolverMultistepScheduler (warm-up 1, 2; lower_order_final only when K < 15).
+    diffusers_3m=True: diffusers' (second-order) 3M D2, for parity; for SDE order 3 diffusers also flips the sign of
+    the 1/2 in e3 (their coefficient tends to -alpha_t, not 0, as h -> 0), which we do not reproduce.
 
     Returns (x_0, {"nfe": K[, "trajectory": (K+1, *x.shape)]}): trajectory[i] is the sample at level i.
     """
     K = check_common(grid, x_T, order, return_trajectory)
     _check_dpm(algorithm, solver_type, lower_order_final, key)
-    if not isinstance(euler_at_final, bool):
-        raise ValueError(f"sampler.euler_at_final must be a bool, got {euler_at_final!r}")
+    for name, v in (("euler_at_final", euler_at_final), ("diffusers_3m", diffusers_3m)):
+        if not isinstance(v, bool):
+            raise ValueError(f"sampler.{name} must be a bool, got {v!r}")
     orders = multistep_orders(K, order, lower_order_final, euler_at_final)
     i = np.arange(K)
     xs = (i, orders, level_arrays(grid, i), level_arrays(grid, i - 1)[3], level_arrays(grid, i - 2)[3],
@@ -136,7 +143,7 @@ def dpm_solver_multistep(denoiser, grid, x_T, key=None, *, order: int = 2, algor
         u1 = e1 * m0                                                         # DPM-Solver-1 = DDIM (2022b eq. 9)
         u2 = u1 + (0.5 * e1 if solver_type == "midpoint" else e2) * d10      # 2M (2022b Alg. 2)
         d1, d2 = d10 + r0 / (r0 + r1) * (d10 - d11), (1.0 if diffusers_3m else 2.0) * (d10 - d11) / (r0 + r1)
-        u3 = u1 + e2 * d1 + e3 * d2                                          # 3M (diffusers)
+        u3 = u1 + e2 * d1 + e3 * d2                                          # 3M (module doc)
         x_next = A * x - c * _select(o, u1, u2, u3)
         if algorithm.startswith("sde"):
             x_next = x_next + s_t * jnp.sqrt(-jnp.expm1(-2.0 * h)) * step_noise(key, n, x)
@@ -161,6 +168,8 @@ def dpm_solver_singlestep(denoiser, grid, x_T, key=None, *, order: int = 2, algo
                           solver_type: str = "midpoint", lower_order_final: bool = False,
                           return_trajectory: bool = False):
     """Singlestep DPM-Solver-1/2/3 (2022a Alg. 1, 2; "++": 2022b Alg. 1) with the grid's levels as stages (module doc).
+    Orders as diffusers' get_order_list (lower_order_final=False is its default; K not a multiple of the order ends
+    with a shorter block; a step to sigma = 0 is first order).
 
     Steps of order q go from the block start (q - 1 levels back) to the next level; trajectory[i] is the sample the
     network sees at level i (a stage value inside a block). One network call per step: nfe = K.

@@ -5,16 +5,17 @@ The "transfer part" moves x from level a to level b along the DDIM update for a 
 (PNDM eq. 9 as diffusers cites it; algebraically DDIM eq. 12 with eta = 0):
 
     phi(x, e, a -> b) = alpha_b (x - sigma_a e) / alpha_a + sigma_b e
-                      = sqrt(abar_b / abar_a) x - (abar_b - abar_a) e / (abar_a sqrt(1 - abar_b) + sqrt(abar_a (1 - abar_a) abar_b))
+                      = sqrt(abar_b / abar_a) x
+                        - (abar_b - abar_a) e / (abar_a sqrt(1 - abar_b) + sqrt(abar_a (1 - abar_a) abar_b))
 
 and the "gradient part" replaces e by a higher-order combination of eps_hat evaluations:
 
     pseudo linear multi-step (PLMS)   e' = (55 e_i - 59 e_{i-1} + 37 e_{i-2} - 9 e_{i-3}) / 24,
                                       with the Adams-Bashforth orders 1-3, (3 e_i - e_{i-1}) / 2 and
                                       (23 e_i - 16 e_{i-1} + 5 e_{i-2}) / 12, while fewer values are stored (diffusers)
-    warm-up "plms" (diffusers' skip_prk_steps=True, the paper's S-PNDM first step, pseudo improved Euler):
+    warm-up "plms" (diffusers' skip_prk_steps=True: one pseudo improved Euler step):
                                       e_1 = eps(x_a), x' = phi(x_a, e_1, a -> b), e' = (e_1 + eps(x'_b)) / 2
-    warm-up "prk" (full PNDM: three pseudo Runge-Kutta steps through the half level h between a and b):
+    warm-up "prk" (diffusers' default: three pseudo Runge-Kutta steps through the half level h between a and b):
                                       e_1 = eps(x_a);        x^1 = phi(x, e_1, a -> h)
                                       e_2 = eps(x^1_h);      x^2 = phi(x, e_2, a -> h)
                                       e_3 = eps(x^2_h);      x^3 = phi(x, e_3, a -> b)
