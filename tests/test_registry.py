@@ -16,14 +16,15 @@ SPACING = {"ddpm": "trailing", "ddim": "trailing", "pndm": "leading"}  # PRK nee
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_sampler_runs_jitted_by_name(name):
-    run = jax.jit(lambda key: run_sampler(name, DENOISE, SCHEDULE, key, (16, 4), steps=6,
+    run = jax.jit(lambda key: run_sampler(name, DENOISE, SCHEDULE, key, (16, 4), steps=12,
                                           spacing=SPACING.get(name, "karras"))[0])
     x = np.asarray(run(jax.random.PRNGKey(1)))
     assert x.shape == (16, 4) and np.all(np.isfinite(x))
     # Same key, same samples (every solver's noise is a function of the key).
     np.testing.assert_array_equal(x, np.asarray(run(jax.random.PRNGKey(1))))
-    # The samples land in the data's range (the mixture lives within about [-1, 1]).
-    assert np.abs(x).max() < 5.0
+    # The samples land near the data (the mixture lives within about [-0.9, 0.9]); at 12 steps even the
+    # noise-prediction DPM-Solver-3 stays below 1.5 (at 6 Karras steps it overshoots to ~7: see the notes).
+    assert np.abs(x).max() < 3.0
 
 
 def test_unknown_names_and_options_are_refused():

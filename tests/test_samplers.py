@@ -234,7 +234,7 @@ def test_jit_of_closure_matches_eager(sched):
     apply = lambda p, x, t: jnp.tanh(x @ p["w"] + t[:, None] / 1000.0)
 
     for name, kw in [("ddim", dict(steps=20, eta=0.5)), ("ddpm", dict(steps=20, variance="fixed_large"))]:
-        sample = SAMPLERS[name]
+        sample = SAMPLERS[name].fn
         chex.clear_trace_counter()
 
         @jax.jit

@@ -1,4 +1,4 @@
-"""DPM-Solver (Lu et al. 2022a) and DPM-Solver++ (Lu et al. 2022b): exponential integrators in lambda = log(alpha/sigma).
+"""DPM-Solver (Lu et al. 2022a) and DPM-Solver++ (Lu et al. 2022b): exponential integrators in lam = log(alpha/sigma).
 
 With x = alpha x0 + sigma eps, the probability-flow ODE is semi-linear and its exact solution from level s to t is
 
@@ -52,18 +52,20 @@ def check_common(grid, x_T, order: int, return_trajectory, orders=(1, 2, 3)) -> 
 
 
 def exp_coeffs(kind: str, lam_s, alpha_s, sigma_s, lam_t, alpha_t, sigma_t):
-    """(h, A, c, g, clean) of the module doc for a step s -> t; h is made finite (1) at a clean end (sigma_t = 0)."""
-    clean = sigma_t <= 0
-    h = jnp.where(clean, 1.0, lam_t - lam_s)
+    """(h, A, c, g, clean, still) of the module doc for a step s -> t. h is made finite (1) at a clean end
+    (sigma_t = 0) and for a zero-length step (lam_t = lam_s: diffusers' karras grids with final "sigma_min" repeat
+    the last level; also the placeholder of a masked-out update), which the caller turns into x_t = x_s (still)."""
+    clean, still = sigma_t <= 0, lam_t == lam_s
+    h = jnp.where(clean | still, 1.0, lam_t - lam_s)
     if kind == "dpmsolver":
-        return h, alpha_t / alpha_s, sigma_t, h, clean
+        return h, alpha_t / alpha_s, sigma_t, h, clean, still
     if kind == "sde-dpmsolver++":
-        return h, sigma_t / sigma_s * jnp.exp(-h), alpha_t, -2.0 * h, clean
-    return h, sigma_t / sigma_s, alpha_t, -h, clean
+        return h, sigma_t / sigma_s * jnp.exp(-h), alpha_t, -2.0 * h, clean, still
+    return h, sigma_t / sigma_s, alpha_t, -h, clean, still
 
 
 def h_phis(g):
-    """e1, e2, e3 = h phi_1, phi_2 - like, phi_3 - like terms of the Taylor expansion (module doc)."""
+    """e1, e2, e3 = g phi_1(g), g phi_2(g), g phi_3(g) (module doc); g != 0."""
     e1 = jnp.expm1(g)
     e2 = e1 / g - 1.0
     return e1, e2, e2 / g - 0.5
@@ -135,7 +137,7 @@ def dpm_solver_multistep(denoiser, grid, x_T, key=None, *, order: int = 2, algor
         n, o, (t, a_s, s_s, l_s), l_1, l_2, (a_t, s_t, l_t) = inp
         x0, eps = denoiser(x, t, a_s, s_s)
         m0 = x0 if x_pred else eps
-        h, A, c, g, clean = exp_coeffs(algorithm, l_s, a_s, s_s, l_t, a_t, s_t)
+        h, A, c, g, clean, still = exp_coeffs(algorithm, l_s, a_s, s_s, l_t, a_t, s_t)
         e1, e2, e3 = h_phis(g)
         r0 = jnp.where(o >= 2, (l_s - l_1) / h, 1.0)
         r1 = jnp.where(o >= 3, (l_1 - l_2) / h, 1.0)
@@ -147,12 +149,12 @@ def dpm_solver_multistep(denoiser, grid, x_T, key=None, *, order: int = 2, algor
         x_next = A * x - c * _select(o, u1, u2, u3)
         if algorithm.startswith("sde"):
             x_next = x_next + s_t * jnp.sqrt(-jnp.expm1(-2.0 * h)) * step_noise(key, n, x)
-        x_next = jnp.where(clean, a_t * x0, x_next).astype(x.dtype)
+        x_next = jnp.where(clean, a_t * x0, jnp.where(still, x, x_next)).astype(x.dtype)
         return (x_next, m0, m1), (x_next if return_trajectory else None)
 
     zeros = jnp.zeros_like(x_T)
     (x, _, _), traj = jax.lax.scan(step, (x_T, zeros, zeros), xs)
-    return x, _info(K, x_T, traj, return_trajectory)
+    return x, solver_info(K, x_T, traj, return_trajectory)
 
 
 def singlestep_orders(K: int, order: int, lower_order_final: bool) -> np.ndarray:
@@ -188,7 +190,7 @@ def dpm_solver_singlestep(denoiser, grid, x_T, key=None, *, order: int = 2, algo
         x0, eps = denoiser(x, t, a_i, s_i)
         m0 = x0 if x_pred else eps
         xb = jnp.where(o == 1, x, xb)
-        h, A, c, g, clean = exp_coeffs(algorithm, l_b, a_b, s_b, l_t, a_t, s_t)
+        h, A, c, g, clean, still = exp_coeffs(algorithm, l_b, a_b, s_b, l_t, a_t, s_t)
         e1, e2, e3 = h_phis(g)
         r0 = jnp.where(o >= 2, (l_i - l_b) / h, 1.0)           # position of the last stage, (0, 1)
         r1 = jnp.where(o >= 3, (l_1 - l_b) / h, -1.0)           # order 3: position of the first stage
@@ -202,15 +204,16 @@ def dpm_solver_singlestep(denoiser, grid, x_T, key=None, *, order: int = 2, algo
         x_next = A * xb - c * _select(o, u1, u2, u3)
         if algorithm.startswith("sde"):
             x_next = x_next + s_t * jnp.sqrt(-jnp.expm1(-2.0 * h)) * step_noise(key, n, x)
-        x_next = jnp.where(clean, a_t * x0, x_next).astype(x.dtype)
+        x_next = jnp.where(clean, a_t * x0, jnp.where(still, xb, x_next)).astype(x.dtype)
         return (x_next, xb, m0, m1), (x_next if return_trajectory else None)
 
     zeros = jnp.zeros_like(x_T)
     (x, *_), traj = jax.lax.scan(step, (x_T, x_T, zeros, zeros), xs)
-    return x, _info(K, x_T, traj, return_trajectory)
+    return x, solver_info(K, x_T, traj, return_trajectory)
 
 
-def _info(K, x_T, traj, return_trajectory):
+def solver_info(K, x_T, traj, return_trajectory):
+    """The info dict every solver returns: nfe, and the trajectory (K+1, *x.shape) with x_T first if asked."""
     info = {"nfe": K}
     if return_trajectory:
         info["trajectory"] = jnp.concatenate([x_T[None].astype(traj.dtype), traj])

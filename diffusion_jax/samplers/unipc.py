@@ -10,11 +10,12 @@ h = lam_t - lam_s, hh = -h (data) or h (noise), e1 = expm1(hh), and B(hh) = hh (
                         m_t = the output at the predicted x_t, which is reused by the next predictor (no extra call)
 
 (A, c) = (sigma_t/sigma_s, alpha_t) for data, (alpha_t/alpha_s, sigma_t) for noise. The coefficients solve the
-order conditions  R a = b,  R_{jk} = r_k^{j-1},  b_j = j! h phi_{j+1}(hh) / B(hh)  (Zhao et al. 2023, the
-B(h) variant of UniC / UniP, Sec. 3.2 and App. C; phi recursion h phi_{k+1} = h phi_k / hh - 1/k!),
-except a = 1/2 for UniP-2 and UniC-1 (as the reference code and diffusers). UniC-p raises UniP-p's order by one
-(Thm. 3.1). Step i: evaluate m_i at the predicted x_i, correct x_i with UniC of the previous step's order (unless
-i - 1 is in disable_corrector), then predict x_{i+1}. The last prediction is not corrected (no network call there).
+order conditions  R a = b,  R_{jk} = r_k^{j-1},  b_j = j! h phi_{j+1}(hh) / B(hh)  (Zhao et al. 2023, Sec. 3,
+B(h) form; phi recursion h phi_{k+1} = h phi_k / hh - 1/k!), except a = 1/2 for UniP-2 and UniC-1 (as the
+reference code and diffusers). With the solved coefficients B(h) cancels, so bh1 and bh2 differ only in those two
+fixed-1/2 steps. UniC-p raises UniP-p's order by one (Zhao et al. 2023, Sec. 3; measured: order 3 -> 4).
+Step i: evaluate m_i at the predicted x_i, correct x_i with UniC of the previous step's order (unless i - 1 is in
+disable_corrector), then predict x_{i+1}. The last prediction is not corrected (no network call there).
 Order schedule as diffusers' UniPCMultistepScheduler: warm-up p_i = min(order, i + 1); lower_order_final:
 p_i = min(p_i, K - i). A step to the clean end (sigma = 0) returns alpha_t x0_hat (see `dpm_solver`).
 """
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.samplers.dpm_solver import _info, check_common, exp_coeffs, level_arrays
+from diffusion_jax.samplers.dpm_solver import check_common, exp_coeffs, level_arrays, solver_info
 
 VARIANTS = ("bh1", "bh2")
 
@@ -54,7 +55,8 @@ def _uni_update(kind, variant, x_s, m_s, ms_prev, lams_prev, lvl_s, lvl_t, p_sta
     """UniP-p (m_t None) or UniC-p update from level s to t. ms_prev / lams_prev: outputs and lambdas at s_1, s_2.
     Where not `valid` (the step uses a lower order) distinct dummy r_k keep the algebra finite (no NaN gradients)."""
     (a_s, s_s, l_s), (a_t, s_t, l_t) = lvl_s, lvl_t
-    h, A, c, _, clean = exp_coeffs("dpmsolver" if kind == "noise" else "dpmsolver++", l_s, a_s, s_s, l_t, a_t, s_t)
+    algorithm = "dpmsolver" if kind == "noise" else "dpmsolver++"
+    h, A, c, _, clean, still = exp_coeffs(algorithm, l_s, a_s, s_s, l_t, a_t, s_t)
     hh = h if kind == "noise" else -h
     e1 = jnp.expm1(hh)
     B = hh if variant == "bh1" else e1
@@ -67,7 +69,7 @@ def _uni_update(kind, variant, x_s, m_s, ms_prev, lams_prev, lvl_s, lvl_t, p_sta
     else:                                                     # UniC-p: p coefficients, r_p = 1
         a = [0.5] if p_static == 1 else _solve(rs + [jnp.ones_like(h)], _rhs(hh, B, p_static))
         res = sum((a[k] * Ds[k] for k in range(n_prev)), a[-1] * (m_t - m_s))
-    return A * x_s - c * (e1 * m_s + B * res), clean
+    return jnp.where(still, x_s, A * x_s - c * (e1 * m_s + B * res)), clean
 
 
 def unipc_orders(K: int, order: int, lower_order_final: bool) -> np.ndarray:
@@ -121,4 +123,4 @@ def unipc(denoiser, grid, x_T, key=None, *, order: int = 2, variant: str = "bh2"
 
     zeros = jnp.zeros_like(x_T)
     (x, *_), traj = jax.lax.scan(step, (x_T, x_T, zeros, zeros, zeros), xs)
-    return x, _info(K, x_T, traj, return_trajectory)
+    return x, solver_info(K, x_T, traj, return_trajectory)
