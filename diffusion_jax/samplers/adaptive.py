@@ -31,15 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.samplers.grid import concrete_or_none
+
 ODE_SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
 EVALS_PER_STEP = {"tsit5": 6, "dopri5": 6}
-
-
-def _concrete(a):
-    try:
-        return np.asarray(jax.device_get(a))
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None
 
 
 def _positive(name, v, allow_zero=False):
@@ -67,7 +62,7 @@ def _check(grid, x_T, solver, rtol, atol, sigma_min, sde, max_steps, dt0, return
         raise ValueError("grid must be a Grid with at least 1 level")
     if not hasattr(x_T, "shape") or len(x_T.shape) < 1:
         raise ValueError(f"x_T must be an array (B, ...), got {type(x_T).__name__}")
-    s = _concrete(grid.sigma / grid.alpha)
+    s = concrete_or_none(grid.sigma / grid.alpha)
     if s is not None and sigma_min is not None:
         lo = s[s > 0].min() if sde is None else 0.0
         if not lo <= sigma_min < s[0]:

@@ -28,15 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.samplers.grid import concrete_or_none
+
 NOISES = ("independent", "brownian")
 _DEPTH = 20                      # default tol = (hi - lo) 2^-20: float32 resolves the normalized time to ~2^-24
-
-
-def _concrete(a):
-    try:
-        return np.asarray(a)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None
 
 
 def check_span(span, tol=None):
@@ -51,7 +46,7 @@ def check_span(span, tol=None):
 
 def default_span(grid):
     """(min t, max t) of the grid: Python floats for a concrete grid, traced scalars inside jit."""
-    t = _concrete(grid.t)
+    t = concrete_or_none(grid.t)
     if t is not None:
         return float(t.min()), float(t.max())
     return jnp.min(grid.t), jnp.max(grid.t)

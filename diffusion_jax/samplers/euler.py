@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.samplers.grid import Grid
+from diffusion_jax.samplers.grid import Grid, concrete_or_none
 from diffusion_jax.samplers.wrapper import ode_derivative
 
 
@@ -61,10 +61,8 @@ def check_key(key, why: str):
 def noisy_targets(grid) -> int:
     """Number of steps i whose target level i + 1 is noisy (sigma > 0): second-order corrections run there.
     A traced grid (a jit argument) is assumed to follow the Grid convention: only the last level is clean."""
-    try:
-        return int(np.count_nonzero(np.asarray(grid.sigma)[1:] > 0))
-    except jax.errors.TracerArrayConversionError:
-        return grid.num_steps - 1
+    sigma = concrete_or_none(grid.sigma)
+    return grid.num_steps - 1 if sigma is None else int(np.count_nonzero(sigma[1:] > 0))
 
 
 def with_trajectory(x_T, xs, return_trajectory: bool):

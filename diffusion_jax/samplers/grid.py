@@ -74,6 +74,14 @@ class Grid:
         return self.sigma / self.alpha
 
 
+def concrete_or_none(a):
+    """The numpy value of `a`, or None when it is a tracer (a grid passed into jit as an argument)."""
+    try:
+        return np.asarray(jax.device_get(a))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
 def _grid(t, alpha, sigma, final: str, t_clean: float) -> Grid:
     t, alpha, sigma = (np.asarray(a, np.float64) for a in (t, alpha, sigma))
     if final == "zero":

@@ -43,16 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.samplers.brownian import step_normals
+from diffusion_jax.samplers.grid import concrete_or_none
 
 PREDICTORS = ("reverse_diffusion", "ancestral", "euler_maruyama", "none")
 CORRECTORS = ("langevin", "none")
-
-
-def _concrete(a):
-    try:
-        return np.asarray(jax.device_get(a))
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None
 
 
 def _check(grid, x_T, key, predictor, corrector, snr, n_corrector_steps, denoise_final, return_trajectory, sde):
@@ -74,7 +68,7 @@ def _check(grid, x_T, key, predictor, corrector, snr, n_corrector_steps, denoise
         raise ValueError("grid must be a Grid with at least 2 levels (one step)")
     if not hasattr(x_T, "shape") or len(x_T.shape) < 1:
         raise ValueError(f"x_T must be an array (B, ...), got {type(x_T).__name__}")
-    sigma = _concrete(grid.sigma)
+    sigma = concrete_or_none(grid.sigma)
     if sigma is not None and not np.all(sigma[:-1] > 0):
         raise ValueError("grid: only the last level may have sigma = 0 (the score is needed at every other level)")
     stochastic = predictor != "none" or (corrector == "langevin" and n_corrector_steps > 0)
@@ -166,7 +160,7 @@ def predictor_corrector(denoiser, grid, x_T, key=None, *, predictor: str = "reve
         if use_pred:       # grid ending at sigma > 0: one more evaluation at the last level
             last = (grid.t[K], grid.alpha[K], grid.sigma[K])
             x = jax.lax.cond(clean_end, lambda x: x, lambda x: denoiser(x, *last)[0].astype(dtype), x)
-            extra = _concrete(grid.sigma[K])
+            extra = concrete_or_none(grid.sigma[K])
             nfe = nfe + (int(extra > 0) if extra is not None else jnp.where(clean_end, 0, 1))
         else:              # x is still at level K - 1
             x = denoiser(x, grid.t[K - 1], grid.alpha[K - 1], grid.sigma[K - 1])[0].astype(dtype)
