@@ -84,6 +84,7 @@ def test_ddpm_cifar10_parameter_count():
     assert unet_config_from_diffusers(DDPM_CIFAR10_DIFFUSERS, dropout=0.1) == UNetConfig(out_channels=3)
 
 
+@pytest.mark.torch
 def test_ddpm_cifar10_parameter_count_matches_diffusers():
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
@@ -92,6 +93,7 @@ def test_ddpm_cifar10_parameter_count_matches_diffusers():
     assert sum(p.numel() for p in ref.parameters()) == DDPM_CIFAR10_PARAMS
 
 
+@pytest.mark.torch
 def test_parity_with_diffusers():
     """Random diffusers UNet2DModel -> convert -> same outputs (NCHW <-> NHWC)."""
     torch = pytest.importorskip("torch")
