@@ -37,8 +37,17 @@ def _sample(args, overrides) -> None:
     from diffusion_jax.schedules import make_schedule
     from diffusion_jax.train.checkpoint import load_trained
 
+    from diffusion_jax.samplers import sampler_options
+
     exp, graphdef, params, step = load_trained(args.workdir, args.step)
-    options = dict(_parse_option(o) for o in args.option)
+    # Flags left out fall back to the run's config.sample (its sampler, steps, spacing, clip, num, eta, variance).
+    for flag, key in (("sampler", "sampler"), ("steps", "steps"), ("spacing", "spacing"), ("clip", "clip_denoised"),
+                      ("num", "num")):
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(exp.sample, key))
+    accepted = sampler_options(args.sampler)
+    options = {k: getattr(exp.sample, k) for k in ("eta", "variance") if k in accepted}
+    options.update(_parse_option(o) for o in args.option)
     if args.eta is not None:
         options["eta"] = args.eta
     if args.variance is not None:
@@ -100,12 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
-    sample = sub.add_parser("sample", help="sample from the EMA params of a trained workdir")
+    sample = sub.add_parser("sample", help="sample from the EMA params of a trained workdir",
+                            epilog="Flags left out take their value from the run's config.sample.")
     sample.add_argument("--workdir", required=True)
-    sample.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS),
+    sample.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
                         help="; ".join(f"{k}: {v.about}" for k, v in SAMPLERS.items()))
-    sample.add_argument("--steps", type=int, default=50)
-    sample.add_argument("--spacing", default="leading", choices=list(SPACINGS))
+    sample.add_argument("--steps", type=int, default=None, help="default: the run's config.sample.steps")
+    sample.add_argument("--spacing", default=None, choices=list(SPACINGS))
     sample.add_argument("--eta", type=float, default=None, help="ddim / euler_ancestral stochasticity")
     sample.add_argument("--variance", default=None, choices=["fixed_small", "fixed_large", "learned"],
                         help="ddpm variance (default fixed_small)")
@@ -113,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="any sampler option, repeatable, e.g. --option s_churn=40 --option order=3")
     sample.add_argument("--guidance-scale", type=float, default=1.0,
                         help="classifier-free guidance weight (class-conditional models; 1 = off)")
-    sample.add_argument("--clip", type=float, default=1.0, help="clip x0-hat to [-c, c]; 0 disables")
-    sample.add_argument("--num", type=int, default=64)
+    sample.add_argument("--clip", type=float, default=None, help="clip x0-hat to [-c, c]; 0 disables")
+    sample.add_argument("--num", type=int, default=None, help="default: the run's config.sample.num")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     sample.add_argument("--out", default="samples.png", help="PNG grid")

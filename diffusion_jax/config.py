@@ -64,11 +64,11 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-    sampler: str = "ddim"             # ddim | ddpm
+    sampler: str = "ddim"             # any name in diffusion_jax.samplers.SAMPLERS
     steps: int = 50
-    eta: float = 0.0
+    eta: float = 0.0                  # used by samplers with an eta option (ddim, euler_ancestral)
     spacing: str = "leading"
-    variance: str = "fixed_small"     # DDPM only: fixed_small | fixed_large | learned
+    variance: str = "fixed_small"     # ddpm only: fixed_small | fixed_large | learned
     clip_denoised: float = 1.0        # clip x0-hat to [-c, c]; 0 disables
     num: int = 64
 
@@ -126,6 +126,12 @@ class Experiment:
             raise ValueError(f"optim.learning_rate must be > 0, got {self.optim.learning_rate}")
         if self.optim.decay not in ("constant", "cosine"):
             raise ValueError(f"optim.decay={self.optim.decay!r} is unknown; choose from ('constant', 'cosine')")
+        from diffusion_jax.samplers import SAMPLERS, SPACINGS
+
+        if self.sample.sampler not in SAMPLERS:
+            raise ValueError(f"sample.sampler={self.sample.sampler!r} is unknown; choose from {sorted(SAMPLERS)}")
+        if self.sample.spacing not in SPACINGS:
+            raise ValueError(f"sample.spacing={self.sample.spacing!r} is unknown; choose from {SPACINGS}")
         for key, steps in (("sample.steps", self.sample.steps), ("train.sample_steps", self.train.sample_steps)):
             if steps > self.schedule.num_timesteps:
                 raise ValueError(f"{key}={steps} exceeds schedule.num_timesteps={self.schedule.num_timesteps}")

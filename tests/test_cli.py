@@ -79,3 +79,12 @@ def test_sampler_grid_experiment(trained_workdir, tmp_path):
     index = (tmp_path / "index.md").read_text()
     assert index.count("| 2 | 2 |") == 3  # ddim, ddpm_small, ddpm_large at 2 steps, NFE 2
     assert (tmp_path / "ddim_0002.png").exists()
+
+
+def test_sample_defaults_come_from_the_run_config(capsys, trained_workdir, tmp_path):
+    # The tiny run's config.sample: ddim, 50 steps, eta 0; --num given, everything else from the config.
+    code, out = run(capsys, "sample", "--workdir", trained_workdir, "--num", "2", "--out", str(tmp_path / "c.png"))
+    assert code == 0 and "(ddim, 50 steps, NFE 50" in out.out and "'eta': 0.0" in out.out
+    code, out = run(capsys, "sample", "--workdir", trained_workdir, "--sampler", "heun", "--steps", "3",
+                    "--spacing", "karras", "--num", "2", "--out", str(tmp_path / "h.png"))
+    assert code == 0 and "(heun, 3 steps, NFE 5" in out.out  # Heun: 2K - 1 network calls

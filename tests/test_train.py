@@ -79,6 +79,8 @@ def test_resuming_a_workdir_with_another_model_is_refused(trained_workdir):
     ("schedule.num_timesteps=0", "schedule.num_timesteps"),
     ("sample.steps=5000", "sample.steps"),
     ("optim.decay='linear'", "optim.decay"),
+    ("sample.sampler='dpm2m'", "sample.sampler"),
+    ("sample.spacing='log'", "sample.spacing"),
     ("model.channels=10", "model.channels"),
 ])
 def test_bad_config_values_fail_before_compiling_and_name_the_key(override, key):
