@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.samplers.grid import concrete_or_none
+from diffusion_jax.samplers.grid import check_levels, concrete_or_none
 
 ODE_SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
 EVALS_PER_STEP = {"tsit5": 6, "dopri5": 6}
@@ -56,12 +56,7 @@ def _check(grid, x_T, solver, rtol, atol, sigma_min, sde, max_steps, dt0, return
         raise ValueError(f"sampler.max_steps must be an int >= 1, got {max_steps!r}")
     if not isinstance(return_trajectory, bool):
         raise ValueError(f"sampler.return_trajectory must be a bool, got {return_trajectory!r}")
-    if sde is not None and not all(hasattr(sde, m) for m in ("alpha", "t_of_log_snr", "network_time")):
-        raise ValueError(f"sampler.sde must be None or a schedule of diffusion_jax.sde, got {type(sde).__name__}")
-    if not hasattr(grid, "sigma") or grid.t.ndim != 1 or grid.t.shape[0] < 1:
-        raise ValueError("grid must be a Grid with at least 1 level")
-    if not hasattr(x_T, "shape") or len(x_T.shape) < 1:
-        raise ValueError(f"x_T must be an array (B, ...), got {type(x_T).__name__}")
+    check_levels(grid, x_T, 1, sde, ("alpha", "t_of_log_snr", "network_time"))
     s = concrete_or_none(grid.sigma / grid.alpha)
     if s is not None and sigma_min is not None:
         lo = s[s > 0].min() if sde is None else 0.0

@@ -82,6 +82,18 @@ def concrete_or_none(a):
         return None
 
 
+def check_levels(grid, x_T, min_levels: int, sde=None, sde_methods: tuple[str, ...] = ()) -> None:
+    """The argument checks every solver shares: a Grid with >= min_levels levels, x_T an array (B, ...), and
+    `sde` None or a `diffusion_jax.sde` schedule with `sde_methods`."""
+    if sde is not None and not all(hasattr(sde, m) for m in sde_methods):
+        raise ValueError(f"sampler.sde must be None or a schedule of diffusion_jax.sde, got {type(sde).__name__}")
+    if not hasattr(grid, "sigma") or grid.t.ndim != 1 or grid.t.shape[0] < min_levels:
+        steps = " (one step)" if min_levels == 2 else ""
+        raise ValueError(f"grid must be a Grid with at least {min_levels} level{'s' if min_levels > 1 else ''}{steps}")
+    if not hasattr(x_T, "shape") or len(x_T.shape) < 1:
+        raise ValueError(f"x_T must be an array (B, ...), got {type(x_T).__name__}")
+
+
 def _grid(t, alpha, sigma, final: str, t_clean: float) -> Grid:
     t, alpha, sigma = (np.asarray(a, np.float64) for a in (t, alpha, sigma))
     if final == "zero":

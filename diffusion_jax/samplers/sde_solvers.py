@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.samplers.brownian import step_normals
-from diffusion_jax.samplers.grid import concrete_or_none
+from diffusion_jax.samplers.grid import check_levels, concrete_or_none
 
 PREDICTORS = ("reverse_diffusion", "ancestral", "euler_maruyama", "none")
 CORRECTORS = ("langevin", "none")
@@ -62,12 +62,7 @@ def _check(grid, x_T, key, predictor, corrector, snr, n_corrector_steps, denoise
     for name, v in (("denoise_final", denoise_final), ("return_trajectory", return_trajectory)):
         if not isinstance(v, bool):
             raise ValueError(f"sampler.{name} must be a bool, got {v!r}")
-    if sde is not None and not all(hasattr(sde, m) for m in ("f", "g2", "t_of_log_snr")):
-        raise ValueError(f"sampler.sde must be None or a schedule of diffusion_jax.sde, got {type(sde).__name__}")
-    if not hasattr(grid, "sigma") or grid.t.ndim != 1 or grid.t.shape[0] < 2:
-        raise ValueError("grid must be a Grid with at least 2 levels (one step)")
-    if not hasattr(x_T, "shape") or len(x_T.shape) < 1:
-        raise ValueError(f"x_T must be an array (B, ...), got {type(x_T).__name__}")
+    check_levels(grid, x_T, 2, sde, ("f", "g2", "t_of_log_snr"))
     sigma = concrete_or_none(grid.sigma)
     if sigma is not None and not np.all(sigma[:-1] > 0):
         raise ValueError("grid: only the last level may have sigma = 0 (the score is needed at every other level)")
