@@ -5,7 +5,7 @@ from PIL import Image
 
 from diffusion_jax.cli import main
 
-from conftest import DIGITS, TINY
+from conftest import DIGITS
 
 
 def run(capsys, *argv):

@@ -27,35 +27,25 @@ from __future__ import annotations
 import math
 
 import diffrax
-import jax
 import jax.numpy as jnp
-import numpy as np
 
+from diffusion_jax.samplers.checks import check_bool, check_choice, check_int, check_number
 from diffusion_jax.samplers.grid import check_levels, concrete_or_none
 
 ODE_SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
 EVALS_PER_STEP = {"tsit5": 6, "dopri5": 6}
 
 
-def _positive(name, v, allow_zero=False):
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if not (ok and (v >= 0 if allow_zero else v > 0)):
-        raise ValueError(f"sampler.{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {v!r}")
-
-
 def _check(grid, x_T, solver, rtol, atol, sigma_min, sde, max_steps, dt0, return_trajectory):
-    if solver not in ODE_SOLVERS:
-        raise ValueError(f"sampler.solver={solver!r} is unknown; choose from {tuple(ODE_SOLVERS)}")
-    _positive("rtol", rtol)
-    _positive("atol", atol, allow_zero=True)
+    check_choice("solver", solver, ODE_SOLVERS)
+    check_number("rtol", rtol, strict=True)
+    check_number("atol", atol)
     if sigma_min is not None:
-        _positive("sigma_min", sigma_min)
+        check_number("sigma_min", sigma_min, strict=True)
     if dt0 is not None:
-        _positive("dt0", dt0)
-    if not (isinstance(max_steps, (int, np.integer)) and not isinstance(max_steps, bool) and max_steps >= 1):
-        raise ValueError(f"sampler.max_steps must be an int >= 1, got {max_steps!r}")
-    if not isinstance(return_trajectory, bool):
-        raise ValueError(f"sampler.return_trajectory must be a bool, got {return_trajectory!r}")
+        check_number("dt0", dt0, strict=True)
+    check_int("max_steps", max_steps, minimum=1)
+    check_bool(return_trajectory=return_trajectory)
     check_levels(grid, x_T, 1, sde, ("alpha", "t_of_log_snr", "network_time"))
     s = concrete_or_none(grid.sigma / grid.alpha)
     if s is not None and sigma_min is not None:

@@ -26,7 +26,6 @@ import math
 import diffrax
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffusion_jax.samplers.grid import concrete_or_none
 

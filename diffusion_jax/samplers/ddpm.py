@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.param import to_x0_eps
+from diffusion_jax.samplers.checks import check_choice
 from diffusion_jax.samplers.spacing import check_prediction, initial_noise, respace, select_timesteps
 
 VARIANCES = ("fixed_small", "fixed_large", "learned")
@@ -33,8 +34,7 @@ def ddpm_sample(denoise_fn, schedule, key, shape, *, steps: int | None = None, v
     """
     T = schedule.num_timesteps
     timesteps = select_timesteps(T, T if steps is None else steps, spacing)
-    if variance not in VARIANCES:
-        raise ValueError(f"sampler.variance={variance!r} is unknown; choose from {VARIANCES}")
+    check_choice("variance", variance, VARIANCES)
     check_prediction(prediction, clip_denoised)
     shape = tuple(shape)
     n = len(timesteps)

@@ -34,20 +34,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.samplers.checks import check_bool, check_choice, check_key
+
 ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")
 SOLVER_TYPES = ("midpoint", "heun")
 
 
 def check_common(grid, x_T, order: int, return_trajectory, orders=(1, 2, 3)) -> int:
     """Validates the options shared by the solvers; returns K (static)."""
-    if not (isinstance(order, (int, np.integer)) and not isinstance(order, bool) and order in orders):
+    if isinstance(order, bool) or not isinstance(order, (int, np.integer)):
         raise ValueError(f"sampler.order must be one of {orders}, got {order!r}")
+    check_choice("order", order, orders)
     if not hasattr(grid, "sigma") or grid.t.ndim != 1 or grid.t.shape[0] < 2:
         raise ValueError("grid must be a Grid with at least 2 levels (one step)")
     if not hasattr(x_T, "shape") or len(x_T.shape) < 1:
         raise ValueError(f"x_T must be an array (B, ...), got {type(x_T).__name__}")
-    if not isinstance(return_trajectory, bool):
-        raise ValueError(f"sampler.return_trajectory must be a bool, got {return_trajectory!r}")
+    check_bool(return_trajectory=return_trajectory)
     return grid.num_steps
 
 
@@ -90,14 +92,11 @@ def _select(order, *cands):
 
 
 def _check_dpm(algorithm, solver_type, lower_order_final, key):
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"sampler.algorithm={algorithm!r} is unknown; choose from {ALGORITHMS}")
-    if solver_type not in SOLVER_TYPES:
-        raise ValueError(f"sampler.solver_type={solver_type!r} is unknown; choose from {SOLVER_TYPES}")
-    if not isinstance(lower_order_final, bool):
-        raise ValueError(f"sampler.lower_order_final must be a bool, got {lower_order_final!r}")
-    if algorithm.startswith("sde") and key is None:
-        raise ValueError(f"sampler.algorithm={algorithm!r} is stochastic and needs a key")
+    check_choice("algorithm", algorithm, ALGORITHMS)
+    check_choice("solver_type", solver_type, SOLVER_TYPES)
+    check_bool(lower_order_final=lower_order_final)
+    if algorithm.startswith("sde"):
+        check_key(key, f"algorithm={algorithm!r}")
 
 
 def multistep_orders(K: int, order: int, lower_order_final: bool, euler_at_final: bool) -> np.ndarray:
@@ -123,9 +122,7 @@ def dpm_solver_multistep(denoiser, grid, x_T, key=None, *, order: int = 2, algor
     """
     K = check_common(grid, x_T, order, return_trajectory)
     _check_dpm(algorithm, solver_type, lower_order_final, key)
-    for name, v in (("euler_at_final", euler_at_final), ("diffusers_3m", diffusers_3m)):
-        if not isinstance(v, bool):
-            raise ValueError(f"sampler.{name} must be a bool, got {v!r}")
+    check_bool(euler_at_final=euler_at_final, diffusers_3m=diffusers_3m)
     orders = multistep_orders(K, order, lower_order_final, euler_at_final)
     i = np.arange(K)
     xs = (i, orders, level_arrays(grid, i), level_arrays(grid, i - 1)[3], level_arrays(grid, i - 2)[3],

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.samplers.checks import check_bool, check_key, check_number
 from diffusion_jax.samplers.grid import Grid, concrete_or_none
 from diffusion_jax.samplers.wrapper import ode_derivative
 
@@ -42,20 +43,6 @@ def check_grid(grid, x_T):
     if not jnp.issubdtype(x_T.dtype, jnp.floating):
         raise ValueError(f"x_T must be a float array, got {x_T.dtype}")
     return x_T
-
-
-def check_number(name: str, value, *, minimum: float = 0.0, allow_inf: bool = False) -> float:
-    """A Python real >= minimum (finite unless allow_inf), else a ValueError naming `sampler.<name>`."""
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if not (ok and value >= minimum and (allow_inf or math.isfinite(value))):
-        raise ValueError(f"sampler.{name} must be a {'' if allow_inf else 'finite '}number >= {minimum}, got {value!r}")
-    return float(value)
-
-
-def check_key(key, why: str):
-    if key is None:
-        raise ValueError(f"sampler.key: {why} draws noise; pass a jax.random key")
-    return key
 
 
 def noisy_targets(grid) -> int:
@@ -98,8 +85,7 @@ def edm_sampler(denoiser, grid: Grid, x_T, key=None, *, s_churn: float = 0.0, s_
     s_tmin = check_number("s_tmin", s_tmin, allow_inf=True)
     s_tmax = check_number("s_tmax", s_tmax, allow_inf=True)
     s_noise = check_number("s_noise", s_noise)
-    if not isinstance(second_order, bool):
-        raise ValueError(f"sampler.second_order must be a bool, got {second_order!r}")
+    check_bool(second_order=second_order, return_trajectory=return_trajectory)
     if level_of_s is not None and not callable(level_of_s):
         raise ValueError("sampler.level_of_s must be None or a callable s -> (t, alpha, sigma)")
     churn = s_churn > 0

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.samplers.checks import check_bool, check_choice
 from diffusion_jax.samplers.euler import check_grid, with_trajectory
 from diffusion_jax.samplers.grid import Grid
 
@@ -65,8 +66,8 @@ def pndm(denoiser, grid: Grid, x_T, key=None, *, warmup: str = "plms", half_grid
     Returns (x_0, {"nfe", "trajectory" if asked})."""
     x_T = check_grid(grid, x_T)
     K = grid.num_steps
-    if warmup not in WARMUPS:
-        raise ValueError(f"sampler.warmup={warmup!r} is unknown; choose from {WARMUPS}")
+    check_choice("warmup", warmup, WARMUPS)
+    check_bool(return_trajectory=return_trajectory)
     if warmup == "prk":
         if not isinstance(half_grid, Grid) or half_grid.t.shape[0] < 3:
             raise ValueError("sampler.half_grid: warmup='prk' needs a Grid of >= 3 half levels (prk_half_grid)")

@@ -36,13 +36,13 @@ Brownian path drives the predictor; corrector noise is always independent (fold_
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.samplers.brownian import step_normals
+from diffusion_jax.samplers.checks import check_bool, check_choice, check_int, check_key, check_number
 from diffusion_jax.samplers.grid import check_levels, concrete_or_none
 
 PREDICTORS = ("reverse_diffusion", "ancestral", "euler_maruyama", "none")
@@ -50,25 +50,18 @@ CORRECTORS = ("langevin", "none")
 
 
 def _check(grid, x_T, key, predictor, corrector, snr, n_corrector_steps, denoise_final, return_trajectory, sde):
-    if predictor not in PREDICTORS:
-        raise ValueError(f"sampler.predictor={predictor!r} is unknown; choose from {PREDICTORS}")
-    if corrector not in CORRECTORS:
-        raise ValueError(f"sampler.corrector={corrector!r} is unknown; choose from {CORRECTORS}")
-    if not (isinstance(snr, (int, float)) and not isinstance(snr, bool) and math.isfinite(snr) and snr > 0):
-        raise ValueError(f"sampler.snr must be a finite number > 0, got {snr!r}")
-    if not (isinstance(n_corrector_steps, (int, np.integer)) and not isinstance(n_corrector_steps, bool)
-            and n_corrector_steps >= 0):
-        raise ValueError(f"sampler.n_corrector_steps must be an int >= 0, got {n_corrector_steps!r}")
-    for name, v in (("denoise_final", denoise_final), ("return_trajectory", return_trajectory)):
-        if not isinstance(v, bool):
-            raise ValueError(f"sampler.{name} must be a bool, got {v!r}")
+    check_choice("predictor", predictor, PREDICTORS)
+    check_choice("corrector", corrector, CORRECTORS)
+    check_number("snr", snr, strict=True)
+    check_int("n_corrector_steps", n_corrector_steps)
+    check_bool(denoise_final=denoise_final, return_trajectory=return_trajectory)
     check_levels(grid, x_T, 2, sde, ("f", "g2", "t_of_log_snr"))
     sigma = concrete_or_none(grid.sigma)
     if sigma is not None and not np.all(sigma[:-1] > 0):
         raise ValueError("grid: only the last level may have sigma = 0 (the score is needed at every other level)")
     stochastic = predictor != "none" or (corrector == "langevin" and n_corrector_steps > 0)
-    if stochastic and key is None:
-        raise ValueError(f"sampler.predictor={predictor!r} / corrector={corrector!r} is stochastic and needs a key")
+    if stochastic:
+        check_key(key, f"predictor={predictor!r} / corrector={corrector!r}")
 
 
 def step_coefficients(grid, predictor: str, sde=None):

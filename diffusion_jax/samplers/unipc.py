@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.samplers.checks import check_bool, check_choice
 from diffusion_jax.samplers.dpm_solver import check_common, exp_coeffs, level_arrays, solver_info
 
 VARIANTS = ("bh1", "bh2")
@@ -86,12 +87,8 @@ def unipc(denoiser, grid, x_T, key=None, *, order: int = 2, variant: str = "bh2"
     """
     del key
     K = check_common(grid, x_T, order, return_trajectory)
-    if variant not in VARIANTS:
-        raise ValueError(f"sampler.variant={variant!r} is unknown; choose from {VARIANTS}")
-    if not isinstance(predict_x0, bool):
-        raise ValueError(f"sampler.predict_x0 must be a bool, got {predict_x0!r}")
-    if not isinstance(lower_order_final, bool):
-        raise ValueError(f"sampler.lower_order_final must be a bool, got {lower_order_final!r}")
+    check_choice("variant", variant, VARIANTS)
+    check_bool(predict_x0=predict_x0, lower_order_final=lower_order_final)
     try:
         disabled = {int(v) for v in disable_corrector}
     except (TypeError, ValueError):
