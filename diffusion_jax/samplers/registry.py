@@ -131,3 +131,55 @@ def run_sampler(name: str, denoise_fn, schedule, key, shape, *, steps: int, pred
     if name in ("euler_maruyama", "pc") and not isinstance(schedule, DiscreteSchedule) and "sde" not in options:
         solver = functools.partial(solver, sde=schedule)
     return solver(denoiser, grid, x_T, key)
+
+
+def count_nfe(name: str, schedule, steps: int, *, spacing: str = "leading", options: dict | None = None) -> int | None:
+    """Network evaluations of sampler `name` at `steps` steps (a classifier-free-guided evaluation counts once:
+    both branches run as one batched call). Found by tracing the sampler with a stand-in network (no compile),
+    or, where the count is only known at run time (PC's last step on a traced grid), by running it on one scalar.
+    None for the adaptive solver, whose count depends on the data.
+    """
+    if name == "adaptive":
+        get_sampler(name, **dict(options or {}))
+        return None
+    seen = {}
+
+    def trace(x):
+        out, info = run_sampler(name, lambda x, t: x, schedule, jax.random.PRNGKey(0), x.shape, steps=steps,
+                                spacing=spacing, options=options)
+        seen["nfe"] = info["nfe"]
+        return out, info["nfe"]
+
+    x = jax.ShapeDtypeStruct((1, 1), jnp.float32)
+    jax.eval_shape(trace, x)
+    if isinstance(seen["nfe"], jax.core.Tracer):
+        return int(jax.jit(trace)(jnp.zeros(x.shape, x.dtype))[1])
+    return int(seen["nfe"])
+
+
+def steps_for_nfe(name: str, schedule, nfe: int, *, spacing: str = "leading", options: dict | None = None
+                  ) -> tuple[int, int]:
+    """(steps, exact NFE): the most steps whose NFE does not exceed `nfe`.
+
+    NFE grows with steps for every fixed-step sampler (heun: 2K - 1, plms: K + 1, pndm: K + 9, pc: K (1 +
+    correctors)), so a bisection over steps finds it in a few traces. ValueError when no step count fits
+    (or for the adaptive solver, which takes rtol / atol instead).
+    """
+    def count(k):
+        try:
+            return count_nfe(name, schedule, k, spacing=spacing, options=options)
+        except ValueError:                # too few steps for the sampler, or a spacing that cannot give k
+            return None
+
+    if name == "adaptive":
+        raise ValueError("sampler 'adaptive' chooses its own steps; give it rtol / atol instead of an NFE")
+    hi = min(nfe, getattr(schedule, "num_timesteps", nfe))
+    lo = next((k for k in range(1, hi + 1) if count(k) is not None), None)
+    if lo is None or count(lo) > nfe:
+        raise ValueError(f"sampler {name!r} with spacing {spacing!r} cannot run in {nfe} network evaluations "
+                         f"(its fewest is {None if lo is None else count(lo)})")
+    while lo < hi:                        # invariant: count(lo) <= nfe
+        mid = (lo + hi + 1) // 2
+        n = count(mid)
+        lo, hi = (mid, hi) if n is not None and n <= nfe else (lo, mid - 1)
+    return lo, count(lo)
