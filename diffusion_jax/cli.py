@@ -2,6 +2,7 @@
 
     diffusion-jax train  --config configs/digits.py --workdir workdirs/digits [--config.train.steps=200]
     diffusion-jax sample --workdir workdirs/digits --sampler ddim --steps 50 --num 64 --seed 0 --out grid.png
+    diffusion-jax compare --workdir workdirs/digits --samplers ddim,dpmpp_2m --nfe 5,10,20 --num 500 --out results/c
     diffusion-jax bench train_step --batch 16 --steps 5
 """
 from __future__ import annotations
@@ -36,23 +37,21 @@ def _sample(args, overrides) -> None:
     from diffusion_jax.schedules import make_schedule
     from diffusion_jax.train.checkpoint import load_trained
 
-    from diffusion_jax.samplers import sampler_options
-
     exp, graphdef, params, step = load_trained(args.workdir, args.step)
     # Flags left out fall back to the run's config.sample (its sampler, steps, spacing, clip, num, eta, variance).
     for flag, key in (("sampler", "sampler"), ("steps", "steps"), ("spacing", "spacing"), ("clip", "clip_denoised"),
                       ("num", "num")):
         if getattr(args, flag) is None:
             setattr(args, flag, getattr(exp.sample, key))
-    accepted = sampler_options(args.sampler)
-    options = {k: getattr(exp.sample, k) for k in ("eta", "variance") if k in accepted}
-    options.update(_parse_option(o) for o in args.option)
+    explicit = dict(_parse_option(o) for o in args.option)
     if args.eta is not None:
-        options["eta"] = args.eta
+        explicit["eta"] = args.eta
     if args.variance is not None:
-        options["variance"] = args.variance
-    spec = SamplerSpec(args.sampler, steps=args.steps, spacing=args.spacing, clip_denoised=args.clip,
-                       options=tuple(sorted(options.items())), guidance_scale=args.guidance_scale)
+        explicit["variance"] = args.variance
+    config = dataclasses.replace(exp.sample, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
+                                 clip_denoised=args.clip)
+    spec = SamplerSpec.from_config(config, options=explicit, guidance_scale=args.guidance_scale)
+    options = dict(spec.options)
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     if not 1 <= args.steps <= exp.schedule.num_timesteps:
@@ -71,6 +70,44 @@ def _sample(args, overrides) -> None:
         extra = {} if labels is None else {"labels": np.asarray(labels)}
         np.savez(args.npz, images=viz.to_uint8(images), **extra)
         print(f"uint8 NHWC samples -> {args.npz}")
+
+
+def _compare(args, overrides) -> None:
+    if overrides and not args.config:
+        raise ValueError(f"--config.* overrides ({overrides}) need --config (the run to train if missing)")
+    from diffusion_jax.compare import CompareSpec, run_compare
+
+    if args.config:   # train, resume, or reuse the finished run (train_and_evaluate does nothing more then)
+        from diffusion_jax.config import load_experiment
+        from diffusion_jax.train.loop import train_and_evaluate
+
+        train_and_evaluate(load_experiment(args.config, overrides)[0], args.workdir, progress=not args.no_progress)
+
+    try:
+        nfes = tuple(int(v) for v in _csv(args.nfe))
+    except ValueError:
+        raise ValueError(f"--nfe must be comma-separated ints, got {args.nfe!r}") from None
+    spec = CompareSpec(samplers=tuple(_csv(args.samplers)), nfes=nfes,
+                       num=args.num, seeds=args.seeds, spacing=args.spacing,
+                       clip_denoised=args.clip or None, guidance_scale=args.guidance_scale,
+                       batch_size=args.batch_size)
+    res = run_compare(args.workdir, spec, args.out, extractor=args.extractor, step=args.step,
+                      progress=not args.no_progress)
+    with open(res["markdown"]) as f:
+        print(f.read())
+    print(f"table:    {res['markdown']} (per seed: {res['csv']}; means: {res['summary_csv']})\n"
+          f"plot:     {res['plot']}\noverview: {res['overview']}\ngrids:    {res['grids']}/<sampler>-nfe<N>.png")
+
+
+def _csv(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _sweep(args, overrides) -> None:
+    from diffusion_jax.sweep import run_sweep
+
+    run_sweep(args.config, args.grid, args.root, overrides=overrides, num=args.num, seed=args.seed,
+              extractor=args.extractor, progress=not args.no_progress)
 
 
 def _bench(args, overrides) -> None:
@@ -129,6 +166,41 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default="samples.png", help="PNG grid")
     sample.add_argument("--npz", default=None, help="also save uint8 samples to this .npz")
     sample.set_defaults(func=_sample)
+
+    compare = sub.add_parser("compare", help="every sampler at every NFE on a trained workdir: table, plot, grids",
+                             epilog="Metrics use the dataset's own classifier (trained once, cached) unless "
+                                    "--extractor inception:PATH names the FID InceptionV3 weights file.")
+    compare.add_argument("--workdir", required=True)
+    compare.add_argument("--config", default=None, help="train WORKDIR from this config first (resumes; a finished "
+                                                        "run is reused as is)")
+    compare.add_argument("--samplers", default="ddpm,ddim,heun,dpmpp_2m,unipc_bh2",
+                         help="comma-separated names, or variants with options: ddim:eta=1,ddpm:variance=fixed_large")
+    compare.add_argument("--nfe", default="5,10,20,50,100", help="network-evaluation budgets, comma-separated")
+    compare.add_argument("--num", type=int, default=1000, help="samples per cell and seed")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per cell (mean and 95%% CI over them)")
+    compare.add_argument("--spacing", default="trailing", choices=list(SPACINGS))
+    compare.add_argument("--clip", type=float, default=1.0, help="clip x0-hat to [-c, c]; 0 disables")
+    compare.add_argument("--guidance-scale", type=float, default=1.0)
+    compare.add_argument("--batch-size", type=int, default=None, help="images per compiled call (default: --num)")
+    compare.add_argument("--extractor", default="classifier", help="classifier | inception[:PATH]")
+    compare.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    compare.add_argument("--out", default="results/compare")
+    compare.add_argument("--no-progress", action="store_true")
+    compare.set_defaults(func=_compare)
+
+    sweep = sub.add_parser("sweep", help="ablation grid: train (or resume) and evaluate every cell, write a table",
+                           epilog="Grid: axes separated by ';', values by ',' (or by '|' when a value holds a comma: "
+                                  "model.channel_mult=(1,2)|(1,2,4)). Cells differing only in sample.* keys share "
+                                  "one trained workdir. Any config value can be overridden: --config.train.steps=200")
+    sweep.add_argument("--config", required=True, help="configs/NAME.py or configs/NAME.py:debug")
+    sweep.add_argument("--grid", required=True,
+                       help="e.g. 'model.channels=8,16;optim.learning_rate=1e-3,2e-3' or 'sample.sampler=ddim,heun'")
+    sweep.add_argument("--root", required=True, help="ROOT/<cell>/ workdirs, ROOT/summary.csv, ROOT/summary.md")
+    sweep.add_argument("--num", type=int, default=200, help="samples per cell for the metrics")
+    sweep.add_argument("--seed", type=int, default=0, help="sampling seed (common noise across cells)")
+    sweep.add_argument("--extractor", default="classifier", help="classifier | inception[:PATH]")
+    sweep.add_argument("--no-progress", action="store_true")
+    sweep.set_defaults(func=_sweep)
 
     bench = sub.add_parser("bench", help="benchmarks (train_step: ours vs diffusers/PyTorch)")
     bench.add_argument("name", choices=["train_step"])

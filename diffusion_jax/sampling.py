@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models.functional import make_apply_fn
-from diffusion_jax.samplers import Guidance, run_sampler
+from diffusion_jax.samplers import Guidance, run_sampler, sampler_options
 from diffusion_jax.samplers.registry import get_sampler
 from diffusion_jax.schedules import DiscreteSchedule
 
@@ -33,6 +33,16 @@ class SamplerSpec:
 
     def validate(self) -> None:
         get_sampler(self.sampler, **dict(self.options))  # unknown sampler or option -> ValueError naming it
+
+    @classmethod
+    def from_config(cls, sample, *, options: dict | None = None, guidance_scale: float = 1.0) -> "SamplerSpec":
+        """The spec a `config.SampleConfig` describes: its sampler, steps, spacing and clip_denoised, with its
+        eta and variance passed on to the samplers that take them; `options` are added on top (and win)."""
+        accepted = sampler_options(sample.sampler)
+        merged = {k: getattr(sample, k) for k in ("eta", "variance") if k in accepted}
+        merged.update(options or {})
+        return cls(sample.sampler, steps=sample.steps, spacing=sample.spacing, clip_denoised=sample.clip_denoised,
+                   options=tuple(sorted(merged.items())), guidance_scale=guidance_scale)
 
 
 def make_sample_fn(graphdef, schedule: DiscreteSchedule, spec: SamplerSpec, shape: tuple[int, ...], *,

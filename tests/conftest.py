@@ -31,3 +31,16 @@ def trained_workdir(tmp_path_factory, tiny_experiment):
     workdir = str(tmp_path_factory.mktemp("tiny_run"))
     train_and_evaluate(tiny_experiment, workdir, progress=False)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def metrics_cache(tmp_path_factory):
+    """One cache for the metrics' classifiers and reference features across the session (each trains once)."""
+    path = str(tmp_path_factory.mktemp("metrics_cache"))
+    old = os.environ.get("DIFFUSION_JAX_CACHE")
+    os.environ["DIFFUSION_JAX_CACHE"] = path
+    yield path
+    if old is None:
+        os.environ.pop("DIFFUSION_JAX_CACHE", None)
+    else:
+        os.environ["DIFFUSION_JAX_CACHE"] = old

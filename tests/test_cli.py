@@ -67,18 +67,54 @@ def test_sample_with_ddpm_and_bad_steps(capsys, trained_workdir, tmp_path):
     assert code == 2 and "--steps" in out.err
 
 
-def test_sampler_grid_experiment(trained_workdir, tmp_path):
-    import importlib.util
-    import os
+def test_compare_runs_every_cell_and_resumes(capsys, trained_workdir, tmp_path, metrics_cache):
+    out_dir = tmp_path / "cmp"
+    argv = ["compare", "--workdir", trained_workdir, "--samplers", "ddim,heun,ddim:eta=1,pndm", "--nfe", "3,5",
+            "--num", "12", "--seeds", "2", "--out", str(out_dir), "--no-progress"]
+    code, out = run(capsys, *argv)
+    assert code == 0, out.err
+    import csv
 
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "sampler_grid.py")
-    spec = importlib.util.spec_from_file_location("sampler_grid", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--workdir", trained_workdir, "--steps", "2", "--num", "2", "--out", str(tmp_path)])
-    index = (tmp_path / "index.md").read_text()
-    assert index.count("| 2 | 2 |") == 3  # ddim, ddpm_small, ddpm_large at 2 steps, NFE 2
-    assert (tmp_path / "ddim_0002.png").exists()
+    rows = list(csv.DictReader(open(out_dir / "results.csv")))
+    assert len(rows) == 3 * 2 * 2                        # pndm needs >= 13 NFE: skipped, and said so
+    assert "pndm at NFE 3: skipped" in (out_dir / "results.md").read_text()
+    heun = {int(r["target_nfe"]): (int(r["steps"]), int(r["nfe"])) for r in rows if r["sampler"] == "heun"}
+    assert heun == {3: (2, 3), 5: (3, 5)}                 # Heun: 2K - 1 evaluations within the budget
+    assert all(np.isfinite(float(r["fd"])) and 0 <= float(r["class_acc"]) <= 1 for r in rows)
+    for name in ("quality_vs_nfe.png", "overview.png", "grids/ddim-nfe5.png", "grids/ddim_eta=1-nfe3.png"):
+        assert (out_dir / name).exists(), name
+    assert "plot:" in out.out and "results.md" in out.out
+    # A second run resumes from the saved cells instead of sampling again.
+    cells = sorted((out_dir / "cells").iterdir())
+    stamps = [c.stat().st_mtime_ns for c in cells]
+    code, _ = run(capsys, *argv)
+    assert code == 0 and [c.stat().st_mtime_ns for c in cells] == stamps
+    assert list(csv.DictReader(open(out_dir / "results.csv"))) == rows
+
+
+def test_compare_refuses_bad_flags(capsys, trained_workdir, tmp_path):
+    code, out = run(capsys, "compare", "--workdir", trained_workdir, "--samplers", "ddim:s_churn=1", "--out",
+                    str(tmp_path))
+    assert code == 2 and "no option 's_churn'" in out.err
+    code, out = run(capsys, "compare", "--workdir", trained_workdir, "--nfe", "5,x", "--out", str(tmp_path))
+    assert code == 2 and "--nfe" in out.err
+
+
+def test_generate_uses_common_random_numbers(trained_workdir):
+    from diffusion_jax.evaluate import generate
+    from diffusion_jax.sampling import SamplerSpec
+    from diffusion_jax.train.checkpoint import load_trained
+
+    exp, graphdef, params, _ = load_trained(trained_workdir)
+    spec = SamplerSpec("ddim", steps=2)
+    a, labels, nfe = generate(exp, graphdef, params, spec, num=5, seed=0, batch_size=3)
+    b, _, _ = generate(exp, graphdef, params, spec, num=5, seed=0, batch_size=3)
+    c, _, _ = generate(exp, graphdef, params, spec, num=5, seed=1, batch_size=3)
+    assert a.shape == (5, 8, 8, 1) and nfe == 2 and list(labels) == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    with pytest.raises(ValueError, match="labels must be"):
+        generate(exp, graphdef, params, spec, num=2, labels=[0, 10])
 
 
 def test_sample_defaults_come_from_the_run_config(capsys, trained_workdir, tmp_path):

@@ -166,7 +166,7 @@ def test_exponential_integrator_order_on_a_polynomial(solver, opts, order):
         return ((x - s * m) / a, m) if noise else (m, (x - a * m) / s)
     u, w = np.polynomial.legendre.leggauss(40)
     lam, w = (hi - lo) / 2 * u + (hi + lo) / 2, (hi - lo) / 2 * w
-    a_K, s_K = np.sqrt(1 / (1 + np.exp(-2 * hi))), np.sqrt(1 / (1 + np.exp(2 * hi)))
+    a_K = np.sqrt(1 / (1 + np.exp(-2 * hi)))
     kernel = {"dpmsolver": -a_K * np.exp(-lam), "sde-dpmsolver++": 2 * a_K * np.exp(-2 * (hi - lam))}
     exact = np.sum(w * kernel.get(opts.get("algorithm"), a_K * np.exp(-(hi - lam))) * p(lam))
     zero = lambda x, t, a, s: (jnp.zeros_like(x), x / s)

@@ -1,0 +1,186 @@
+"""Sampler comparison on a trained model: every sampler at every NFE, from the same initial noise, scored alike.
+
+    spec = CompareSpec(samplers=("ddpm", "ddim", "ddim:eta=1", "heun", "dpmpp_2m"), nfes=(5, 10, 20, 50), num=1000)
+    run_compare("workdirs/digits", spec, "results/compare")    # results.csv/.md, quality_vs_nfe.png, grids/
+
+Fairness: each (sampler, NFE) cell runs the most steps whose network-evaluation count does not exceed the NFE
+(`registry.steps_for_nfe`; the exact count is reported); seed s gives every cell the same x_T (common random
+numbers, `evaluate.generate`); every cell is scored by the same extractor against the same real features. Each
+(cell, seed) result is saved as it finishes (`cells/*.json`), so an interrupted comparison resumes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from diffusion_jax import report, viz
+from diffusion_jax.evaluate import Scorer, generate
+from diffusion_jax.sampling import SamplerSpec
+from diffusion_jax.samplers.registry import get_sampler, steps_for_nfe
+from diffusion_jax.schedules import make_schedule
+
+METRICS = ("fd", "kid", "is", "precision", "recall", "class_acc")
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'ddim:eta=0.5' -> ("ddim", {"eta": 0.5}); options separated by ':' ('edm:s_churn=40:s_noise=1.003'),
+    values Python literals or strings. The whole text labels the variant in tables and file names."""
+    import ast
+
+    name, *parts = text.split(":")
+    options = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or not key:
+            raise ValueError(f"sampler variant {text!r}: {part!r} must look like OPTION=VALUE (e.g. ddim:eta=0.5)")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    get_sampler(name, **options)                                   # unknown sampler / option -> ValueError
+    return name, options
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareSpec:
+    """What to compare. samplers: registry names or variants with options, 'ddim:eta=1', 'ddpm:variance=fixed_large'."""
+    samplers: tuple[str, ...] = ("ddpm", "ddim", "heun", "dpmpp_2m", "unipc_bh2")
+    nfes: tuple[int, ...] = (5, 10, 20, 50, 100)
+    num: int = 1000
+    seeds: int = 3
+    spacing: str = "trailing"
+    clip_denoised: float | None = 1.0
+    guidance_scale: float = 1.0
+    batch_size: int | None = None
+    grid_num: int = 100
+
+    def validate(self) -> None:
+        if not self.samplers or not self.nfes:
+            raise ValueError("compare needs at least one sampler (--samplers) and one NFE (--nfe)")
+        for variant in self.samplers:
+            parse_variant(variant)
+        for n in self.nfes:
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"--nfe values must be ints >= 1, got {n!r}")
+        for key in ("num", "seeds"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    sampler: str          # the variant's label, e.g. "ddim:eta=1"
+    target_nfe: int
+    steps: int
+    nfe: int
+
+    @property
+    def name(self) -> str:
+        return cell_name(self.sampler, self.target_nfe)
+
+
+def cell_name(variant: str, target_nfe: int) -> str:
+    """A file-name-safe name: 'ddim:eta=1', 10 -> 'ddim_eta=1-nfe10'."""
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", variant) + f"-nfe{target_nfe}"
+
+
+def plan(spec: CompareSpec, schedule) -> tuple[list[Cell], list[str]]:
+    """The cells to run, and a note for each (sampler, NFE) that cannot run (e.g. PNDM below 13 NFE)."""
+    cells, notes = [], []
+    for variant in spec.samplers:
+        name, options = parse_variant(variant)
+        for nfe in spec.nfes:
+            try:
+                steps, used = steps_for_nfe(name, schedule, nfe, spacing=spec.spacing, options=options)
+            except ValueError as e:
+                notes.append(f"{variant} at NFE {nfe}: skipped ({e})")
+                continue
+            cells.append(Cell(variant, nfe, steps, used))
+    return cells, notes
+
+
+def _run_cell(cell, seed, spec, exp, graphdef, params, scorer, out) -> dict:
+    path = os.path.join(out, "cells", f"{cell.name}-seed{seed}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            row = json.load(f)
+        if row.get("steps") == cell.steps and row.get("num") == spec.num:
+            return row
+    name, options = parse_variant(cell.sampler)
+    sampler = SamplerSpec(name, steps=cell.steps, spacing=spec.spacing, clip_denoised=spec.clip_denoised,
+                          options=tuple(sorted(options.items())), guidance_scale=spec.guidance_scale)
+    t0 = time.perf_counter()
+    images, labels, nfe = generate(exp, graphdef, params, sampler, num=spec.num, seed=seed,
+                                   batch_size=spec.batch_size)
+    seconds = time.perf_counter() - t0
+    row = {"sampler": cell.sampler, "target_nfe": cell.target_nfe, "nfe": nfe, "steps": cell.steps, "seed": seed,
+           "num": spec.num, "spacing": spec.spacing, **scorer(images, labels, seed=seed), "seconds": seconds}
+    if seed == 0:
+        viz.save_grid(images[:spec.grid_num], os.path.join(out, "grids", f"{cell.name}.png"),
+                      nrow=exp.model.num_classes or None)
+        np.save(os.path.join(out, "grids", f"{cell.name}-first8.npy"), images[:8])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(row, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return row
+
+
+def run_compare(workdir: str, spec: CompareSpec, out: str, *, extractor: str = "classifier", step: int | None = None,
+                progress: bool = True) -> dict:
+    """Runs the comparison and writes its files under `out`; returns {"rows", "summary", "notes", paths...}."""
+    from diffusion_jax.train.checkpoint import load_trained
+
+    spec.validate()
+    exp, graphdef, params, ckpt_step = load_trained(workdir, step)
+    schedule = make_schedule(**dataclasses.asdict(exp.schedule))
+    cells, notes = plan(spec, schedule)
+    if not cells:
+        raise ValueError("no (sampler, NFE) pair can run: " + "; ".join(notes))
+    os.makedirs(os.path.join(out, "grids"), exist_ok=True)
+    scorer = Scorer.for_experiment(exp, extractor=extractor, progress=progress)
+    rows = []
+    bar = tqdm([(c, s) for c in cells for s in range(spec.seeds)], desc="compare", disable=not progress)
+    for cell, seed in bar:
+        bar.set_postfix_str(f"{cell.sampler} NFE {cell.nfe} seed {seed}")
+        rows.append(_run_cell(cell, seed, spec, exp, graphdef, params, scorer, out))
+    metrics = tuple(m for m in METRICS if any(m in r for r in rows))
+    summary = report.aggregate(rows, ("sampler", "target_nfe", "nfe", "steps"), metrics + ("seconds",))
+    paths = write_outputs(out, rows, summary, metrics, spec, exp, ckpt_step, extractor, notes)
+    return {"rows": rows, "summary": summary, "notes": notes, **paths}
+
+
+def write_outputs(out, rows, summary, metrics, spec, exp, ckpt_step, extractor, notes) -> dict:
+    from diffusion_jax.compare_plots import plot_overview, plot_quality
+
+    paths = {"csv": report.write_csv(rows, os.path.join(out, "results.csv")),
+             "summary_csv": report.write_csv(summary, os.path.join(out, "summary.csv"))}
+    nfe_label = lambda n: f"NFE {n}"
+    text = [f"# Sampler comparison: {exp.data.name}, checkpoint step {ckpt_step}", "",
+            f"{spec.num} samples per cell, {spec.seeds} seed(s) (mean ± 95% CI over seeds), spacing "
+            f"`{spec.spacing}`, features: {extractor}. Every cell starts from the same x_T per seed; the exact NFE "
+            "of each cell is in summary.csv (a sampler gets the most steps whose NFE does not exceed the column's).",
+            ""]
+    titles = {"fd": "Fréchet distance (lower is better)", "kid": "KID (lower is better)",
+              "class_acc": "Class agreement of the classifier with the requested label (higher is better)",
+              "precision": "Precision (higher is better)", "recall": "Recall (higher is better)",
+              "is": "Inception-style score on the classifier (higher is better)"}
+    for m in metrics:
+        text += [f"## {titles[m]}", "", report.pivot_markdown(summary, "sampler", "target_nfe", m, col_label=nfe_label)]
+    text += ["## Wall seconds per cell and seed (generation; seed 0 includes compiling the sampler)", "",
+             report.pivot_markdown(summary, "sampler", "target_nfe", "seconds", col_label=nfe_label)]
+    if notes:
+        text += ["## Not run", ""] + [f"- {n}" for n in notes] + [""]
+    paths["markdown"] = os.path.join(out, "results.md")
+    with open(paths["markdown"], "w") as f:
+        f.write("\n".join(text))
+    paths["plot"] = plot_quality(summary, metrics, os.path.join(out, "quality_vs_nfe.png"))
+    paths["overview"] = plot_overview(out, spec, summary, os.path.join(out, "overview.png"))
+    paths["grids"] = os.path.join(out, "grids")
+    return paths

@@ -1,0 +1,44 @@
+"""Sampler comparison on a trained model (trained first if the workdir is empty): the README's main job.
+
+    python experiments/compare_samplers.py                              # preset "readme": < 10 min on 2 CPU cores
+    python experiments/compare_samplers.py --preset paper               # the full grid: 1000 samples x 3 seeds
+    python experiments/compare_samplers.py --num 500 --out results/c2   # any `diffusion-jax compare` flag overrides
+
+This is `diffusion-jax compare` with a preset of flags; the work is done by `diffusion_jax.compare` (NFE budgets,
+common random numbers, metrics, table, plot, grids). Results: OUT/results.md (the table), OUT/quality_vs_nfe.png,
+OUT/overview.png, OUT/grids/<sampler>-nfe<N>.png, OUT/results.csv and OUT/summary.csv.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from diffusion_jax.cli import main  # noqa: E402
+
+PRESETS = {
+    # Sized for the README: the default digits model, five samplers, four budgets, 2 seeds x 250 samples per cell.
+    "readme": ["--config", "configs/digits.py", "--workdir", "workdirs/digits", "--out", "results/compare",
+               "--samplers", "ddpm,ddim,heun,dpmpp_2m,unipc_bh2", "--nfe", "5,10,20,50", "--num", "250",
+               "--seeds", "2"],
+    # The comparison as a paper would run it (about an hour or more on 2 CPU cores for the digits model).
+    "paper": ["--config", "configs/digits.py", "--workdir", "workdirs/digits", "--out", "results/compare_paper",
+              "--samplers", "ddpm,ddim,euler,heun,plms,dpmpp_2m,dpmpp_3m,unipc_bh2,euler_ancestral,dpmpp_2m_sde",
+              "--nfe", "5,10,20,50,100", "--num", "1000", "--seeds", "3"],
+}
+
+
+def run(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    preset = "readme"
+    if "--preset" in argv:
+        i = argv.index("--preset")
+        if i + 1 >= len(argv) or argv[i + 1] not in PRESETS:
+            print(f"--preset must be one of {sorted(PRESETS)}", file=sys.stderr)
+            return 2
+        preset = argv[i + 1]
+        del argv[i:i + 2]
+    return main(["compare", *PRESETS[preset], *argv])   # later flags win (argparse keeps the last value)
+
+
+if __name__ == "__main__":
+    sys.exit(run())
