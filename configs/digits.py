@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim = dict(learning_rate=2e-3, warmup_steps=100, decay="cosine", weight_decay=0.0,
                    b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0)
     c.train = dict(
-        steps=20 if debug else 1500, batch_size=16 if debug else 64, ema_decay=0.995, ema_warmup=True,
+        steps=20 if debug else 1000, batch_size=16 if debug else 64, ema_decay=0.995, ema_warmup=True,
         num_devices=0, fsdp=False, log_every=10 if debug else 100, ckpt_every=500, keep_checkpoints=2,
         async_checkpointing=True, sample_every=0, sample_num=20 if debug else 100, sample_steps=10 if debug else 50,
     )

@@ -26,6 +26,7 @@ from diffusion_jax.samplers.registry import get_sampler, steps_for_nfe
 from diffusion_jax.schedules import make_schedule
 
 METRICS = ("fd", "kid", "is", "precision", "recall", "class_acc")
+LABELS = "iid-uniform"   # class labels of conditional samples: evaluate.random_labels (an iid sample, not stratified)
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -110,7 +111,7 @@ def _run_cell(cell, seed, spec, exp, graphdef, params, scorer, out) -> dict:
     if os.path.exists(path):
         with open(path) as f:
             row = json.load(f)
-        if row.get("steps") == cell.steps and row.get("num") == spec.num:
+        if row.get("steps") == cell.steps and row.get("num") == spec.num and row.get("labels") == LABELS:
             return row
     name, options = parse_variant(cell.sampler)
     sampler = SamplerSpec(name, steps=cell.steps, spacing=spec.spacing, clip_denoised=spec.clip_denoised,
@@ -120,7 +121,8 @@ def _run_cell(cell, seed, spec, exp, graphdef, params, scorer, out) -> dict:
                                    batch_size=spec.batch_size)
     seconds = time.perf_counter() - t0
     row = {"sampler": cell.sampler, "target_nfe": cell.target_nfe, "nfe": nfe, "steps": cell.steps, "seed": seed,
-           "num": spec.num, "spacing": spec.spacing, **scorer(images, labels, seed=seed), "seconds": seconds}
+           "num": spec.num, "spacing": spec.spacing, "labels": LABELS, **scorer(images, labels, seed=seed),
+           "seconds": seconds}
     if seed == 0:
         viz.save_grid(images[:spec.grid_num], os.path.join(out, "grids", f"{cell.name}.png"),
                       nrow=exp.model.num_classes or None)
@@ -152,27 +154,52 @@ def run_compare(workdir: str, spec: CompareSpec, out: str, *, extractor: str = "
         rows.append(_run_cell(cell, seed, spec, exp, graphdef, params, scorer, out))
     metrics = tuple(m for m in METRICS if any(m in r for r in rows))
     summary = report.aggregate(rows, ("sampler", "target_nfe", "nfe", "steps"), metrics + ("seconds",))
-    paths = write_outputs(out, rows, summary, metrics, spec, exp, ckpt_step, extractor, notes)
-    return {"rows": rows, "summary": summary, "notes": notes, **paths}
+    floors = [dict(sampler="real data", seed=s, **scorer.real_floor(spec.num, s)) for s in range(spec.seeds)]
+    floor = report.aggregate(floors, ("sampler", "num"), ("fd", "kid", "precision", "recall"))[0]
+    title = f"# Sampler comparison: {exp.data.name}, checkpoint step {ckpt_step}"
+    paths = write_outputs(out, rows, summary, floor, metrics, spec, title, extractor, notes)
+    return {"rows": rows, "summary": summary, "floor": floor, "notes": notes, **paths}
 
 
-def write_outputs(out, rows, summary, metrics, spec, exp, ckpt_step, extractor, notes) -> dict:
+def paired_differences(rows: list[dict], baseline: str, metric: str = "fd") -> list[dict]:
+    """metric[cell, seed] - metric[baseline, same NFE budget, same seed], aggregated over seeds (mean ± 95% CI).
+
+    Cells of one seed share x_T and labels, so most of the seed-to-seed spread (which sample set was drawn) cancels:
+    these intervals are far narrower than those of the absolute values."""
+    by = {(r["sampler"], r["target_nfe"], r["seed"]): r for r in rows}
+    diffs = [{"sampler": r["sampler"], "target_nfe": r["target_nfe"],
+              "diff": r[metric] - by[(baseline, r["target_nfe"], r["seed"])][metric]}
+             for r in rows if r["sampler"] != baseline and (baseline, r["target_nfe"], r["seed"]) in by]
+    return report.aggregate(diffs, ("sampler", "target_nfe"), ("diff",))
+
+
+def write_outputs(out, rows, summary, floor, metrics, spec, title, extractor, notes) -> dict:
+    """results.csv, summary.csv, results.md, quality_vs_nfe.png, overview.png; `floor` = the real-data row."""
     from diffusion_jax.compare_plots import plot_overview, plot_quality
 
     paths = {"csv": report.write_csv(rows, os.path.join(out, "results.csv")),
              "summary_csv": report.write_csv(summary, os.path.join(out, "summary.csv"))}
     nfe_label = lambda n: f"NFE {n}"
-    text = [f"# Sampler comparison: {exp.data.name}, checkpoint step {ckpt_step}", "",
+    text = [title, "",
             f"{spec.num} samples per cell, {spec.seeds} seed(s) (mean ± 95% CI over seeds), spacing "
-            f"`{spec.spacing}`, features: {extractor}. Every cell starts from the same x_T per seed; the exact NFE "
-            "of each cell is in summary.csv (a sampler gets the most steps whose NFE does not exceed the column's).",
-            ""]
+            f"`{spec.spacing}`, features: {extractor}. Every cell starts from the same x_T and class labels (iid "
+            "uniform) per seed; the exact NFE of each cell is in summary.csv (a sampler gets the most steps whose "
+            "NFE does not exceed the column's). *Real data* is the floor: the same metric for "
+            f"{floor['num']} real images (an iid subset of the reference set) against the reference set.", ""]
     titles = {"fd": "Fréchet distance (lower is better)", "kid": "KID (lower is better)",
               "class_acc": "Class agreement of the classifier with the requested label (higher is better)",
               "precision": "Precision (higher is better)", "recall": "Recall (higher is better)",
               "is": "Inception-style score on the classifier (higher is better)"}
     for m in metrics:
         text += [f"## {titles[m]}", "", report.pivot_markdown(summary, "sampler", "target_nfe", m, col_label=nfe_label)]
+        if m in floor:
+            text[-1] += f"| *real data* | {report.fmt(floor[m], floor[m + '_ci'])} (any NFE) |\n"
+    baseline = "ddim" if "ddim" in spec.samplers else spec.samplers[0]
+    paired = paired_differences(rows, baseline)
+    if paired:
+        text += [f"## Paired: Fréchet distance minus {baseline}'s at the same NFE and seed (negative: better than "
+                 f"{baseline}; the CI is over seeds of the difference)", "",
+                 report.pivot_markdown(paired, "sampler", "target_nfe", "diff", col_label=nfe_label)]
     text += ["## Wall seconds per cell and seed (generation; seed 0 includes compiling the sampler)", "",
              report.pivot_markdown(summary, "sampler", "target_nfe", "seconds", col_label=nfe_label)]
     if notes:
@@ -180,7 +207,7 @@ def write_outputs(out, rows, summary, metrics, spec, exp, ckpt_step, extractor, 
     paths["markdown"] = os.path.join(out, "results.md")
     with open(paths["markdown"], "w") as f:
         f.write("\n".join(text))
-    paths["plot"] = plot_quality(summary, metrics, os.path.join(out, "quality_vs_nfe.png"))
+    paths["plot"] = plot_quality(summary, metrics, os.path.join(out, "quality_vs_nfe.png"), floor=floor)
     paths["overview"] = plot_overview(out, spec, summary, os.path.join(out, "overview.png"))
     paths["grids"] = os.path.join(out, "grids")
     return paths

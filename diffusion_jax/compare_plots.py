@@ -22,8 +22,9 @@ def _pyplot():
     return plt
 
 
-def plot_quality(summary: list[dict], metrics, path: str, panels=("fd", "kid", "class_acc")) -> str:
-    """One panel per metric in `panels` that was measured; x = NFE actually used (log), y = mean ± 95% CI."""
+def plot_quality(summary: list[dict], metrics, path: str, panels=("fd", "kid", "class_acc"), floor=None) -> str:
+    """One panel per metric in `panels` that was measured; x = NFE actually used (log), y = mean ± 95% CI;
+    `floor` (the real-data row) as a dashed line where it has the metric."""
     plt = _pyplot()
     shown = [m for m in panels if m in metrics]
     fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4), squeeze=False)
@@ -32,11 +33,13 @@ def plot_quality(summary: list[dict], metrics, path: str, panels=("fd", "kid", "
             rs = sorted((r for r in summary if r["sampler"] == name), key=lambda r: r["nfe"])
             ci = [0.0 if np.isnan(r[m + "_ci"]) else r[m + "_ci"] for r in rs]
             ax.errorbar([r["nfe"] for r in rs], [r[m] for r in rs], yerr=ci, marker="o", capsize=3, label=name)
+        if floor is not None and m in floor and not np.isnan(floor[m]):
+            ax.axhline(floor[m], color="gray", ls="--", label=f"real data ({floor['num']})")
         ax.set_xscale("log")
         ticks = sorted({r["nfe"] for r in summary})
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
-        if m in ("fd", "kid") and all(r[m] > 0 for r in summary if not np.isnan(r[m])):
+        if m == "fd":
             ax.set_yscale("log")
         ax.set_xlabel("network evaluations (NFE)")
         ax.set_ylabel(LABELS.get(m, m))

@@ -110,7 +110,7 @@ def test_generate_uses_common_random_numbers(trained_workdir):
     a, labels, nfe = generate(exp, graphdef, params, spec, num=5, seed=0, batch_size=3)
     b, _, _ = generate(exp, graphdef, params, spec, num=5, seed=0, batch_size=3)
     c, _, _ = generate(exp, graphdef, params, spec, num=5, seed=1, batch_size=3)
-    assert a.shape == (5, 8, 8, 1) and nfe == 2 and list(labels) == [0, 1, 2, 3, 4]
+    assert a.shape == (5, 8, 8, 1) and nfe == 2 and labels.shape == (5,) and labels.max() < 10
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
     with pytest.raises(ValueError, match="labels must be"):
