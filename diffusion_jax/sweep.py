@@ -209,14 +209,11 @@ def _check_extractor(extractor: str, exp: Experiment) -> None:
 
 def _check_workdir(train_dir: str, exp: Experiment) -> None:
     """A workdir holding a run with another model / schedule / loss would be refused mid-sweep: refuse now."""
-    from diffusion_jax.train.loop import _FROZEN_SECTIONS
+    from diffusion_jax.train.loop import frozen_changes
 
-    old = _read_json(os.path.join(train_dir, "config.json"))
-    if old is not None:
-        new = json.loads(json.dumps(exp.to_dict()))
-        changed = [f"{s}.{k}" for s in _FROZEN_SECTIONS for k in new[s] if new[s][k] != old.get(s, {}).get(k)]
-        if changed:
-            raise ValueError(f"{train_dir} holds a run with different {', '.join(changed)}; use a new --root")
+    changed = frozen_changes(train_dir, exp)
+    if changed:
+        raise ValueError(f"{train_dir} holds a run with different {', '.join(changed)}; use a new --root")
 
 
 def _latest_step(workdir: str) -> int | None:

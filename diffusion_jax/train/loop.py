@@ -37,21 +37,28 @@ def check_data_matches_model(exp: Experiment, source) -> None:
         raise ValueError(f"model.num_classes={exp.model.num_classes} < {source.num_classes} classes in the data")
 
 
+def frozen_changes(workdir: str, exp: Experiment) -> list[str]:
+    """The model / schedule / loss keys in which `exp` differs from the run saved in WORKDIR ([] if none is)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        old = json.load(f)
+    new = exp.to_dict()
+    return [f"{s}.{k}" for s in _FROZEN_SECTIONS for k in new[s]
+            if json.loads(json.dumps(new[s][k])) != old.get(s, {}).get(k)]
+
+
 def write_config(workdir: str, exp: Experiment) -> None:
     """Save the resolved config; refuse to resume a workdir whose model/schedule/loss differ."""
     path = os.path.join(workdir, "config.json")
-    new = exp.to_dict()
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        changed = [f"{s}.{k}" for s in _FROZEN_SECTIONS for k in new[s]
-                   if json.loads(json.dumps(new[s][k])) != old.get(s, {}).get(k)]
-        if changed:
-            raise ValueError(f"{workdir} holds a run with different {', '.join(changed)}; "
-                             "use a new --workdir (nothing was changed in the old one)")
+    changed = frozen_changes(workdir, exp)
+    if changed:
+        raise ValueError(f"{workdir} holds a run with different {', '.join(changed)}; "
+                         "use a new --workdir (nothing was changed in the old one)")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(new, f, indent=2)
+        json.dump(exp.to_dict(), f, indent=2)
     os.replace(tmp, path)
 
 
