@@ -106,12 +106,14 @@ def plan(spec: CompareSpec, schedule) -> tuple[list[Cell], list[str]]:
     return cells, notes
 
 
-def _run_cell(cell, seed, spec, exp, graphdef, params, scorer, out) -> dict:
+def _run_cell(cell, seed, spec, exp, graphdef, params, scorer, out, context: dict) -> dict:
+    """One (cell, seed): generate and score, or reuse the saved result if it was made in the same `context`
+    (checkpoint step, extractor, spacing, clip, guidance, num, batch size, label protocol) with the same steps."""
     path = os.path.join(out, "cells", f"{cell.name}-seed{seed}.json")
     if os.path.exists(path):
         with open(path) as f:
             row = json.load(f)
-        if row.get("steps") == cell.steps and row.get("num") == spec.num and row.get("labels") == LABELS:
+        if row.get("steps") == cell.steps and row.get("context") == context:
             return row
     name, options = parse_variant(cell.sampler)
     sampler = SamplerSpec(name, steps=cell.steps, spacing=spec.spacing, clip_denoised=spec.clip_denoised,
@@ -121,8 +123,8 @@ def _run_cell(cell, seed, spec, exp, graphdef, params, scorer, out) -> dict:
                                    batch_size=spec.batch_size)
     seconds = time.perf_counter() - t0
     row = {"sampler": cell.sampler, "target_nfe": cell.target_nfe, "nfe": nfe, "steps": cell.steps, "seed": seed,
-           "num": spec.num, "spacing": spec.spacing, "labels": LABELS, **scorer(images, labels, seed=seed),
-           "seconds": seconds}
+           "num": spec.num, "spacing": spec.spacing, **scorer(images, labels, seed=seed), "seconds": seconds,
+           "context": context}
     if seed == 0:
         viz.save_grid(images[:spec.grid_num], os.path.join(out, "grids", f"{cell.name}.png"),
                       nrow=exp.model.num_classes or None)
@@ -149,9 +151,12 @@ def run_compare(workdir: str, spec: CompareSpec, out: str, *, extractor: str = "
     scorer = Scorer.for_experiment(exp, extractor=extractor, progress=progress)
     rows = []
     bar = tqdm([(c, s) for c in cells for s in range(spec.seeds)], desc="compare", disable=not progress)
+    context = {"workdir": os.path.abspath(workdir), "step": ckpt_step, "extractor": extractor, "num": spec.num,
+               "spacing": spec.spacing, "clip": spec.clip_denoised, "guidance": spec.guidance_scale,
+               "batch_size": spec.batch_size, "labels": LABELS}
     for cell, seed in bar:
         bar.set_postfix_str(f"{cell.sampler} NFE {cell.nfe} seed {seed}")
-        rows.append(_run_cell(cell, seed, spec, exp, graphdef, params, scorer, out))
+        rows.append(_run_cell(cell, seed, spec, exp, graphdef, params, scorer, out, context))
     metrics = tuple(m for m in METRICS if any(m in r for r in rows))
     summary = report.aggregate(rows, ("sampler", "target_nfe", "nfe", "steps"), metrics + ("seconds",))
     floors = [dict(sampler="real data", seed=s, **scorer.real_floor(spec.num, s)) for s in range(spec.seeds)]
@@ -177,7 +182,8 @@ def write_outputs(out, rows, summary, floor, metrics, spec, title, extractor, no
     """results.csv, summary.csv, results.md, quality_vs_nfe.png, overview.png; `floor` = the real-data row."""
     from diffusion_jax.compare_plots import plot_overview, plot_quality
 
-    paths = {"csv": report.write_csv(rows, os.path.join(out, "results.csv")),
+    flat = [{k: v for k, v in r.items() if k != "context"} for r in rows]
+    paths = {"csv": report.write_csv(flat, os.path.join(out, "results.csv")),
              "summary_csv": report.write_csv(summary, os.path.join(out, "summary.csv"))}
     nfe_label = lambda n: f"NFE {n}"
     text = [title, "",
