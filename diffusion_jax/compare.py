@@ -11,7 +11,6 @@ numbers, `evaluate.generate`); every cell is scored by the same extractor agains
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import time
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from diffusion_jax import report, viz
 from diffusion_jax.evaluate import Scorer, generate
+from diffusion_jax.fileio import read_json, write_json
 from diffusion_jax.sampling import SamplerSpec
 from diffusion_jax.samplers.registry import get_sampler, steps_for_nfe
 from diffusion_jax.schedules import make_schedule
@@ -110,11 +110,9 @@ def _run_cell(cell, seed, spec, exp, graphdef, params, scorer, out, context: dic
     """One (cell, seed): generate and score, or reuse the saved result if it was made in the same `context`
     (checkpoint step, extractor, spacing, clip, guidance, num, batch size, label protocol) with the same steps."""
     path = os.path.join(out, "cells", f"{cell.name}-seed{seed}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            row = json.load(f)
-        if row.get("steps") == cell.steps and row.get("context") == context:
-            return row
+    row = read_json(path)
+    if row is not None and row.get("steps") == cell.steps and row.get("context") == context:
+        return row
     name, options = parse_variant(cell.sampler)
     sampler = SamplerSpec(name, steps=cell.steps, spacing=spec.spacing, clip_denoised=spec.clip_denoised,
                           options=tuple(sorted(options.items())), guidance_scale=spec.guidance_scale)
@@ -129,10 +127,7 @@ def _run_cell(cell, seed, spec, exp, graphdef, params, scorer, out, context: dic
         viz.save_grid(images[:spec.grid_num], os.path.join(out, "grids", f"{cell.name}.png"),
                       nrow=exp.model.num_classes or None)
         np.save(os.path.join(out, "grids", f"{cell.name}-first8.npy"), images[:8])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(row, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, row, indent=1)
     return row
 
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from diffusion_jax import report
 from diffusion_jax.config import Experiment, apply_overrides, load_config_file
+from diffusion_jax.fileio import atomic_write, read_json, write_json
 
 METRICS = ("fd", "kid", "kid_std", "is", "precision", "recall", "class_acc")
 _KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -122,6 +123,7 @@ def run_sweep(config_spec: str, grid_text, root: str, *, overrides=(), num: int 
     """Train (or resume) and evaluate every cell, write ROOT/summary.csv and ROOT/summary.md, print the table.
     Returns the summary rows (grid keys, metrics, loss, nfe, step, train_s)."""
     from diffusion_jax.evaluate import Scorer, generate
+    from diffusion_jax.metrics.reference import check_extractor
     from diffusion_jax.sampling import SamplerSpec
     from diffusion_jax.train.checkpoint import load_trained
     from diffusion_jax.train.loop import train_and_evaluate
@@ -131,7 +133,7 @@ def run_sweep(config_spec: str, grid_text, root: str, *, overrides=(), num: int 
         raise ValueError(f"num must be an int >= 1, got {num!r}")
     specs = {c.name: SamplerSpec.from_config(c.exp.sample) for c in cells}
     for cell in cells:  # everything that can fail without training fails now
-        _check_extractor(extractor, cell.exp)
+        check_extractor(extractor, cell.exp.data.name)
         _check_workdir(cell.train_dir, cell.exp)
         try:
             specs[cell.name].validate()
@@ -151,13 +153,13 @@ def run_sweep(config_spec: str, grid_text, root: str, *, overrides=(), num: int 
             else:
                 t0 = time.perf_counter()
                 train_and_evaluate(cell.exp, cell.train_dir, progress=progress)
-                seconds = (_read_json(timing_path) or {}).get("seconds", 0.0) + time.perf_counter() - t0
-                _write_json(timing_path, {"seconds": seconds, "step": _latest_step(cell.train_dir)})
+                seconds = (read_json(timing_path) or {}).get("seconds", 0.0) + time.perf_counter() - t0
+                write_json(timing_path, {"seconds": seconds, "step": _latest_step(cell.train_dir)})
         step, spec = _latest_step(cell.train_dir), specs[cell.name]
         settings = {"spec": dataclasses.asdict(spec), "num": num, "seed": seed, "extractor": extractor}
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
         path = os.path.join(cell.train_dir, f"eval-{digest}.json")
-        record = _read_json(path)
+        record = read_json(path)
         if record is not None and record.get("step") == step:
             skipped.append(cell.name)
             tqdm.write(f"{cell.name}: evaluated at step {step} already ({path}), skipped")
@@ -176,9 +178,9 @@ def run_sweep(config_spec: str, grid_text, root: str, *, overrides=(), num: int 
             losses = [r["loss"] for r in _metrics(cell.train_dir) if "loss" in r]
             record = dict(cell=cell.name, values=cell.values, overrides=list(cell.overrides), step=step,
                           **settings, scores=scores, loss=losses[-1] if losses else None, nfe=nfe,
-                          train_seconds=(_read_json(timing_path) or {}).get("seconds"),
+                          train_seconds=(read_json(timing_path) or {}).get("seconds"),
                           eval_seconds=time.perf_counter() - t0)
-            _write_json(path, record)
+            write_json(path, record)
         rows.append({**cell.values, **{m: record["scores"].get(m) for m in METRICS}, "loss": record["loss"],
                      "nfe": record["nfe"], "step": record["step"], "train_s": record["train_seconds"]})
     bar.close()
@@ -188,23 +190,13 @@ def run_sweep(config_spec: str, grid_text, root: str, *, overrides=(), num: int 
     csv_path = report.write_csv(rows, os.path.join(root, "summary.csv"))
     table = report.markdown_table(list(rows[0]), [[report.fmt(v) for v in r.values()] for r in rows])
     md_path = os.path.join(root, "summary.md")
-    _write_text(md_path, f"# Sweep `{grid_text}` on `{config_spec}`\n\n{num} samples, seed {seed}, "
-                         f"extractor {extractor}\n\n{table}")
+    text = f"# Sweep `{grid_text}` on `{config_spec}`\n\n{num} samples, seed {seed}, extractor {extractor}\n\n{table}"
+    atomic_write(md_path, lambda f: f.write(text), binary=False)
     print(table)
     if skipped:
         print(f"skipped {len(skipped)} of {len(cells)} cell(s), already evaluated: {', '.join(skipped)}")
     print(f"summary -> {csv_path}, {md_path}")
     return rows
-
-
-def _check_extractor(extractor: str, exp: Experiment) -> None:
-    from diffusion_jax.metrics.classifier import SUPPORTED
-
-    if extractor == "classifier" and exp.data.name not in SUPPORTED:
-        raise ValueError(f"the classifier extractor supports data {SUPPORTED}, not data.name={exp.data.name!r}; "
-                         "use --extractor inception:PATH")
-    if extractor != "classifier" and extractor != "inception" and not extractor.startswith("inception:"):
-        raise ValueError(f"extractor={extractor!r} is unknown; choose 'classifier' or 'inception[:PATH]'")
 
 
 def _check_workdir(train_dir: str, exp: Experiment) -> None:
@@ -232,22 +224,3 @@ def _metrics(workdir: str) -> list[dict]:
     from diffusion_jax.train.metrics import read_metrics
 
     return read_metrics(workdir) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else []
-
-
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, obj) -> None:
-    _write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

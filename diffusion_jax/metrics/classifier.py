@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import warnings
 import zipfile
@@ -30,6 +29,7 @@ import scipy.special
 from flax import nnx
 
 from diffusion_jax.data import Batches, load_digits, load_fashion_mnist
+from diffusion_jax.fileio import atomic_write, write_json
 from diffusion_jax.models.functional import abstract_params, split_params
 
 CACHE_VERSION = 1
@@ -180,24 +180,10 @@ def _path_key(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def _atomic_write(path: str, write) -> None:
-    """Call write(file object) on a temp file in path's directory, then os.replace it onto path."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _save(folder: str, params, info: dict) -> None:
-    os.makedirs(folder, exist_ok=True)
     flat = {_path_key(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    _atomic_write(os.path.join(folder, "params.npz"), lambda f: np.savez(f, **flat))
-    _atomic_write(os.path.join(folder, "info.json"), lambda f: f.write(json.dumps(info, indent=1).encode()))
+    atomic_write(os.path.join(folder, "params.npz"), lambda f: np.savez(f, **flat))
+    write_json(os.path.join(folder, "info.json"), info, indent=1)
 
 
 def _try_load(folder: str, dataset: str, image_size: int):

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import zipfile
 
 import numpy as np
 
 from diffusion_jax.data import DataConfig, load_source
-from diffusion_jax.metrics.classifier import FeatureExtractor, default_cache_dir, get_classifier
+from diffusion_jax.fileio import atomic_write
+from diffusion_jax.metrics.classifier import SUPPORTED, FeatureExtractor, default_cache_dir, get_classifier
 from diffusion_jax.metrics.distances import feature_stats, frechet_distance, inception_score, kid, precision_recall
 
 _BATCH = 1000  # images loaded and featurized at a time
@@ -48,17 +48,17 @@ def reference_features(dataset: str, image_size: int, extractor, *, split: str =
     idx = np.arange(n) if n <= max_items else np.sort(np.random.default_rng(0).choice(n, max_items, replace=False))
     feats = np.concatenate([extractor.features(source.get(idx[i:i + _BATCH])["image"])
                             for i in range(0, len(idx), _BATCH)]).astype(np.float64)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, features=feats)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, features=feats))
     return feats
+
+
+def check_extractor(kind: str, dataset: str) -> None:
+    """ValueError unless `kind` names an extractor that can score `dataset` (checked before anything is trained)."""
+    if kind != "classifier" and kind != "inception" and not kind.startswith("inception:"):
+        raise ValueError(f"metrics.extractor={kind!r} is unknown; choose 'classifier' or 'inception[:PATH]'")
+    if kind == "classifier" and dataset not in SUPPORTED:
+        raise ValueError(f"the classifier extractor supports data {SUPPORTED}, not data.name={dataset!r}; "
+                         "use --extractor inception:PATH")
 
 
 def get_extractor(kind: str, dataset: str, image_size: int, *, cache_dir: str | None = None, data_dir=None,
@@ -66,13 +66,12 @@ def get_extractor(kind: str, dataset: str, image_size: int, *, cache_dir: str | 
     """The feature extractor named by `kind`: "classifier" (the project's CNN for `dataset`, trained once and
     cached; the offline default) or "inception" / "inception:PATH" (the FID InceptionV3 from a local weights
     file; see `metrics.inception`)."""
+    check_extractor(kind, dataset)
     if kind == "classifier":
         return get_classifier(dataset, image_size, cache_dir=cache_dir, progress=progress, data_dir=data_dir)
-    if kind == "inception" or kind.startswith("inception:"):
-        from diffusion_jax.metrics.inception import load_inception
+    from diffusion_jax.metrics.inception import load_inception
 
-        return load_inception(kind.partition(":")[2] or None)
-    raise ValueError(f"metrics.extractor={kind!r} is unknown; choose 'classifier' or 'inception[:PATH]'")
+    return load_inception(kind.partition(":")[2] or None)
 
 
 def evaluate_samples(images, extractor, real_feats, *, kid_subsets: int = 100, pr_k: int = 3,

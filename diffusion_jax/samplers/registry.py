@@ -165,6 +165,7 @@ def steps_for_nfe(name: str, schedule, nfe: int, *, spacing: str = "leading", op
     correctors)), so a bisection over steps finds it in a few traces. ValueError when no step count fits
     (or for the adaptive solver, which takes rtol / atol instead).
     """
+    @functools.lru_cache(maxsize=None)   # each count traces the sampler once (or runs it, for PC / EM)
     def count(k):
         try:
             return count_nfe(name, schedule, k, spacing=spacing, options=options)

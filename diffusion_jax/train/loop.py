@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from diffusion_jax import parallel, viz
 from diffusion_jax.config import Experiment
 from diffusion_jax.data import Batches, load_source
+from diffusion_jax.fileio import write_json
 from diffusion_jax.sampling import SamplerSpec, class_labels, make_sample_fn
 from diffusion_jax.schedules import make_schedule
 from diffusion_jax.train.checkpoint import Checkpointer
@@ -51,15 +52,11 @@ def frozen_changes(workdir: str, exp: Experiment) -> list[str]:
 
 def write_config(workdir: str, exp: Experiment) -> None:
     """Save the resolved config; refuse to resume a workdir whose model/schedule/loss differ."""
-    path = os.path.join(workdir, "config.json")
     changed = frozen_changes(workdir, exp)
     if changed:
         raise ValueError(f"{workdir} holds a run with different {', '.join(changed)}; "
                          "use a new --workdir (nothing was changed in the old one)")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(exp.to_dict(), f, indent=2)
-    os.replace(tmp, path)
+    write_json(os.path.join(workdir, "config.json"), exp.to_dict())
 
 
 def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
