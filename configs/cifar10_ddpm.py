@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_devices=0, fsdp=False, log_every=1 if debug else 100, ckpt_every=10_000, keep_checkpoints=3,
         async_checkpointing=True, sample_every=0 if debug else 50_000, sample_num=4 if debug else 64,
         sample_steps=5 if debug else 100,
+        on_nonfinite="stop",  # a NaN / Inf loss or gradient stops the run; "skip" skips that update
     )
     c.sample = dict(sampler="ddpm", steps=1000, eta=0.0, spacing="leading", variance="fixed_large",
                     clip_denoised=1.0, num=64)

@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         steps=20 if debug else 1000, batch_size=16 if debug else 64, ema_decay=0.995, ema_warmup=True,
         num_devices=0, fsdp=False, log_every=10 if debug else 100, ckpt_every=500, keep_checkpoints=2,
         async_checkpointing=True, sample_every=0, sample_num=20 if debug else 100, sample_steps=10 if debug else 50,
+        on_nonfinite="stop",  # a NaN / Inf loss or gradient stops the run; "skip" skips that update
     )
     c.sample = dict(sampler="ddim", steps=50, eta=0.0, spacing="leading", variance="fixed_small",
                     clip_denoised=1.0, num=100)

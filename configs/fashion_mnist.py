@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_devices=0, fsdp=False, log_every=10 if debug else 200, ckpt_every=10 if debug else 5000,
         keep_checkpoints=3, async_checkpointing=True, sample_every=0 if debug else 10_000,
         sample_num=20 if debug else 100, sample_steps=10 if debug else 50,
+        on_nonfinite="stop",  # a NaN / Inf loss or gradient stops the run; "skip" skips that update
     )
     c.sample = dict(sampler="ddim", steps=50, eta=0.0, spacing="leading", variance="fixed_small",
                     clip_denoised=1.0, num=100)

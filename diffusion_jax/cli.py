@@ -8,7 +8,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+# Exit codes: 0 done; 2 bad input (nothing was changed); 3 non-finite loss or gradient; 128 + N stopped by
+# signal N after saving a checkpoint (130 SIGINT, 143 SIGTERM). See docs/reliability.md.
+EXIT_BAD_INPUT = 2
 
 
 def _train(args, overrides) -> None:
@@ -32,7 +37,7 @@ def _sample(args, overrides) -> None:
     import jax
     import numpy as np
 
-    from diffusion_jax import viz
+    from diffusion_jax import parallel, viz
     from diffusion_jax.sampling import SamplerSpec, class_labels, make_sample_fn
     from diffusion_jax.schedules import make_schedule
     from diffusion_jax.train.checkpoint import load_trained
@@ -58,8 +63,10 @@ def _sample(args, overrides) -> None:
         raise ValueError(f"--steps must be in [1, {exp.schedule.num_timesteps}], got {args.steps}")
     schedule = make_schedule(**dataclasses.asdict(exp.schedule))
     shape = (args.num, exp.model.image_size, exp.model.image_size, exp.model.in_channels)
+    mesh = parallel.make_mesh(args.num_devices, flag="--num-devices")
+    parallel.check_divisible(args.num, mesh, "--num", hint="--num-devices")
     sample_fn = make_sample_fn(graphdef, schedule, spec, shape, prediction=exp.loss.prediction,
-                               learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes)
+                               learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes, mesh=mesh)
     labels = class_labels(args.num, exp.model.num_classes)
     images, nfe = sample_fn(params, jax.random.PRNGKey(args.seed), labels)
     images = np.asarray(images)
@@ -162,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--clip", type=float, default=None, help="clip x0-hat to [-c, c]; 0 disables")
     sample.add_argument("--num", type=int, default=None, help="default: the run's config.sample.num")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--num-devices", type=int, default=0,
+                        help="split the samples over this many devices (0 = all); the samples do not depend on it")
     sample.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     sample.add_argument("--out", default="samples.png", help="PNG grid")
     sample.add_argument("--npz", default=None, help="also save uint8 samples to this .npz")
@@ -209,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_library_messages() -> None:
+    """INFO messages of the `diffusion_jax` loggers (e.g. "resuming from ...") to stderr, once per process."""
+    library_log = logging.getLogger("diffusion_jax")
+    if not any(getattr(h, "diffusion_jax_cli", False) for h in library_log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.diffusion_jax_cli = True
+        library_log.addHandler(handler)
+        library_log.setLevel(logging.INFO)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -218,11 +238,17 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     overrides = [o[len("--config."):] for o in overrides]
+    from diffusion_jax.train.faults import TrainingStopped
+
+    _show_library_messages()
     try:
         args.func(args, overrides)
     except (ValueError, FileNotFoundError) as e:
         print(f"diffusion-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except TrainingStopped as e:   # preempted (128 + signal number) or non-finite (3): checkpoints kept
+        print(f"diffusion-jax {args.command}: stopped: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -14,14 +14,19 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import os
-from typing import Any, Sequence
+import types
+import typing
+from typing import Any, Mapping, Sequence
 
 import ml_collections
+import numpy as np
 
 from diffusion_jax.data import DataConfig
 from diffusion_jax.losses import LossConfig
 from diffusion_jax.models import UNetConfig
+from diffusion_jax.schedules import check_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,7 @@ class TrainConfig:
     sample_every: int = 0             # 0 = only at the end
     sample_num: int = 64
     sample_steps: int = 50            # DDIM steps for the grids written during training
+    on_nonfinite: str = "stop"        # a NaN/Inf loss or gradient: "stop" the run, or "skip" the update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +102,8 @@ class Experiment:
                              f"expected {['seed', *cls.SECTIONS]}")
         sections = {}
         for name, klass in cls.SECTIONS.items():
+            if not isinstance(raw.get(name, {}), Mapping):
+                raise ValueError(f"config section '{name}' must be a dict of keys, got {raw[name]!r}")
             values = dict(raw.get(name, {}))
             fields = {f.name: f for f in dataclasses.fields(klass)}
             for key in values:
@@ -105,12 +113,18 @@ class Experiment:
                 if isinstance(value, list):
                     values[key] = tuple(value)
             sections[name] = klass(**values)
-        exp = cls(seed=int(raw.get("seed", 0)), **sections)
+        exp = cls(seed=raw.get("seed", 0), **sections)
         exp.validate()
         return exp
 
     def validate(self) -> None:
         """Checks that need no data and no compilation; each error names its key."""
+        _check_type("seed", self.seed, int)
+        for name in self.SECTIONS:
+            section = getattr(self, name)
+            hints = typing.get_type_hints(type(section))
+            for field in dataclasses.fields(section):
+                _check_type(f"{name}.{field.name}", getattr(section, field.name), hints[field.name])
         self.data.validate()
         self.model.validate()
         self.loss.validate(self.model.learn_sigma)
@@ -120,14 +134,25 @@ class Experiment:
         _positive(self, "schedule.num_timesteps", "train.steps", "train.batch_size", "train.log_every",
                   "train.ckpt_every", "train.keep_checkpoints", "train.sample_num", "train.sample_steps",
                   "sample.steps", "sample.num")
-        if not 0.0 <= self.train.ema_decay < 1.0:
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.train.ema_decay}")
-        if self.optim.learning_rate <= 0:
-            raise ValueError(f"optim.learning_rate must be > 0, got {self.optim.learning_rate}")
+        for key, bound in _BOUNDS.items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if not _within(value, bound):
+                raise ValueError(f"{key} must be {'in ' if bound[0] in '[(' else ''}{bound}, got {value!r}")
+        if self.train.num_devices and self.train.batch_size % self.train.num_devices:
+            raise ValueError(f"train.batch_size={self.train.batch_size} is not divisible by "
+                             f"train.num_devices={self.train.num_devices}")
+        check_schedule(self.schedule.name, self.schedule.num_timesteps, self.schedule.beta_start,
+                       self.schedule.beta_end)
+        if self.train.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"train.on_nonfinite={self.train.on_nonfinite!r} is unknown; choose from ('stop', 'skip')")
         if self.optim.decay not in ("constant", "cosine"):
             raise ValueError(f"optim.decay={self.optim.decay!r} is unknown; choose from ('constant', 'cosine')")
         from diffusion_jax.samplers import SAMPLERS, SPACINGS
+        from diffusion_jax.samplers.ddpm import VARIANCES
 
+        if self.sample.variance not in VARIANCES:
+            raise ValueError(f"sample.variance={self.sample.variance!r} is unknown; choose from {VARIANCES}")
         if self.sample.sampler not in SAMPLERS:
             raise ValueError(f"sample.sampler={self.sample.sampler!r} is unknown; choose from {sorted(SAMPLERS)}")
         if self.sample.spacing not in SPACINGS:
@@ -138,6 +163,48 @@ class Experiment:
 
     def to_dict(self) -> dict:
         return {"seed": self.seed, **{k: dataclasses.asdict(getattr(self, k)) for k in self.SECTIONS}}
+
+
+# Ranges of numbers, in the notation of the error message ("> 0", ">= 0", "[0, 1)"); types are checked before.
+_BOUNDS = {"optim.learning_rate": "> 0", "optim.warmup_steps": ">= 0", "optim.weight_decay": ">= 0",
+           "optim.b1": "[0, 1)", "optim.b2": "[0, 1)", "optim.eps": "> 0", "optim.grad_clip": ">= 0",
+           "train.ema_decay": "[0, 1)", "train.num_devices": ">= 0", "train.sample_every": ">= 0",
+           "sample.eta": ">= 0", "sample.clip_denoised": ">= 0"}
+
+
+def _within(value, bound: str) -> bool:
+    if bound[0] == ">":
+        op, limit = bound.split()
+        return value > float(limit) if op == ">" else value >= float(limit)
+    lo, hi = (float(v) for v in bound[1:-1].split(","))
+    return (lo < value if bound[0] == "(" else lo <= value) and (value < hi if bound[-1] == ")" else value <= hi)
+
+
+def _type_ok(value, hint) -> bool:
+    """value fits the dataclass annotation `hint` (bool, int, float (finite; an int will do), str, X | None,
+    tuple[X, ...], or a class)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, tuple) and all(_type_ok(v, typing.get_args(hint)[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, (bool, np.bool_))
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if hint is int:
+        return isinstance(value, (int, np.integer))
+    if hint is float:
+        return isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)
+    return isinstance(value, hint)
+
+
+def _check_type(key: str, value, hint) -> None:
+    if not _type_ok(value, hint):
+        name = hint.__name__ if isinstance(hint, type) else str(hint).replace("os.PathLike", "PathLike")
+        finite = " (finite)" if "float" in name else ""
+        raise ValueError(f"config key '{key}' expects {name}{finite}, got {value!r}")
 
 
 def _positive(exp, *keys):
@@ -214,7 +281,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         for part in parents:
             path.append(part)
             if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-                raise ValueError(f"unknown config key '{'.'.join(path)}'{_suggest(part, node.keys())}")
+                raise ValueError(f"unknown config key '{key}': no section '{'.'.join(path)}'"
+                                 f"{_suggest(part, node.keys())}")
             node = node[part]
         if leaf not in node:
             raise ValueError(f"unknown config key '{key}'{_suggest(leaf, node.keys())}")

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from diffusion_jax import param
 from diffusion_jax.schedules import DiscreteSchedule, _bcast, q_posterior, q_sample
+from diffusion_jax.validate import check_images, check_labels
 
 WEIGHTINGS = ("simple", "const", "snr", "max_snr", "min_snr", "v")
 LOSS_TYPES = ("mse", "hybrid", "vlb")
@@ -134,8 +135,13 @@ def diffusion_loss(apply_fn: Callable, schedule: DiscreteSchedule, cfg: LossConf
     apply_fn(params, x_t, t, y=..., train=..., dropout_key=...) -> (B, H, W, C or 2C) network output.
     batch: {"image": (B, H, W, C) float32 in [-1, 1], optional "label": (B,) int32}.
     Returns (scalar loss, {"loss": ..., "mse": ..., ["vlb": ...]}), all per-batch means.
+    Under jit the batch's shapes and dtypes are checked (its values were checked where the data entered).
     """
-    x0 = batch["image"]
+    if not isinstance(batch, Mapping) or "image" not in batch:
+        got = f"keys {sorted(batch)}" if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(f"batch must be a dict with 'image' (B, H, W, C) float and optionally 'label' (B,) int, "
+                         f"got {got}")
+    x0 = check_images(batch["image"], "batch['image']", value_range=None)
     B, T = x0.shape[0], schedule.num_timesteps
     k_t, k_eps, k_drop, k_cond = jax.random.split(key, 4)
     t = jax.random.randint(k_t, (B,), 0, T)
@@ -143,10 +149,16 @@ def diffusion_loss(apply_fn: Callable, schedule: DiscreteSchedule, cfg: LossConf
     xt = q_sample(schedule, x0, t, eps)
 
     y = batch.get("label") if num_classes is not None else None
+    if y is not None:  # label == num_classes is the null (unconditional) class
+        check_labels(y, "batch['label']", num=B, num_classes=num_classes + 1)
     if y is not None and cfg.cond_drop_prob > 0:
         y = jnp.where(jax.random.bernoulli(k_cond, cfg.cond_drop_prob, (B,)), num_classes, y)
 
     out = apply_fn(params, xt, t, y=y, train=train, dropout_key=k_drop)
+    want = x0.shape[:-1] + (x0.shape[-1] * (2 if learn_sigma else 1),)
+    if tuple(out.shape) != want:  # a mismatch would broadcast silently in (out - target) ** 2
+        raise ValueError(f"apply_fn returned shape {tuple(out.shape)} for batch['image'] of shape {tuple(x0.shape)}; "
+                         f"expected {want} (do model.in_channels, out_channels and learn_sigma fit the data?)")
     if learn_sigma:
         out, var_out = jnp.split(out, 2, axis=-1)
     alpha, sigma = _bcast(schedule.alpha(t), x0), _bcast(schedule.sigma(t), x0)

@@ -14,12 +14,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-    """A 1-D mesh over the first `num_devices` devices (default: all)."""
+def make_mesh(num_devices: int | None = None, flag: str = "train.num_devices") -> jax.sharding.Mesh:
+    """A 1-D mesh over the first `num_devices` devices (default or 0: all); errors name `flag`."""
     available = jax.device_count()
     n = available if num_devices in (None, 0) else int(num_devices)
     if not 1 <= n <= available:
-        raise ValueError(f"train.num_devices={num_devices} but {available} device(s) are available")
+        raise ValueError(f"{flag}={num_devices} but {available} device(s) are available")
     return jax.make_mesh((n,), (DATA_AXIS,), devices=jax.devices()[:n],
                          axis_types=(jax.sharding.AxisType.Auto,))
 
@@ -56,11 +56,12 @@ def state_shardings(mesh, abstract_state, fsdp: bool = False):
     return jax.tree.map(one, abstract_state)
 
 
-def check_batch_size(batch_size: int, mesh) -> None:
+def check_divisible(num: int, mesh, name: str, hint: str = "train.num_devices") -> None:
+    """A batch split over the "data" axis must divide evenly; the error names the argument `name`."""
     n = mesh.shape[DATA_AXIS]
-    if batch_size % n:
-        raise ValueError(f"train.batch_size={batch_size} is not divisible by the number of devices ({n}); "
-                         f"use a multiple of {n} or set train.num_devices")
+    if num % n:
+        raise ValueError(f"{name}={num} is not divisible by the number of devices ({n}); "
+                         f"use a multiple of {n} or set {hint}")
 
 
 def shard_batch(batch: dict, mesh) -> dict:

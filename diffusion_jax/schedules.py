@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
+DEFAULT_BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "sigmoid": (1e-4, 0.02)}  # (start, end)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -43,25 +44,42 @@ def beta_schedule(name: str, num_timesteps: int, beta_start: float | None = None
     cosine         Nichol & Dhariwal 2021: beta_t = min(1 - abar(t+1/T)/abar(t/T), 0.999).
     sigmoid        GeoDiff (Xu et al. 2022): sigmoid(linspace(-6, 6, T)) * (end - start) + start.
     """
-    if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
-        raise ValueError(f"schedule.num_timesteps must be a positive int, got {num_timesteps!r}")
+    start, end = check_schedule(name, num_timesteps, beta_start, beta_end)
     T = int(num_timesteps)
     if name == "linear":
-        start, end = 1e-4 if beta_start is None else beta_start, 0.02 if beta_end is None else beta_end
         betas = np.linspace(start, end, T, dtype=np.float64)
     elif name == "scaled_linear":
-        start, end = 0.00085 if beta_start is None else beta_start, 0.012 if beta_end is None else beta_end
         betas = np.linspace(start ** 0.5, end ** 0.5, T, dtype=np.float64) ** 2
     elif name == "cosine":
         i = np.arange(T, dtype=np.float64)
         betas = np.minimum(1 - _cosine_alpha_bar((i + 1) / T) / _cosine_alpha_bar(i / T), max_beta)
-    elif name == "sigmoid":
-        start, end = 1e-4 if beta_start is None else beta_start, 0.02 if beta_end is None else beta_end
+    else:  # sigmoid
         x = np.linspace(-6, 6, T, dtype=np.float64)
         betas = 1 / (1 + np.exp(-x)) * (end - start) + start
-    else:
-        raise ValueError(f"schedule.name={name!r} is unknown; choose from {BETA_SCHEDULES}")
     return betas
+
+
+def check_schedule(name: str, num_timesteps: int, beta_start: float | None = None,
+                   beta_end: float | None = None) -> tuple[float | None, float | None]:
+    """ValueError naming `schedule.<key>` unless: name in BETA_SCHEDULES, num_timesteps a positive int, and
+    beta_start <= beta_end both in (0, 1) (each None -> the schedule's default; cosine ignores them).
+    Returns the (beta_start, beta_end) the schedule uses (for cosine: as given)."""
+    if name not in BETA_SCHEDULES:
+        raise ValueError(f"schedule.name={name!r} is unknown; choose from {BETA_SCHEDULES}")
+    if not isinstance(num_timesteps, (int, np.integer)) or isinstance(num_timesteps, bool) or num_timesteps < 1:
+        raise ValueError(f"schedule.num_timesteps must be a positive int, got {num_timesteps!r}")
+    for key, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and 0 < value < 1
+        if value is not None and not ok:
+            raise ValueError(f"schedule.{key} must be None or a number in (0, 1), got {value!r}")
+    if name == "cosine":
+        return beta_start, beta_end
+    start = DEFAULT_BETAS[name][0] if beta_start is None else float(beta_start)
+    end = DEFAULT_BETAS[name][1] if beta_end is None else float(beta_end)
+    if start > end:
+        raise ValueError(f"schedule.beta_start={start:g} must be <= schedule.beta_end={end:g} "
+                         f"(a None one is {name!r}'s default)")
+    return start, end
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
@@ -188,9 +206,9 @@ class ContinuousSchedule:
     @classmethod
     def from_config(cls, name: str = "linear", num_timesteps: int = 1000, *, beta_start=None, beta_end=None,
                     zero_terminal_snr: bool = False) -> "ContinuousSchedule":
+        betas = check_schedule(name, num_timesteps, beta_start, beta_end)
         if name == "linear" and not zero_terminal_snr:
-            return cls("linear", beta_min=num_timesteps * (1e-4 if beta_start is None else beta_start),
-                       beta_max=num_timesteps * (0.02 if beta_end is None else beta_end))
+            return cls("linear", beta_min=num_timesteps * betas[0], beta_max=num_timesteps * betas[1])
         if name == "cosine" and not zero_terminal_snr:
             return cls("cosine")
         betas = beta_schedule(name, num_timesteps, beta_start, beta_end)

@@ -39,7 +39,7 @@ class DataConfig:
 
     name: str = "digits"
     image_size: int = 16
-    data_dir: str | None = None
+    data_dir: str | os.PathLike | None = None
     split: str = "train"
     random_flip: bool = False
     seed: int = 0

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, features
 
 from diffusion_jax.data.pipeline import DataConfig, Source
+from diffusion_jax.validate import check_images, check_int, check_labels
 
 DIGITS_TEST_FRACTION = 0.1  # fixed hold-out for split="test", independent of data.seed
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -27,15 +28,18 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp") + ((".webp",) if features.c
 
 
 class ArraySource:
-    """In-memory source. images: (N, H, W, C) uint8 in [0, 255] or float32 in [-1, 1];
-    labels: (N,) int or None. ``get`` returns float32 images in [-1, 1] and int32 labels."""
+    """In-memory source. images: (N >= 1, H, W, C) uint8 in [0, 255] or float in [-1, 1] (kept as float32);
+    labels: (N,) int in [0, num_classes) or None. ``get`` returns float32 images in [-1, 1] and int32 labels."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None = None,
                  num_classes: int | None = None, class_names: Sequence[str] | None = None):
-        if images.ndim != 4 or images.dtype not in (np.uint8, np.float32):
-            raise ValueError(f"images must be (N, H, W, C) uint8 or float32, got {images.shape} {images.dtype}")
-        if labels is not None and labels.shape != (len(images),):
-            raise ValueError(f"labels must have shape ({len(images)},), got {labels.shape}")
+        images = np.asarray(check_images(images, "images", uint8=True))
+        if images.dtype != np.uint8:
+            images = images.astype(np.float32, copy=False)
+        if num_classes is not None:
+            num_classes = check_int(num_classes, "num_classes", minimum=1)
+        if labels is not None:
+            labels = np.asarray(check_labels(labels, "labels", num=len(images), num_classes=num_classes))
         self._images, self._labels = images, None if labels is None else labels.astype(np.int32)
         self.num_examples = int(len(images))
         self.image_shape = tuple(int(d) for d in images.shape[1:])
@@ -98,7 +102,7 @@ def load_digits(split: str = "train", image_size: int = 16) -> ArraySource:
     """
     if split not in ("train", "test"):
         raise ValueError(f"data.split={split!r} invalid for data.name='digits'; choose from ('train', 'test')")
-    images, labels = _digits_arrays(split, int(image_size))
+    images, labels = _digits_arrays(split, check_int(image_size, "data.image_size"))
     return ArraySource(images, labels, 10, [str(i) for i in range(10)])
 
 
@@ -158,9 +162,16 @@ def load_fashion_mnist(split: str = "train", image_size: int = 28, data_dir: str
     """
     if split not in _FASHION_FILES:
         raise ValueError(f"data.split={split!r} invalid for data.name='fashion_mnist'; choose from ('train', 'test')")
-    data_dir = os.path.abspath(os.fspath(data_dir or FASHION_MNIST_DIR))
-    images, labels = _fashion_arrays(data_dir, split, int(image_size))
+    data_dir = os.path.abspath(_check_dir(data_dir or FASHION_MNIST_DIR))
+    images, labels = _fashion_arrays(data_dir, split, check_int(image_size, "data.image_size"))
     return ArraySource(images, labels, 10, FASHION_MNIST_CLASSES)
+
+
+def _check_dir(data_dir) -> str:
+    """data_dir as a str path; TypeError naming data.data_dir if it is not a non-empty str or os.PathLike."""
+    if not (isinstance(data_dir, (str, os.PathLike)) and os.fspath(data_dir)):
+        raise TypeError(f"data.data_dir must be a non-empty path (str or os.PathLike), got {data_dir!r}")
+    return os.fspath(data_dir)
 
 
 def center_crop_resize(im: Image.Image, size: int, mode: str = "RGB") -> np.ndarray:
@@ -216,10 +227,10 @@ def load_folder(data_dir: str, image_size: int = 64) -> ArraySource:
     Decoded arrays are cached per (path, image_size) for the process; ``_folder_arrays.cache_clear()``
     forgets them if the folder changes.
     """
-    root = os.path.abspath(os.fspath(data_dir))
+    root = os.path.abspath(_check_dir(data_dir))
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data.data_dir={root!r} does not exist or is not a directory")
-    images, labels, names = _folder_arrays(root, int(image_size))
+    images, labels, names = _folder_arrays(root, check_int(image_size, "data.image_size"))
     return ArraySource(images, labels, None if names is None else len(names), names)
 
 

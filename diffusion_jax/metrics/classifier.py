@@ -31,6 +31,7 @@ from flax import nnx
 from diffusion_jax.data import Batches, load_digits, load_fashion_mnist
 from diffusion_jax.fileio import atomic_write, write_json
 from diffusion_jax.models.functional import abstract_params, split_params
+from diffusion_jax.validate import check_images
 
 CACHE_VERSION = 1
 SUPPORTED = ("digits", "fashion_mnist")
@@ -101,10 +102,8 @@ class FeatureExtractor:
 
         Runs in jitted batches of `batch_size` (the last one zero-padded, so one compilation serves all N).
         """
-        x = np.asarray(images, np.float32)
-        if x.ndim != 4 or x.shape[1:] != self.image_shape:
-            raise ValueError(f"{self.name} expects images of shape (N, {', '.join(map(str, self.image_shape))}) "
-                             f"float32 in [-1, 1], got shape {x.shape}")
+        h, w, c = self.image_shape
+        x = np.asarray(check_images(images, "images", channels=c, size=(h, w), min_count=0), np.float32)
         feats, logits = [], []
         for i in range(0, len(x), self.batch_size):
             chunk = x[i:i + self.batch_size]

@@ -19,9 +19,16 @@ _PAIRWISE_BATCH = 1024  # rows per block of the (rows, M) distance matrix: 1024 
 
 
 def _as_feats(x, name: str) -> np.ndarray:
-    x = np.asarray(x, np.float64)
+    """x as (N, F) float64; TypeError if it is not numeric, ValueError if it has another rank or a NaN / Inf."""
+    try:
+        x = np.asarray(x, np.float64)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be (N, F) float features, got {type(x).__name__} ({e})") from None
     if x.ndim != 2:
         raise ValueError(f"{name} must be (N, F) features, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} must be finite (N, F) features, got {int((~np.isfinite(x)).sum())} NaN/Inf "
+                         f"value(s) in shape {x.shape}")
     return x
 
 

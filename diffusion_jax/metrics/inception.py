@@ -34,6 +34,8 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from diffusion_jax.validate import check_images
+
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_NAME
 FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
@@ -258,13 +260,9 @@ class InceptionFeatures:
         self._forward, self._preprocess = forward, jax.jit(preprocess)
 
     def _run(self, images, which: int) -> np.ndarray:
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise ValueError(f"expected images (N, H, W, 1 or 3), got shape {images.shape}")
+        images = np.asarray(check_images(images, "images", channels=(1, 3), uint8=True, min_count=0))
         if images.dtype == np.uint8:
             images = images.astype(np.float32) / 127.5 - 1.0
-        elif images.size and float(np.abs(images).max()) > 2.0:
-            raise ValueError("images must lie in [-1, 1] (got values beyond +-2; [0, 255] floats?)")
         n = len(images)
         # batch size: `batch_size`, or the next power of two for a smaller input (few distinct compiles)
         bs = min(self.batch_size, 1 << max(n - 1, 0).bit_length())

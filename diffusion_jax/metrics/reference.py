@@ -15,7 +15,9 @@ import numpy as np
 from diffusion_jax.data import DataConfig, load_source
 from diffusion_jax.fileio import atomic_write
 from diffusion_jax.metrics.classifier import SUPPORTED, FeatureExtractor, default_cache_dir, get_classifier
-from diffusion_jax.metrics.distances import feature_stats, frechet_distance, inception_score, kid, precision_recall
+from diffusion_jax.metrics.distances import (_as_feats, feature_stats, frechet_distance, inception_score, kid,
+                                             precision_recall)
+from diffusion_jax.validate import check_images
 
 _BATCH = 1000  # images loaded and featurized at a time
 
@@ -82,7 +84,8 @@ def evaluate_samples(images, extractor, real_feats, *, kid_subsets: int = 100, p
     min(1000, N, M) rows, "is", "is_std": Inception Score over 10 splits (NaN if the extractor has no
     `probs`), "precision", "recall": k-NN manifolds with k = pr_k}. FD and KID are in squared feature units.
     """
-    real = np.asarray(real_feats, np.float64)
+    images = check_images(images, "images", min_count=2)  # KID and precision / recall need 2 rows
+    real = _as_feats(real_feats, "real_feats")
     probs = None
     if isinstance(extractor, FeatureExtractor):  # one pass for features and class probabilities
         fake, logits = extractor.features_and_logits(images)
@@ -92,7 +95,7 @@ def evaluate_samples(images, extractor, real_feats, *, kid_subsets: int = 100, p
         fake = np.asarray(extractor.features(images), np.float64)
         if callable(getattr(extractor, "probs", None)):
             probs = np.asarray(extractor.probs(images), np.float64)
-    if real.ndim != 2 or fake.shape[1:] != real.shape[1:]:
+    if fake.shape[1:] != real.shape[1:]:
         raise ValueError(f"real_feats must be (M, {fake.shape[1]}) to match {extractor.name}, got {real.shape}")
     kid_mean, kid_std = kid(fake, real, num_subsets=kid_subsets, seed=seed)
     is_mean, is_std = inception_score(probs, splits=min(10, len(probs))) if probs is not None else (np.nan, np.nan)

@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 
+from diffusion_jax import validate
+
 
 def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False, allow_inf: bool = False) -> float:
     """A real number >= minimum (> minimum if strict; finite unless allow_inf), returned as a float."""
@@ -22,9 +24,7 @@ def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False
 
 def check_int(name: str, value, *, minimum: int = 0) -> int:
     """An integer (not a bool) >= minimum."""
-    if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum):
-        raise ValueError(f"sampler.{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
+    return validate.check_int(value, f"sampler.{name}", minimum=minimum)
 
 
 def check_bool(**flags) -> None:

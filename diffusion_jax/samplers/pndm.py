@@ -51,8 +51,12 @@ def prk_half_grid(schedule, grid: Grid, num: int = 3) -> Grid:
     """The half levels t_h = t_i - floor((t_i - t_{i+1}) / 2) of the first `num` steps of an integer-timestep grid on a
     discrete schedule (anything with `alphas_cumprod` (T,)): diffusers' t - (T // N) // 2 for its spacings."""
     t = np.asarray(grid.t, np.float64)
-    if grid.num_steps < num or np.any(t[:num + 1] != np.round(t[:num + 1])) or np.any(t[1:num + 1] < 0):
-        raise ValueError("prk_half_grid needs a grid of integer timesteps with at least 4 noisy levels")
+    if grid.num_steps <= num or np.any(t[1:num + 1] < 0):
+        raise ValueError(f"sampler.steps: 'pndm' (PRK warm-up) needs at least {num + 1} steps, got {grid.num_steps}; "
+                         "use 'plms' for fewer")
+    if np.any(t[:num + 1] != np.round(t[:num + 1])):
+        raise ValueError("sampler.spacing: 'pndm' (PRK warm-up) needs a grid of integer timesteps "
+                         "(spacing 'leading', 'trailing' or 'linspace'); use 'plms' otherwise")
     t_half = t[:num] - np.floor((t[:num] - t[1:num + 1]) / 2)
     abar = np.asarray(schedule.alphas_cumprod, np.float64)[t_half.astype(np.int64)]
     f32 = lambda v: jnp.asarray(v, jnp.float32)

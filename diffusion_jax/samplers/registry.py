@@ -16,8 +16,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import validate
 from diffusion_jax.samplers import adaptive, dpm_solver, euler, pndm, sde_solvers, unipc
 from diffusion_jax.samplers.ddim import ddim_sample
+from diffusion_jax.samplers.checks import check_key
 from diffusion_jax.samplers.ddpm import ddpm_sample
 from diffusion_jax.samplers.grid import continuous_grid, discrete_grid
 from diffusion_jax.samplers.wrapper import Guidance, guide, make_denoiser
@@ -92,6 +94,18 @@ def get_sampler(name: str, **options) -> Callable:
     return functools.partial(entry.fn, **entry.fixed, **options)
 
 
+def _check_x_T(x_T, shape: tuple[int, ...]):
+    """x_T as an array: float, of the `shape` given to run_sampler, finite when concrete."""
+    form = f"{shape} float (the shape argument)"
+    x_T = validate.as_array(x_T, "x_T", form)
+    if not jnp.issubdtype(x_T.dtype, jnp.floating):
+        raise TypeError(f"x_T must be {form}, got dtype {x_T.dtype}")
+    if tuple(x_T.shape) != shape:
+        raise ValueError(f"x_T must be {form}, got shape {tuple(x_T.shape)}")
+    validate.check_finite(x_T, "x_T", form)
+    return x_T
+
+
 def run_sampler(name: str, denoise_fn, schedule, key, shape, *, steps: int, prediction: str = "eps",
                 spacing: str = "leading", clip_denoised: float | None = None, guidance: Guidance | None = None,
                 uncond_fn=None, options: dict | None = None, rho: float = 7.0, x_T=None):
@@ -99,9 +113,18 @@ def run_sampler(name: str, denoise_fn, schedule, key, shape, *, steps: int, pred
 
     schedule: a `DiscreteSchedule` (DDPM betas) or a continuous one from `diffusion_jax.sde`.
     denoise_fn(x, t) -> prediction of kind `prediction`; uncond_fn likewise for classifier-free guidance.
+    shape: a tuple of positive ints, e.g. (N, H, W, C); x_T, if given, a float array of that shape (else it is
+    drawn from `key`). options: a dict of the sampler's own options (`sampler_options(name)`).
     """
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"options must be a dict of sampler options (name -> value), got {type(options).__name__}")
     options = dict(options or {})
     solver = get_sampler(name, **options)
+    shape = validate.check_shape(shape, "shape")
+    if x_T is None:
+        check_key(key, f"sampler {name!r} without x_T")
+    else:
+        x_T = _check_x_T(x_T, shape)
     if name in _LEGACY:
         if not isinstance(schedule, DiscreteSchedule):
             raise ValueError(f"sampler {name!r} needs a discrete (DDPM) schedule; use 'euler' / 'dpmpp_2m' / ...")

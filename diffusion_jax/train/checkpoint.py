@@ -3,13 +3,24 @@
 Layout: WORKDIR/checkpoints/<step>/{state, config}; WORKDIR/config.json is the resolved config of the run
 (EDM's training_options.json). Saving is asynchronous by default: training continues while the arrays are
 written, and `wait()` blocks until the last save is on disk.
+
+A save is written to `<step>.orbax-checkpoint-tmp` and renamed to `<step>` only when complete (orbax's
+atomic finalize), so a process killed mid-save leaves a directory that is never restored. A finished
+checkpoint that cannot be read (truncated, corrupted) is moved to WORKDIR/checkpoints-corrupt/<step> by
+`restore_latest`, which names it and falls back to the previous one; nothing is deleted.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import warnings
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+    """No checkpoint in a workdir could be restored."""
 
 
 class Checkpointer:
@@ -23,7 +34,10 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        return sorted(self.manager.all_steps())
+
+    def step_path(self, step: int) -> str:
+        return os.path.join(self.directory, str(int(step)))
 
     def save(self, step: int, state, config: dict) -> bool:
         """Save at `step` (forced: the caller decides when). Returns whether a save was started."""
@@ -39,6 +53,44 @@ class Checkpointer:
         target = jax.tree.map(_as_abstract, abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         return restored["state"]
+
+    def restore_latest(self, abstract_state):
+        """(state, step) from the newest checkpoint that can be read, or (None, None) when there is none.
+
+        Checkpoints that fail to restore are moved aside (and named in a warning) only once an older one
+        has restored, so a changed state structure (e.g. optim.grad_clip switched on) moves nothing and
+        raises CheckpointError naming every checkpoint and its error.
+        """
+        failures = []
+        for step in reversed(self.all_steps()):
+            try:
+                state = self.restore(abstract_state, step)
+            except Exception as e:  # orbax / tensorstore / json errors all mean "cannot be read"
+                failures.append((step, f"{type(e).__name__}: {str(e)[:300]}"))
+                continue
+            for bad, error in failures:
+                moved = self._quarantine(bad)
+                warnings.warn(f"checkpoint {self.step_path(bad)} could not be restored ({error}); moved to "
+                              f"{moved} and resumed from step {step} ({self.step_path(step)})",
+                              RuntimeWarning, stacklevel=2)
+            return state, step
+        if failures:
+            listing = "; ".join(f"{self.step_path(s)}: {e}" for s, e in failures)
+            raise CheckpointError(f"no checkpoint in {self.directory} could be restored ({listing}). If the "
+                                  "optimizer settings changed since they were saved, restore them; otherwise "
+                                  "the files are damaged: move the directory away to start over")
+        return None, None
+
+    def _quarantine(self, step: int) -> str:
+        target_dir = os.path.join(os.path.dirname(self.directory), "checkpoints-corrupt")
+        os.makedirs(target_dir, exist_ok=True)
+        target = os.path.join(target_dir, str(step))
+        suffix = 1
+        while os.path.exists(target):
+            target, suffix = os.path.join(target_dir, f"{step}.{suffix}"), suffix + 1
+        shutil.move(self.step_path(step), target)
+        self.manager.reload()
+        return target
 
     def restore_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step

@@ -1,14 +1,17 @@
 """train_and_evaluate(experiment, config, workdir): the training loop around the pure train step.
 
 Host side only: data, progress bar, metrics, checkpoints and sample grids. Resumes from the latest
-checkpoint in WORKDIR when there is one.
+readable checkpoint in WORKDIR when there is one; the data order and the step's randomness are functions of
+(seed, step), so a resumed run ends bit-identical to an uninterrupted one (tests/test_reliability.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -21,8 +24,11 @@ from diffusion_jax.fileio import write_json
 from diffusion_jax.sampling import SamplerSpec, class_labels, make_sample_fn
 from diffusion_jax.schedules import make_schedule
 from diffusion_jax.train.checkpoint import Checkpointer
-from diffusion_jax.train.metrics import MetricWriter
+from diffusion_jax.train.faults import NonFiniteGuard, Preempted, SignalCatcher
+from diffusion_jax.train.metrics import MetricWriter, truncate_metrics
 from diffusion_jax.train.state import StepOptions, create_train_state, make_optimizer, make_train_step
+
+log = logging.getLogger(__name__)
 
 # Sections whose change makes an existing checkpoint meaningless (shapes or the meaning of the network).
 _FROZEN_SECTIONS = ("model", "schedule", "loss")
@@ -60,12 +66,17 @@ def write_config(workdir: str, exp: Experiment) -> None:
 
 
 def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
-    """Train for exp.train.steps steps (resuming if WORKDIR has a checkpoint). Returns the final TrainState."""
+    """Train for exp.train.steps steps (resuming if WORKDIR has a checkpoint). Returns the final TrainState.
+
+    Raises train.faults.Preempted after saving a checkpoint when SIGTERM / SIGINT arrives, and
+    NonFiniteError on a NaN / Inf loss or gradient (train.on_nonfinite); checkpoints already saved are kept.
+    """
     tc = exp.train
     source = load_source(exp.data)
     check_data_matches_model(exp, source)
     mesh = parallel.make_mesh(tc.num_devices)
-    parallel.check_batch_size(tc.batch_size, mesh)
+    parallel.check_divisible(tc.batch_size, mesh, "train.batch_size")
+    parallel.check_divisible(tc.sample_num, mesh, "train.sample_num")
     os.makedirs(workdir, exist_ok=True)
     write_config(workdir, exp)
 
@@ -73,46 +84,74 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     tx, lr_fn = make_optimizer(exp.optim, tc.steps)
     graphdef, state, shardings = create_train_state(exp.model, tx, jax.random.PRNGKey(exp.seed), mesh, tc.fsdp)
     ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(state)
+    restored, restored_step = ckpt.restore_latest(state)
+    if restored is not None:
+        state = restored
+        log.info("resuming from %s (step %d)", ckpt.step_path(restored_step), restored_step)
     start = int(state.step)
+    truncate_metrics(workdir, start)   # rows past the checkpoint are re-logged by this run
 
-    opts = StepOptions(tc.ema_decay, tc.ema_warmup, exp.model.learn_sigma, exp.model.num_classes)
+    opts = StepOptions(tc.ema_decay, tc.ema_warmup, exp.model.learn_sigma, exp.model.num_classes,
+                       skip_nonfinite=tc.on_nonfinite == "skip")
     train_step = make_train_step(graphdef, schedule, exp.loss, tx, lr_fn, opts, mesh, shardings)
     shape = (tc.sample_num, *source.image_shape)
-    spec = SamplerSpec("ddim", steps=tc.sample_steps)
-    sample_fn = make_sample_fn(graphdef, schedule, spec, shape, prediction=exp.loss.prediction,
-                               learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes)
+    sample_fn = make_sample_fn(graphdef, schedule, SamplerSpec("ddim", steps=tc.sample_steps), shape,
+                               prediction=exp.loss.prediction, learn_sigma=exp.model.learn_sigma,
+                               num_classes=exp.model.num_classes, mesh=mesh)
     labels = class_labels(tc.sample_num, exp.model.num_classes)
 
     def write_samples(step: int):
-        images, _ = sample_fn(state.ema_params, jax.random.PRNGKey(exp.seed + 1), labels)
-        viz.save_grid(np.asarray(images), os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+        images = np.asarray(sample_fn(state.ema_params, jax.random.PRNGKey(exp.seed + 1), labels)[0])
+        if not np.isfinite(images).all():   # finite params can still diverge while sampling: say so, go on
+            warnings.warn(f"the sample grid at step {step} has non-finite pixels; not written", RuntimeWarning)
+            return
+        viz.save_grid(images, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+
+    def last_checkpoint():
+        ckpt.wait()
+        step = ckpt.latest_step()
+        return None if step is None else ckpt.step_path(step)
 
     batches = Batches(source, tc.batch_size, seed=exp.data.seed, random_flip=exp.data.random_flip)
+    guard = NonFiniteGuard(tc.on_nonfinite, last_checkpoint)
     writer = MetricWriter(workdir)
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, desc="train", unit="step",
                dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), start
+    pending = None   # (step, metrics) not yet checked: checked one step late, so the device stays busy
     try:
-        for step, batch in zip(range(start, tc.steps), batches.iterate(start)):
-            state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
-            done = step + 1
-            bar.update(1)
-            if done % tc.log_every == 0 or done == tc.steps:
-                metrics = jax.device_get(metrics)
-                now = time.perf_counter()
-                metrics["img_per_s"] = (done - step_last) * tc.batch_size / (now - t_last)
-                t_last, step_last = now, done
-                writer.write(done, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
-            if done % tc.ckpt_every == 0 and done != tc.steps:
-                ckpt.save(done, state, exp.to_dict())
-            if tc.sample_every and done % tc.sample_every == 0 and done != tc.steps:
-                write_samples(done)
-        if int(state.step) > start or ckpt.latest_step() is None:
-            ckpt.save(int(state.step), state, exp.to_dict())
-            write_samples(int(state.step))
+        with SignalCatcher() as signals:
+            for step, batch in zip(range(start, tc.steps), batches.iterate(start)):
+                state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
+                done = step + 1
+                bar.update(1)
+                if pending is not None:
+                    guard.check(*pending)
+                pending = (done, metrics)
+                if (done % tc.log_every == 0 or done == tc.steps or done % tc.ckpt_every == 0
+                        or signals.received):      # the state is about to be read or saved: check it now
+                    metrics = jax.device_get(metrics)
+                    guard.check(done, metrics)
+                    pending = None
+                if done % tc.log_every == 0 or done == tc.steps:
+                    now = time.perf_counter()
+                    metrics["img_per_s"] = (done - step_last) * tc.batch_size / (now - t_last)
+                    if tc.on_nonfinite == "skip":
+                        metrics["skipped_updates"] = guard.skipped
+                    t_last, step_last = now, done
+                    writer.write(done, metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
+                if signals.received and done != tc.steps:
+                    ckpt.save(done, state, exp.to_dict())
+                    ckpt.wait()
+                    raise Preempted(signals.received, done, ckpt.step_path(done))
+                if done % tc.ckpt_every == 0 and done != tc.steps:
+                    ckpt.save(done, state, exp.to_dict())
+                if tc.sample_every and done % tc.sample_every == 0 and done != tc.steps:
+                    write_samples(done)
+            if int(state.step) > start or ckpt.latest_step() is None:
+                ckpt.save(int(state.step), state, exp.to_dict())
+                write_samples(int(state.step))
     finally:
         bar.close()
         writer.close()

@@ -5,6 +5,8 @@ import json
 import os
 import time
 
+from diffusion_jax.fileio import atomic_write
+
 
 class MetricWriter:
     """write(step, {"loss": ..., ...}) appends {"step": step, "time": unix_seconds, ...} to metrics.jsonl
@@ -36,6 +38,23 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+    """The rows of WORKDIR/metrics.jsonl; a last line cut short by a killed process is left out."""
     path = os.path.join(workdir, "metrics.jsonl")
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def truncate_metrics(workdir: str, step: int) -> None:
+    """Keep the rows up to `step` (the checkpoint a run resumes from): the steps after it are trained and
+    logged again, so the file holds each step once. Rewritten atomically; a missing file is left missing."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    rows = [r for r in read_metrics(workdir) if r.get("step", 0) <= step]
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows)), binary=False)

@@ -4,7 +4,8 @@
     train_step(state, batch) -> (state, metrics)        jit, donated state, sharded over the "data" mesh axis
 
 The step's randomness is fold_in(state.key, state.step): the same (state, batch) always gives the same
-update, and a restored checkpoint resumes the exact random stream.
+update, and a restored checkpoint resumes the exact random stream. The step never raises on a NaN: it
+reports loss and grad_norm, and the host (train.faults.NonFiniteGuard) decides.
 """
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ class StepOptions:
     ema_warmup: bool
     learn_sigma: bool
     num_classes: int | None
+    skip_nonfinite: bool = False      # a non-finite loss / gradient leaves the state as it was (step + 1)
 
 
 def make_train_step(graphdef, schedule: DiscreteSchedule, loss_cfg: LossConfig, tx, lr_fn: Callable,
@@ -117,6 +119,10 @@ def make_train_step(graphdef, schedule: DiscreteSchedule, loss_cfg: LossConfig, 
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=lr_fn(state.step))
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+        if opts.skip_nonfinite:   # train.on_nonfinite="skip": keep the old params, EMA and optimizer state
+            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+            new_state = kept.replace(step=new_state.step)
         return new_state, metrics
 
     batch_sharding = parallel.batch_sharding(mesh)
