@@ -2,6 +2,8 @@
 
     diffusion-jax train  --config configs/digits.py --workdir workdirs/digits [--config.train.steps=200]
     diffusion-jax sample --workdir workdirs/digits --sampler ddim --steps 50 --num 64 --seed 0 --out grid.png
+    diffusion-jax edit   --workdir workdirs/digits --task inpaint --image digit.png --mask mask.png --num 4
+    diffusion-jax likelihood --workdir workdirs/digits --num 100 --method ode --trace rademacher
     diffusion-jax compare --workdir workdirs/digits --samplers ddim,dpmpp_2m --nfe 5,10,20 --num 500 --out results/c
     diffusion-jax bench train_step --batch 16 --steps 5
 """
@@ -29,21 +31,13 @@ def _train(args, overrides) -> None:
               f"{rows[-1]['loss']:.4f} (step {rows[-1]['step']}); workdir {args.workdir}")
 
 
-def _sample(args, overrides) -> None:
-    if overrides:
-        raise ValueError(f"sample takes no --config.* overrides (got {overrides}); its options are flags")
+def _sampler_spec(args, exp):
+    """The SamplerSpec of the sampler flags; flags left out fall back to the run's config.sample (its sampler,
+    steps, spacing, clip, num, eta, variance). Fills args.sampler / steps / spacing / clip / num in place."""
     import dataclasses
 
-    import jax
-    import numpy as np
+    from diffusion_jax.sampling import SamplerSpec
 
-    from diffusion_jax import parallel, viz
-    from diffusion_jax.sampling import SamplerSpec, class_labels, make_sample_fn
-    from diffusion_jax.schedules import make_schedule
-    from diffusion_jax.train.checkpoint import load_trained
-
-    exp, graphdef, params, step = load_trained(args.workdir, args.step)
-    # Flags left out fall back to the run's config.sample (its sampler, steps, spacing, clip, num, eta, variance).
     for flag, key in (("sampler", "sampler"), ("steps", "steps"), ("spacing", "spacing"), ("clip", "clip_denoised"),
                       ("num", "num")):
         if getattr(args, flag) is None:
@@ -53,14 +47,72 @@ def _sample(args, overrides) -> None:
         explicit["eta"] = args.eta
     if args.variance is not None:
         explicit["variance"] = args.variance
-    config = dataclasses.replace(exp.sample, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
-                                 clip_denoised=args.clip)
-    spec = SamplerSpec.from_config(config, options=explicit, guidance_scale=args.guidance_scale)
-    options = dict(spec.options)
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     if not 1 <= args.steps <= exp.schedule.num_timesteps:
         raise ValueError(f"--steps must be in [1, {exp.schedule.num_timesteps}], got {args.steps}")
+    config = dataclasses.replace(exp.sample, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
+                                 clip_denoised=args.clip)
+    return SamplerSpec.from_config(config, options=explicit, guidance_scale=args.guidance_scale)
+
+
+def _edit(args, overrides) -> None:
+    if overrides:
+        raise ValueError(f"edit takes no --config.* overrides (got {overrides}); its options are flags")
+    import dataclasses
+
+    import numpy as np
+
+    from diffusion_jax import viz
+    from diffusion_jax.editing import default_mask, edit, load_image, load_mask
+    from diffusion_jax.schedules import make_schedule
+    from diffusion_jax.train.checkpoint import load_trained
+
+    exp, graphdef, params, step = load_trained(args.workdir, args.step)
+    spec = _sampler_spec(args, exp)
+    size, channels = exp.model.image_size, exp.model.in_channels
+    image = load_image(args.image, size=size, channels=channels)
+    mask = None
+    if args.mask is not None:
+        if args.task not in ("inpaint", "outpaint"):
+            raise ValueError(f"--mask is for --task inpaint / outpaint, not {args.task}")
+        mask = load_mask(args.mask, size=size, invert=args.invert_mask, threshold=args.mask_threshold)
+    labels = None if args.label is None else np.full((args.num,), args.label, np.int32)
+    images, nfe = edit(graphdef, params, make_schedule(**dataclasses.asdict(exp.schedule)), spec, args.task, image,
+                       image_shape=(size, size, channels), mask=mask, strength=args.strength, seed=args.seed,
+                       num_samples=args.num, prediction=exp.loss.prediction, learn_sigma=exp.model.learn_sigma,
+                       num_classes=exp.model.num_classes, labels=labels, method=args.method,
+                       jump_length=args.jump_length, resamplings=args.resamplings)
+    shown = image
+    if args.task == "colorize":   # what the model is given: the gray
+        shown = np.repeat(image.mean(axis=-1, keepdims=True), channels, axis=-1)
+    elif args.task != "img2img":  # the hole as mid-gray
+        used = mask if mask is not None else default_mask(args.task, size)
+        shown = image * used
+    viz.save_grid(np.concatenate([shown, images]), args.out, nrow=args.num + 1)
+    print(f"{args.task} ({args.method}, {args.sampler}, {args.steps} steps, NFE {nfe}) of {args.image}, "
+          f"step {step}: input | {args.num} sample(s) -> {args.out}")
+    if args.npz:
+        np.savez(args.npz, images=viz.to_uint8(images))
+        print(f"uint8 NHWC edits -> {args.npz}")
+
+
+def _sample(args, overrides) -> None:
+    if overrides:
+        raise ValueError(f"sample takes no --config.* overrides (got {overrides}); its options are flags")
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from diffusion_jax import parallel, viz
+    from diffusion_jax.sampling import class_labels, make_sample_fn
+    from diffusion_jax.schedules import make_schedule
+    from diffusion_jax.train.checkpoint import load_trained
+
+    exp, graphdef, params, step = load_trained(args.workdir, args.step)
+    spec = _sampler_spec(args, exp)
+    options = dict(spec.options)
     schedule = make_schedule(**dataclasses.asdict(exp.schedule))
     shape = (args.num, exp.model.image_size, exp.model.image_size, exp.model.in_channels)
     mesh = parallel.make_mesh(args.num_devices, flag="--num-devices")
@@ -117,6 +169,21 @@ def _sweep(args, overrides) -> None:
               extractor=args.extractor, progress=not args.no_progress)
 
 
+def _likelihood(args, overrides) -> None:
+    if overrides:
+        raise ValueError(f"likelihood takes no --config.* overrides (got {overrides}); its options are flags")
+    from diffusion_jax.likelihood_eval import evaluate_likelihood
+
+    r = evaluate_likelihood(args.workdir, num=args.num, split=args.split, method=args.method, trace=args.trace,
+                            probes=args.probes, rtol=args.rtol, atol=args.atol, batch_size=args.batch_size,
+                            seed=args.seed, unconditional=args.unconditional, step=args.step, out=args.out,
+                            progress=not args.no_progress)
+    extra = f"trace {r['trace']} x{r['probes']}, " if r["method"] == "ode" else f"variance {r['variance']}, "
+    print(f"{r['bpd_mean']:.4f} +- {r['bpd_stderr']:.4f} bits/dim ({r['method']}, {extra}{r['num']} {r['split']} "
+          f"examples, step {r['step']}, mean NFE {r['nfe_mean']:.0f}"
+          f"{'' if r.get('solver_success', True) else ', SOLVER HIT max_steps'}) -> {r['out']}")
+
+
 def _bench(args, overrides) -> None:
     if args.name != "train_step":
         raise ValueError(f"unknown benchmark {args.name!r}; available: train_step")
@@ -138,8 +205,29 @@ def _parse_option(text: str):
         return key, value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_sampler_flags(parser) -> None:
+    """The flags `sample` and `edit` share: which sampler, its options, how many samples, which checkpoint."""
     from diffusion_jax.samplers import SAMPLERS, SPACINGS
+
+    parser.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                        help="; ".join(f"{k}: {v.about}" for k, v in SAMPLERS.items()))
+    parser.add_argument("--steps", type=int, default=None, help="default: the run's config.sample.steps")
+    parser.add_argument("--spacing", default=None, choices=list(SPACINGS))
+    parser.add_argument("--eta", type=float, default=None, help="ddim / euler_ancestral stochasticity")
+    parser.add_argument("--variance", default=None, choices=["fixed_small", "fixed_large", "learned"],
+                        help="ddpm variance (default fixed_small)")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="any sampler option, repeatable, e.g. --option s_churn=40 --option order=3")
+    parser.add_argument("--guidance-scale", type=float, default=1.0,
+                        help="classifier-free guidance weight (class-conditional models; 1 = off)")
+    parser.add_argument("--clip", type=float, default=None, help="clip x0-hat to [-c, c]; 0 disables")
+    parser.add_argument("--num", type=int, default=None, help="default: the run's config.sample.num")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from diffusion_jax.samplers import SPACINGS
 
     parser = argparse.ArgumentParser(prog="diffusion-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,26 +243,33 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="sample from the EMA params of a trained workdir",
                             epilog="Flags left out take their value from the run's config.sample.")
     sample.add_argument("--workdir", required=True)
-    sample.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
-                        help="; ".join(f"{k}: {v.about}" for k, v in SAMPLERS.items()))
-    sample.add_argument("--steps", type=int, default=None, help="default: the run's config.sample.steps")
-    sample.add_argument("--spacing", default=None, choices=list(SPACINGS))
-    sample.add_argument("--eta", type=float, default=None, help="ddim / euler_ancestral stochasticity")
-    sample.add_argument("--variance", default=None, choices=["fixed_small", "fixed_large", "learned"],
-                        help="ddpm variance (default fixed_small)")
-    sample.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                        help="any sampler option, repeatable, e.g. --option s_churn=40 --option order=3")
-    sample.add_argument("--guidance-scale", type=float, default=1.0,
-                        help="classifier-free guidance weight (class-conditional models; 1 = off)")
-    sample.add_argument("--clip", type=float, default=None, help="clip x0-hat to [-c, c]; 0 disables")
-    sample.add_argument("--num", type=int, default=None, help="default: the run's config.sample.num")
-    sample.add_argument("--seed", type=int, default=0)
+    _add_sampler_flags(sample)
     sample.add_argument("--num-devices", type=int, default=0,
                         help="split the samples over this many devices (0 = all); the samples do not depend on it")
-    sample.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     sample.add_argument("--out", default="samples.png", help="PNG grid")
     sample.add_argument("--npz", default=None, help="also save uint8 samples to this .npz")
     sample.set_defaults(func=_sample)
+
+    edit = sub.add_parser("edit", help="inpaint / outpaint / colorize / img2img an image with a trained workdir",
+                          epilog="Any sampler works with --method projection (score_sde); --method repaint runs "
+                                 "RePaint's resampling loop (sampler ddpm or ddim). Masks: white = keep, black = "
+                                 "fill (--invert-mask for white = fill). Images must have the model's size.")
+    edit.add_argument("--workdir", required=True)
+    edit.add_argument("--task", required=True, choices=["inpaint", "outpaint", "colorize", "img2img"])
+    edit.add_argument("--image", required=True, help="PNG (or any PIL format) of the model's size")
+    edit.add_argument("--mask", default=None, help="inpaint / outpaint mask file (default: a centre hole / a "
+                                                    "border of a quarter of the size)")
+    edit.add_argument("--invert-mask", action="store_true", help="white = the area to fill (diffusers convention)")
+    edit.add_argument("--mask-threshold", type=int, default=None, help="gray >= this is known (antialiased masks)")
+    edit.add_argument("--strength", type=float, default=None, help="img2img: noise level in (0, 1] to start from")
+    edit.add_argument("--method", default="projection", choices=["projection", "repaint"])
+    edit.add_argument("--jump-length", type=int, default=10, help="repaint: steps per jump back")
+    edit.add_argument("--resamplings", type=int, default=10, help="repaint: times each jump is resampled")
+    edit.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
+    _add_sampler_flags(edit)
+    edit.add_argument("--out", default="edit.png", help="PNG grid: input | samples")
+    edit.add_argument("--npz", default=None, help="also save the uint8 edits to this .npz")
+    edit.set_defaults(func=_edit)
 
     compare = sub.add_parser("compare", help="every sampler at every NFE on a trained workdir: table, plot, grids",
                              epilog="Metrics use the dataset's own classifier (trained once, cached) unless "
@@ -210,6 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--extractor", default="classifier", help="classifier | inception[:PATH]")
     sweep.add_argument("--no-progress", action="store_true")
     sweep.set_defaults(func=_sweep)
+
+    lik = sub.add_parser("likelihood", help="bits/dim of held-out data: PF-ODE log-likelihood or the DDPM VLB",
+                         epilog="ode: dequantized 8-bit data, adaptive Tsit5, exact or Hutchinson divergence; "
+                                "vlb: Ho et al.'s bound over all T timesteps with the discretized decoder.")
+    lik.add_argument("--workdir", required=True)
+    lik.add_argument("--num", type=int, required=True, help="number of examples (the first N of the split)")
+    lik.add_argument("--split", default=None, help="data split (default: test where the dataset has one)")
+    lik.add_argument("--method", default="ode", help="ode | vlb")
+    lik.add_argument("--trace", default=None, help="ode divergence: exact | rademacher | gaussian (default rademacher)")
+    lik.add_argument("--probes", type=int, default=None, help="Hutchinson probes per example (default 1)")
+    lik.add_argument("--rtol", type=float, default=1e-5, help="ode solver relative tolerance")
+    lik.add_argument("--atol", type=float, default=1e-5, help="ode solver absolute tolerance")
+    lik.add_argument("--batch-size", type=int, default=None, help="examples per compiled call (default min(64, num))")
+    lik.add_argument("--seed", type=int, default=0, help="dequantization, probes and VLB noise")
+    lik.add_argument("--unconditional", action="store_true", help="class-conditional model: use the null class")
+    lik.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    lik.add_argument("--out", default=None, help="JSON file (default WORKDIR/likelihood_METHOD.json)")
+    lik.add_argument("--no-progress", action="store_true")
+    lik.set_defaults(func=_likelihood)
 
     bench = sub.add_parser("bench", help="benchmarks (train_step: ours vs diffusers/PyTorch)")
     bench.add_argument("name", choices=["train_step"])

@@ -46,6 +46,28 @@ class SamplerSpec:
                    options=tuple(sorted(merged.items())), guidance_scale=guidance_scale)
 
 
+def check_model_fits(spec: SamplerSpec, learn_sigma: bool, num_classes: int | None) -> None:
+    """The sampler's needs that depend on the model: learned variances, and class labels for guidance."""
+    if dict(spec.options).get("variance") == "learned" and not learn_sigma:
+        raise ValueError("sampler option variance='learned' needs a model trained with model.learn_sigma=True")
+    if spec.guidance_scale != 1.0 and num_classes is None:
+        raise ValueError("guidance needs a class-conditional model (model.num_classes); this one is unconditional")
+
+
+def network_denoise_fn(apply: Callable, params, label, *, channels: int, keep_variance: bool = False,
+                       sharding=None) -> Callable:
+    """The network as a sampler's denoise_fn(x (N,H,W,C), t scalar or (N,)) -> prediction (N,H,W,C), or
+    (N,H,W,2C) with the learned variance when keep_variance. label: (N,) int32 or None. sharding: constrain x
+    to it, so every network call runs batch-parallel over the mesh."""
+    def denoise_fn(x, t):
+        if sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, sharding)
+        out = apply(params, x, jnp.broadcast_to(t, x.shape[:1]), y=label)
+        return out if keep_variance else out[..., :channels]
+
+    return denoise_fn
+
+
 def make_sample_fn(graphdef, schedule: DiscreteSchedule, spec: SamplerSpec, shape: tuple[int, ...], *,
                    prediction: str = "eps", learn_sigma: bool = False, num_classes: int | None = None,
                    mesh=None) -> Callable:
@@ -61,24 +83,14 @@ def make_sample_fn(graphdef, schedule: DiscreteSchedule, spec: SamplerSpec, shap
         parallel.check_divisible(shape[0], mesh, "the number of samples", hint="fewer devices")
         sharding = parallel.batch_sharding(mesh)
     options = dict(spec.options)
-    if options.get("variance") == "learned" and not learn_sigma:
-        raise ValueError("sampler option variance='learned' needs a model trained with model.learn_sigma=True")
-    if spec.guidance_scale != 1.0 and num_classes is None:
-        raise ValueError("guidance needs a class-conditional model (model.num_classes); this one is unconditional")
+    check_model_fits(spec, learn_sigma, num_classes)
     apply = make_apply_fn(graphdef)
-    channels = shape[-1]
-    keep_variance = options.get("variance") == "learned"
     guidance = Guidance(spec.guidance_scale, spec.guidance_rescale)
 
     def sample(params, key, y=None):
         def net(label):
-            def denoise_fn(x, t):
-                if sharding is not None:   # every network call runs batch-parallel over the mesh
-                    x = jax.lax.with_sharding_constraint(x, sharding)
-                t = jnp.broadcast_to(t, x.shape[:1])
-                out = apply(params, x, t, y=label)
-                return out if keep_variance else out[..., :channels]
-            return denoise_fn
+            return network_denoise_fn(apply, params, label, channels=shape[-1],
+                                      keep_variance=options.get("variance") == "learned", sharding=sharding)
 
         uncond = None
         if guidance.active:

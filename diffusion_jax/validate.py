@@ -119,3 +119,41 @@ def check_labels(y, name: str, *, num: int | None = None, num_classes: int | Non
         if lo < 0 or (num_classes is not None and hi >= num_classes):
             raise ValueError(f"{name} must be {form}, got values in [{lo:g}, {hi:g}]")
     return y
+
+
+def check_mask(mask, name: str, *, size: int | tuple[int, int] | None = None, num: int | None = None,
+               need_hole: bool = True, need_known: bool = True):
+    """A binary mask of known pixels, 1 = known (kept), 0 = hole (to generate): (H, W), (H, W, 1) or (N, H, W, 1),
+    bool, int or float holding only 0 and 1. size: H = W, or (H, W); num: the N a 4-D mask must have (1 is
+    always allowed: it broadcasts). A concrete mask must have a non-empty hole (need_hole) and a non-empty known
+    region (need_known) in every image. Returns the mask as float32 (1 or N, H, W, 1) (numpy unless it was a JAX
+    array; a tracer gets only its shape checked)."""
+    h, w = (size, size) if isinstance(size, int) else (size or ("H", "W"))
+    form = f"(H, W), (H, W, 1) or ({'N' if num is None else num}, H, W, 1) with H, W = {h}, {w}, values in {{0, 1}}"
+    mask = as_array(mask, name, form)
+    if not (mask.dtype == np.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)
+            or jnp.issubdtype(mask.dtype, jnp.floating)):
+        raise TypeError(f"{name} must be {form}, got dtype {mask.dtype}")
+    shape = tuple(mask.shape)
+    ok = (len(shape) == 2 or (len(shape) in (3, 4) and shape[-1] == 1)) and min(shape, default=0) >= 1
+    hw = shape[:2] if len(shape) == 2 else shape[-3:-1]
+    if (not ok or (size is not None and hw != (h, w))
+            or (len(shape) == 4 and num is not None and shape[0] not in (1, num))):
+        raise ValueError(f"{name} must be {form}, got shape {shape}")
+    mask4 = mask.reshape((shape[0] if len(shape) == 4 else 1,) + tuple(hw) + (1,))
+    if is_traced(mask):
+        return mask4.astype(jnp.float32)
+    v = np.asarray(mask4, np.float32)
+    bad = ~((v == 0) | (v == 1))
+    if bad.any():
+        found = np.unique(v[bad])[:5]
+        raise ValueError(f"{name} must be binary {form}, got {int(bad.sum())} value(s) outside {{0, 1}} such as "
+                         f"{[float(f) for f in found]} (threshold it, e.g. mask > 0.5)")
+    known = v.reshape(v.shape[0], -1).sum(axis=1)
+    if need_hole and np.any(known == v[0].size):
+        raise ValueError(f"{name} has no hole (all pixels are 1 = known) in image(s) "
+                         f"{np.flatnonzero(known == v[0].size).tolist()[:5]}: there is nothing to generate")
+    if need_known and np.any(known == 0):
+        raise ValueError(f"{name} has no known pixel (all 0 = hole) in image(s) "
+                         f"{np.flatnonzero(known == 0).tolist()[:5]}: that is unconditional sampling")
+    return jnp.asarray(v) if isinstance(mask, jax.Array) else v

@@ -1,0 +1,63 @@
+"""Images and masks from PNG (or any format PIL reads) files, for the command line. Nothing is resized: a file of
+another size than the model's is refused, naming the file and both sizes.
+
+    image = load_image("photo.png", size=32, channels=3)     # (1, 32, 32, 3) float32 in [-1, 1]
+    mask = load_mask("mask.png", size=32)                    # (1, 32, 32, 1) float32 in {0, 1}, white = known
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from diffusion_jax.validate import check_int, check_mask
+
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def _hw(size) -> tuple[int, int]:
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return check_int(size[0], "size[0]"), check_int(size[1], "size[1]")
+    s = check_int(size, "size")
+    return s, s
+
+
+def _open(path: str, what: str, size) -> Image.Image:
+    h, w = _hw(size)
+    try:
+        im = Image.open(path)
+        im.load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} file {path!r} does not exist") from None
+    except OSError as e:
+        raise ValueError(f"{what} file {path!r} is not an image PIL can read ({e})") from None
+    if im.size != (w, h):
+        raise ValueError(f"{what} file {path!r} is {im.size[1]}x{im.size[0]} (HxW) but the model takes {h}x{w}; "
+                         f"resize or crop it first (editing never resizes)")
+    return im
+
+
+def load_image(path: str, *, size, channels: int) -> np.ndarray:
+    """(1, H, W, channels) float32 in [-1, 1] (x / 127.5 - 1). Converted to L (1 channel), RGB (3) or RGBA (4)
+    as PIL does (colour -> L is ITU-R 601 luma)."""
+    if channels not in _MODES:
+        raise ValueError(f"channels must be one of {sorted(_MODES)}, got {channels!r}")
+    im = _open(path, "image", size).convert(_MODES[channels])
+    x = np.asarray(im, np.float32).reshape(im.size[1], im.size[0], channels)
+    return (x / 127.5 - 1.0)[None]
+
+
+def load_mask(path: str, *, size, invert: bool = False, threshold: int | None = None) -> np.ndarray:
+    """(1, H, W, 1) float32 mask of known pixels from a gray (or colour: converted to L) file: white (255) = known,
+    black (0) = hole, as RePaint's gt_keep_mask; invert=True for the diffusers / Stable Diffusion convention (white
+    = the area to fill). Other gray values are refused unless `threshold` is given (known = value >= threshold)."""
+    v = np.asarray(_open(path, "mask", size).convert("L"), np.float32)
+    if threshold is not None:
+        v = np.where(v >= check_int(threshold, "threshold", minimum=0), 255.0, 0.0)
+    elif not np.isin(v, (0.0, 255.0)).all():
+        found = np.unique(v[~np.isin(v, (0.0, 255.0))])
+        raise ValueError(f"mask file {path!r} must be black (0) and white (255) only; it has {found.size} other gray "
+                         f"value(s) such as {found[:5].astype(int).tolist()} (antialiased?): give a threshold")
+    m = (v / 255.0)[None, :, :, None]
+    if invert:
+        m = 1.0 - m
+    return check_mask(m, f"mask file {path!r}", size=_hw(size))
