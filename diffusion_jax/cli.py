@@ -49,8 +49,9 @@ def _sampler_spec(args, exp):
         explicit["variance"] = args.variance
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
-    if not 1 <= args.steps <= exp.schedule.num_timesteps:
-        raise ValueError(f"--steps must be in [1, {exp.schedule.num_timesteps}], got {args.steps}")
+    top = exp.schedule.num_timesteps if exp.schedule.kind == "discrete" else float("inf")
+    if not 1 <= args.steps <= top:
+        raise ValueError(f"--steps must be in [1, {top}], got {args.steps}")
     config = dataclasses.replace(exp.sample, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
                                  clip_denoised=args.clip)
     return SamplerSpec.from_config(config, options=explicit, guidance_scale=args.guidance_scale)
@@ -59,13 +60,12 @@ def _sampler_spec(args, exp):
 def _edit(args, overrides) -> None:
     if overrides:
         raise ValueError(f"edit takes no --config.* overrides (got {overrides}); its options are flags")
-    import dataclasses
 
     import numpy as np
 
     from diffusion_jax import viz
     from diffusion_jax.editing import default_mask, edit, load_image, load_mask
-    from diffusion_jax.schedules import make_schedule
+    from diffusion_jax.config import build_schedule
     from diffusion_jax.train.checkpoint import load_trained
 
     exp, graphdef, params, step = load_trained(args.workdir, args.step)
@@ -78,7 +78,7 @@ def _edit(args, overrides) -> None:
             raise ValueError(f"--mask is for --task inpaint / outpaint, not {args.task}")
         mask = load_mask(args.mask, size=size, invert=args.invert_mask, threshold=args.mask_threshold)
     labels = None if args.label is None else np.full((args.num,), args.label, np.int32)
-    images, nfe = edit(graphdef, params, make_schedule(**dataclasses.asdict(exp.schedule)), spec, args.task, image,
+    images, nfe = edit(graphdef, params, build_schedule(exp.schedule), spec, args.task, image,
                        image_shape=(size, size, channels), mask=mask, strength=args.strength, seed=args.seed,
                        num_samples=args.num, prediction=exp.loss.prediction, learn_sigma=exp.model.learn_sigma,
                        num_classes=exp.model.num_classes, labels=labels, method=args.method,
@@ -100,20 +100,19 @@ def _edit(args, overrides) -> None:
 def _sample(args, overrides) -> None:
     if overrides:
         raise ValueError(f"sample takes no --config.* overrides (got {overrides}); its options are flags")
-    import dataclasses
 
     import jax
     import numpy as np
 
     from diffusion_jax import parallel, viz
     from diffusion_jax.sampling import class_labels, make_sample_fn
-    from diffusion_jax.schedules import make_schedule
+    from diffusion_jax.config import build_schedule
     from diffusion_jax.train.checkpoint import load_trained
 
     exp, graphdef, params, step = load_trained(args.workdir, args.step)
     spec = _sampler_spec(args, exp)
     options = dict(spec.options)
-    schedule = make_schedule(**dataclasses.asdict(exp.schedule))
+    schedule = build_schedule(exp.schedule)
     shape = (args.num, exp.model.image_size, exp.model.image_size, exp.model.in_channels)
     mesh = parallel.make_mesh(args.num_devices, flag="--num-devices")
     parallel.check_divisible(args.num, mesh, "--num", hint="--num-devices")

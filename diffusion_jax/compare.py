@@ -19,11 +19,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffusion_jax import report, viz
+from diffusion_jax.config import build_schedule
 from diffusion_jax.evaluate import Scorer, generate
 from diffusion_jax.fileio import read_json, write_json
 from diffusion_jax.sampling import SamplerSpec
 from diffusion_jax.samplers.registry import get_sampler, steps_for_nfe
-from diffusion_jax.schedules import make_schedule
 
 METRICS = ("fd", "kid", "is", "precision", "recall", "class_acc")
 LABELS = "iid-uniform"   # class labels of conditional samples: evaluate.random_labels (an iid sample, not stratified)
@@ -138,7 +138,7 @@ def run_compare(workdir: str, spec: CompareSpec, out: str, *, extractor: str = "
 
     spec.validate()
     exp, graphdef, params, ckpt_step = load_trained(workdir, step)
-    schedule = make_schedule(**dataclasses.asdict(exp.schedule))
+    schedule = build_schedule(exp.schedule)
     cells, notes = plan(spec, schedule)
     if not cells:
         raise ValueError("no (sampler, NFE) pair can run: " + "; ".join(notes))

@@ -26,16 +26,61 @@ import numpy as np
 from diffusion_jax.data import DataConfig
 from diffusion_jax.losses import LossConfig
 from diffusion_jax.models import UNetConfig
-from diffusion_jax.schedules import check_schedule
+from diffusion_jax.schedules import check_schedule, make_schedule
+from diffusion_jax.sde import SDES
 
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
+    """kind "discrete": DDPM betas (name, num_timesteps, beta_*, zero_terminal_snr), trained with
+    `losses.diffusion_loss`. kind "vp" | "subvp" | "ve": score_sde's SDEs (beta_min / beta_max; sigma_min /
+    sigma_max), trained with continuous-time DSM (`dsm.py`). kind "edm": Karras et al.'s sigma(t) = t
+    (sigma_min / sigma_max / sigma_data), trained with EDM's loss (`edm.py`). None = the SDE's own default."""
+    kind: str = "discrete"
     name: str = "linear"
     num_timesteps: int = 1000
     beta_start: float | None = None
     beta_end: float | None = None
     zero_terminal_snr: bool = False
+    beta_min: float | None = None
+    beta_max: float | None = None
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    sigma_data: float | None = None
+
+
+SCHEDULE_KINDS = ("discrete", "vp", "subvp", "ve", "edm")
+_SDE_FIELDS = {"vp": ("beta_min", "beta_max"), "subvp": ("beta_min", "beta_max"), "ve": ("sigma_min", "sigma_max"),
+               "edm": ("sigma_min", "sigma_max", "sigma_data")}
+
+
+def build_schedule(sc: ScheduleConfig):
+    """The schedule object a ScheduleConfig describes: a `schedules.DiscreteSchedule` or an SDE of `sde.py`."""
+    if sc.kind == "discrete":
+        return make_schedule(sc.name, sc.num_timesteps, beta_start=sc.beta_start, beta_end=sc.beta_end,
+                             zero_terminal_snr=sc.zero_terminal_snr)
+    values = {k: getattr(sc, k) for k in _SDE_FIELDS[sc.kind] if getattr(sc, k) is not None}
+    return SDES[sc.kind](**values)
+
+
+def _check_schedule_kind(sc: ScheduleConfig) -> None:
+    if sc.kind not in SCHEDULE_KINDS:
+        raise ValueError(f"schedule.kind={sc.kind!r} is unknown; choose from {SCHEDULE_KINDS}")
+    continuous = {"beta_min", "beta_max", "sigma_min", "sigma_max", "sigma_data"}
+    allowed = set(_SDE_FIELDS.get(sc.kind, ()))
+    for key in sorted(continuous - allowed):
+        if getattr(sc, key) is not None:
+            raise ValueError(f"schedule.{key} does not apply to schedule.kind={sc.kind!r}"
+                             + (f" (it takes {sorted(allowed)})" if allowed else ""))
+    for key in sorted(allowed):
+        value = getattr(sc, key)
+        if value is not None and not value > 0:
+            raise ValueError(f"schedule.{key} must be > 0, got {value!r}")
+    lo, hi = ("beta_min", "beta_max") if sc.kind in ("vp", "subvp") else ("sigma_min", "sigma_max")
+    if sc.kind != "discrete":
+        built = build_schedule(sc)
+        if not getattr(built, lo) < getattr(built, hi):
+            raise ValueError(f"schedule.{lo}={getattr(built, lo)} must be < schedule.{hi}={getattr(built, hi)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +172,7 @@ class Experiment:
                 _check_type(f"{name}.{field.name}", getattr(section, field.name), hints[field.name])
         self.data.validate()
         self.model.validate()
-        self.loss.validate(self.model.learn_sigma)
+        self.loss.validate(self.model.learn_sigma, self.schedule.kind)
         if self.model.image_size != self.data.image_size:
             raise ValueError(f"model.image_size={self.model.image_size} differs from "
                              f"data.image_size={self.data.image_size}")
@@ -144,6 +189,7 @@ class Experiment:
                              f"train.num_devices={self.train.num_devices}")
         check_schedule(self.schedule.name, self.schedule.num_timesteps, self.schedule.beta_start,
                        self.schedule.beta_end)
+        _check_schedule_kind(self.schedule)
         if self.train.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"train.on_nonfinite={self.train.on_nonfinite!r} is unknown; choose from ('stop', 'skip')")
         if self.optim.decay not in ("constant", "cosine"):
@@ -155,10 +201,20 @@ class Experiment:
             raise ValueError(f"sample.variance={self.sample.variance!r} is unknown; choose from {VARIANCES}")
         if self.sample.sampler not in SAMPLERS:
             raise ValueError(f"sample.sampler={self.sample.sampler!r} is unknown; choose from {sorted(SAMPLERS)}")
+        if self.schedule.kind != "discrete":
+            from diffusion_jax.samplers.grid import DISCRETE_ONLY_SPACINGS
+            from diffusion_jax.samplers.registry import DISCRETE_ONLY_SAMPLERS
+
+            if self.sample.sampler in DISCRETE_ONLY_SAMPLERS:
+                raise ValueError(f"sample.sampler={self.sample.sampler!r} needs a discrete schedule; schedule.kind="
+                                 f"{self.schedule.kind!r} takes the grid samplers (e.g. 'heun', 'dpmpp_2m', 'edm')")
+            if self.sample.spacing in DISCRETE_ONLY_SPACINGS:
+                raise ValueError(f"sample.spacing={self.sample.spacing!r} selects discrete timesteps; schedule.kind="
+                                 f"{self.schedule.kind!r} takes 'karras', 'logsnr', 'uniform' or 'quadratic'")
         if self.sample.spacing not in SPACINGS:
             raise ValueError(f"sample.spacing={self.sample.spacing!r} is unknown; choose from {SPACINGS}")
         for key, steps in (("sample.steps", self.sample.steps), ("train.sample_steps", self.train.sample_steps)):
-            if steps > self.schedule.num_timesteps:
+            if self.schedule.kind == "discrete" and steps > self.schedule.num_timesteps:
                 raise ValueError(f"{key}={steps} exceeds schedule.num_timesteps={self.schedule.num_timesteps}")
 
     def to_dict(self) -> dict:
@@ -284,9 +340,16 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
                 raise ValueError(f"unknown config key '{key}': no section '{'.'.join(path)}'"
                                  f"{_suggest(part, node.keys())}")
             node = node[part]
-        if leaf not in node:
-            raise ValueError(f"unknown config key '{key}'{_suggest(leaf, node.keys())}")
-        node[leaf] = _parse_like(text, node[leaf], key)
+        if leaf in node:
+            node[leaf] = _parse_like(text, node[leaf], key)
+            continue
+        # A key the config file leaves at its dataclass default (e.g. schedule.kind) may still be set.
+        fields = ({f.name: f for f in dataclasses.fields(Experiment.SECTIONS[parents[0]])}
+                  if len(parents) == 1 and parents[0] in Experiment.SECTIONS else {})
+        if leaf not in fields:
+            raise ValueError(f"unknown config key '{key}'{_suggest(leaf, set(node.keys()) | set(fields))}")
+        with node.unlocked():
+            node[leaf] = _parse_like(text, fields[leaf].default, key)
     return config
 
 

@@ -12,11 +12,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffusion_jax import likelihood as lik
+from diffusion_jax.config import build_schedule
 from diffusion_jax.data import load_source
 from diffusion_jax.fileio import write_json
 from diffusion_jax.models.functional import make_apply_fn
 from diffusion_jax.sampling import network_denoise_fn
-from diffusion_jax.schedules import make_schedule
 from diffusion_jax.train.checkpoint import load_trained
 
 
@@ -57,16 +57,22 @@ def evaluate_likelihood(workdir: str, *, num: int, split: str | None = None, met
     if ode and trace == "exact" and dim > lik.EXACT_TRACE_MAX_DIM:
         raise ValueError(f"--trace exact needs {dim} JVPs per evaluation (limit {lik.EXACT_TRACE_MAX_DIM}); "
                          "use --trace rademacher or gaussian")
-    schedule = make_schedule(**dataclasses.asdict(exp.schedule))
-    T, channels, apply = schedule.num_timesteps, exp.model.in_channels, make_apply_fn(graphdef)
+    schedule = build_schedule(exp.schedule)
+    discrete = exp.schedule.kind == "discrete"
+    if not (ode or discrete):
+        raise ValueError(f"--method vlb is the DDPM bound of a discrete schedule; this run has schedule.kind="
+                         f"{exp.schedule.kind!r}: use --method ode")
+    channels, apply = exp.model.in_channels, make_apply_fn(graphdef)
     variance = "learned" if exp.model.learn_sigma else exp.sample.variance.replace("learned", "fixed_small")
-    options = dict(trace=trace, num_probes=probes, rtol=rtol, atol=atol,
-                   t_max=T - 2 if exp.schedule.zero_terminal_snr else T - 1)
+    options = dict(trace=trace, num_probes=probes, rtol=rtol, atol=atol)
+    if discrete:   # the last timestep (the one before, with zero terminal SNR, where sigma / alpha is infinite)
+        T = schedule.num_timesteps
+        options["t_max"] = T - 2 if exp.schedule.zero_terminal_snr else T - 1
 
     @jax.jit
     def run(params, x, y, key):
         denoise_fn = network_denoise_fn(apply, params, y, channels=channels,
-                                        keep_variance=not ode and variance == "learned")
+                                        keep_variance=not ode and variance == "learned", schedule=schedule)
         if ode:
             bpd, info = lik.ode_bits_per_dim(denoise_fn, schedule, x, key, prediction=exp.loss.prediction, **options)
             return bpd, info["nfe"], info["success"]

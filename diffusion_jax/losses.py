@@ -34,13 +34,28 @@ LOSS_TYPES = ("mse", "hybrid", "vlb")
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    prediction: str = "eps"          # what the network predicts: eps | x0 | v
-    weighting: str = "simple"        # see WEIGHTINGS
+    """The loss of config.loss. Discrete schedules use all but the continuous-time fields; schedule.kind
+    vp / subvp / ve train with DSM (`dsm.py`: prediction eps | score | x0 | v, weighting simple (= sigma2, the
+    eps-MSE) | likelihood, importance_sampling, eps); kind edm with EDM's loss (prediction "edm", p_mean, p_std)."""
+    prediction: str = "eps"          # what the network predicts: eps | x0 | v (| score: DSM; edm: EDM)
+    weighting: str = "simple"        # see WEIGHTINGS (DSM: simple | likelihood)
     snr_gamma: float = 5.0           # gamma of min_snr / max_snr
-    loss_type: str = "mse"           # mse | hybrid | vlb
+    loss_type: str = "mse"           # mse | hybrid | vlb (continuous time: mse)
     cond_drop_prob: float = 0.0      # label dropout for classifier-free guidance (Ho & Salimans 2022)
+    eps: float = 1e-5                # DSM: t ~ U(eps, T) (score_sde's training eps)
+    importance_sampling: bool = False  # DSM with likelihood weighting: t ~ g^2 / sigma^2 (Song et al. 2021b)
+    p_mean: float = -1.2             # EDM: ln sigma ~ N(p_mean, p_std^2)
+    p_std: float = 1.2
 
-    def validate(self, learn_sigma: bool) -> None:
+    def validate(self, learn_sigma: bool, kind: str = "discrete") -> None:
+        if kind != "discrete":
+            from diffusion_jax.objectives import continuous_config
+
+            if learn_sigma or self.loss_type != "mse":
+                raise ValueError(f"schedule.kind={kind!r} trains with an MSE objective: set loss.loss_type='mse' "
+                                 "and model.learn_sigma=False")
+            continuous_config(kind, self).validate()
+            return
         if self.prediction not in ("eps", "x0", "v"):
             raise ValueError(f"loss.prediction={self.prediction!r} is unknown; choose from ('eps', 'x0', 'v')")
         if self.weighting not in WEIGHTINGS:

@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import parallel
+from diffusion_jax.edm import edm_denoise
 from diffusion_jax.models.functional import make_apply_fn
 from diffusion_jax.samplers import Guidance, run_sampler, sampler_options
 from diffusion_jax.samplers.registry import get_sampler
-from diffusion_jax.schedules import DiscreteSchedule
+from diffusion_jax.sde import EDMSchedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,24 +56,28 @@ def check_model_fits(spec: SamplerSpec, learn_sigma: bool, num_classes: int | No
 
 
 def network_denoise_fn(apply: Callable, params, label, *, channels: int, keep_variance: bool = False,
-                       sharding=None) -> Callable:
+                       sharding=None, schedule=None) -> Callable:
     """The network as a sampler's denoise_fn(x (N,H,W,C), t scalar or (N,)) -> prediction (N,H,W,C), or
     (N,H,W,2C) with the learned variance when keep_variance. label: (N,) int32 or None. sharding: constrain x
-    to it, so every network call runs batch-parallel over the mesh."""
+    to it, so every network call runs batch-parallel over the mesh. An `sde.EDMSchedule` wraps the network in
+    EDM's preconditioning: t is sigma and the output D(x; sigma) (prediction "edm")."""
     def denoise_fn(x, t):
         if sharding is not None:
             x = jax.lax.with_sharding_constraint(x, sharding)
+        if isinstance(schedule, EDMSchedule):
+            return edm_denoise(apply, params, x, t, schedule.sigma_data, y=label)
         out = apply(params, x, jnp.broadcast_to(t, x.shape[:1]), y=label)
         return out if keep_variance else out[..., :channels]
 
     return denoise_fn
 
 
-def make_sample_fn(graphdef, schedule: DiscreteSchedule, spec: SamplerSpec, shape: tuple[int, ...], *,
+def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...], *,
                    prediction: str = "eps", learn_sigma: bool = False, num_classes: int | None = None,
                    mesh=None) -> Callable:
     """Returns `sample(params, key, y=None) -> (images (N,H,W,C), nfe)`, compiled end to end.
 
+    schedule: a DiscreteSchedule or a continuous schedule of `sde.py` (config.build_schedule makes either).
     y: (N,) int32 labels for a class-conditional model (None for unconditional).
     mesh: split the N samples over its "data" axis (N must divide evenly). The noise is drawn for the
     whole batch (partitionable threefry), so a seed gives the same samples on 1 or 8 devices.
@@ -90,7 +95,8 @@ def make_sample_fn(graphdef, schedule: DiscreteSchedule, spec: SamplerSpec, shap
     def sample(params, key, y=None):
         def net(label):
             return network_denoise_fn(apply, params, label, channels=shape[-1],
-                                      keep_variance=options.get("variance") == "learned", sharding=sharding)
+                                      keep_variance=options.get("variance") == "learned", sharding=sharding,
+                                      schedule=schedule)
 
         uncond = None
         if guidance.active:

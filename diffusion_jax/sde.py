@@ -189,9 +189,9 @@ class EDMSchedule:
     """EDM (Karras et al. 2022, Table 1): time is the noise level, sigma(t) = t, alpha = 1, so x = x_0 + t eps and
     dx = sqrt(2 t) dW (f = 0, g^2 = d sigma^2/dt = 2 t). [t_min, t_max] = [sigma_min, sigma_max].
 
-    Network time is sigma itself: the EDM preconditioning D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) maps it
-    to c_noise = log(sigma)/4 inside the network wrapper (prediction "edm" in samplers.wrapper). sigma_data is the
-    data std that preconditioning uses.
+    Network time is sigma itself: EDM's preconditioning D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)
+    (`edm.edm_denoise`, applied by `sampling.network_denoise_fn` for this schedule) maps it to c_noise =
+    log(sigma)/4; samplers get D, prediction "edm". sigma_data is the data std the preconditioning uses.
     """
 
     sigma_min: float = 0.002

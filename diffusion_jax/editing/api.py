@@ -148,7 +148,8 @@ def edit(graphdef, params, schedule, spec: SamplerSpec, task: str, image, *, ima
 
     def run(params, key, image, mask, labels):
         def net(label):
-            return network_denoise_fn(apply, params, label, channels=image_shape[-1], keep_variance=keep_variance)
+            return network_denoise_fn(apply, params, label, channels=image_shape[-1], keep_variance=keep_variance,
+                                      schedule=schedule)
 
         fn = net(labels)
         if spec.guidance_scale != 1.0:

@@ -135,6 +135,11 @@ def convert_diffusers_unet(state_dict: Mapping[str, Any], config: UNetConfig) ->
     """
     if config.context_dim is not None:
         raise ValueError("UNet2DModel has no cross-attention; use a config with model.context_dim=None")
+    default = UNetConfig()
+    for name in ("time_embedding", "resblock", "resample_filter", "skip_rescale"):   # score_sde options
+        if getattr(config, name) != getattr(default, name):
+            raise ValueError(f"UNet2DModel is the DDPM U-Net: model.{name}={getattr(config, name)!r} has no diffusers "
+                             f"counterpart (need {getattr(default, name)!r})")
     abstract = nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0)))
     _, params = nnx.split(abstract, nnx.Param)
     sd = {k: v for k, v in state_dict.items()}

@@ -7,6 +7,10 @@ References:
     stride-2 conv downsampling and nearest-neighbour + conv upsampling.
   Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis" (ADM): multi-head
     attention, class embeddings added to the time embedding.
+  Song et al. 2021, "Score-Based Generative Modeling through SDEs" (DDPM++ / NCSN++), score_sde
+    `models/layerspp.py`: Gaussian Fourier time features, BigGAN-style ResBlocks that resample
+    inside the block (`ResnetBlockBigGANpp`), FIR-filtered resampling, residual sums scaled by
+    1/sqrt(2) (`skip_rescale`).
 
 Every module holds only `nnx.Param` state. Dropout randomness comes from an explicit `key`
 argument, so a module split with `nnx.split(model, nnx.Param)` can be merged and applied inside
@@ -19,7 +23,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from diffusion_jax.models.resample import downsample_2d, setup_kernel, upfirdn2d, upsample_2d
 
 GROUPNORM_EPS = 1e-6  # DDPM's TF group norm (and diffusers' google/ddpm-cifar10-32 norm_eps).
 # DDPM's `default_init`: variance_scaling(1, fan_avg, uniform). The last layer of every residual
@@ -27,6 +34,7 @@ GROUPNORM_EPS = 1e-6  # DDPM's TF group norm (and diffusers' google/ddpm-cifar10
 # (DDPM `init_scale=0.`, ADM `zero_module`), so each block starts as the identity.
 DEFAULT_INIT = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 ZERO_INIT = nnx.initializers.zeros_init()
+FOURIER_SEED = 0  # seed of the fixed Gaussian Fourier frequencies (see `fourier_frequencies`)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -50,6 +58,33 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
     return emb
 
 
+def fourier_frequencies(n: int, scale: float) -> np.ndarray:
+    """The fixed random frequencies W ~ N(0, scale**2) of the Gaussian Fourier embedding, (n,) float32.
+
+    score_sde draws W once at init and never trains it (`requires_grad=False`). Here W is derived
+    deterministically from (n, scale) with numpy's legacy `RandomState(FOURIER_SEED)`, whose stream
+    numpy keeps frozen across versions: W is a constant of the traced computation, not a Param, so
+    the optimiser never sees it and checkpoints need not hold it; restoring a run rebuilds the same
+    W from its saved config.
+    """
+    return (np.random.RandomState(FOURIER_SEED).standard_normal(n) * scale).astype(np.float32)
+
+
+def fourier_embedding(x: jax.Array, freqs) -> jax.Array:
+    """Gaussian Fourier features (score_sde `GaussianFourierProjection`, Tancik et al. 2020).
+
+    emb = [sin(2 pi x W), cos(2 pi x W)].
+
+    Args:
+      x: (B,) the (already transformed, e.g. log sigma) noise conditioning.
+      freqs: (n,) fixed frequencies W (`fourier_frequencies`).
+    Returns:
+      (B, 2n) float32.
+    """
+    proj = 2.0 * math.pi * x.astype(jnp.float32)[:, None] * jnp.asarray(freqs, jnp.float32)[None, :]
+    return jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], axis=-1)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout driven by an explicit key; identity when `key is None` or `rate == 0`."""
     if key is None or rate == 0.0:
@@ -64,41 +99,66 @@ def group_norm(ch: int, groups: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
 
 
 def conv(cin: int, cout: int, k: int, rngs: nnx.Rngs, dtype, stride: int = 1, padding="SAME",
-         zero: bool = False) -> nnx.Conv:
-    return nnx.Conv(cin, cout, (k, k), strides=stride, padding=padding, dtype=dtype,
-                    kernel_init=ZERO_INIT if zero else DEFAULT_INIT, rngs=rngs)
+         zero: bool = False, input_dilation: int = 1) -> nnx.Conv:
+    return nnx.Conv(cin, cout, (k, k), strides=stride, padding=padding, input_dilation=input_dilation,
+                    dtype=dtype, kernel_init=ZERO_INIT if zero else DEFAULT_INIT, rngs=rngs)
 
 
 def linear(cin: int, cout: int, rngs: nnx.Rngs, dtype=None, zero: bool = False) -> nnx.Linear:
     return nnx.Linear(cin, cout, dtype=dtype, kernel_init=ZERO_INIT if zero else DEFAULT_INIT, rngs=rngs)
 
 
+def residual_scale(skip_rescale: bool) -> float:
+    """score_sde `skip_rescale`: residual sums are (x + h) / sqrt(2), keeping their variance."""
+    return 1.0 / math.sqrt(2.0) if skip_rescale else 1.0
+
+
 class ResBlock(nnx.Module):
-    """Pre-activation residual block (DDPM Appendix B; ADM without scale-shift norm).
+    """Pre-activation residual block (DDPM Appendix B; ADM without scale-shift norm), optionally
+    BigGAN-style with x2 resampling inside (score_sde `ResnetBlockBigGANpp`, Brock et al. 2019).
 
-    h = conv1(silu(norm1(x))) + time_proj(silu(emb))[:, None, None]
-    h = conv2(dropout(silu(norm2(h))));  out = skip(x) + h, with a 1x1 `skip` conv when cin != cout.
+    a = silu(norm1(x));  if resample: a, x = R(a), R(x)   (R = up / down, plain or FIR, no params)
+    h = conv1(a) + time_proj(silu(emb))[:, None, None]
+    h = conv2(dropout(silu(norm2(h))))
+    out = (skip(x) + h) * s, with a 1x1 `skip` conv when cin != cout or resampling, and
+    s = 1/sqrt(2) if skip_rescale else 1.
 
-    Shapes: x (B, H, W, cin), emb (B, emb_dim) -> (B, H, W, cout).
+    Shapes: x (B, H, W, cin), emb (B, emb_dim) -> (B, H', W', cout), H' = 2H ("up"), H/2 ("down"), H.
     """
 
     def __init__(self, cin: int, cout: int, emb_dim: int, *, groups: int, dropout_rate: float,
-                 dtype, rngs: nnx.Rngs):
+                 dtype, rngs: nnx.Rngs, resample: str | None = None, resample_filter: str = "plain",
+                 skip_rescale: bool = False):
+        if resample not in (None, "up", "down"):
+            raise ValueError(f"resample={resample!r} must be None, 'up' or 'down'")
         self.norm1 = group_norm(cin, groups, rngs)
         self.conv1 = conv(cin, cout, 3, rngs, dtype)
         self.time_proj = linear(emb_dim, cout, rngs, dtype)
         self.norm2 = group_norm(cout, groups, rngs)
         self.conv2 = conv(cout, cout, 3, rngs, dtype, zero=True)
-        self.skip = conv(cin, cout, 1, rngs, dtype) if cin != cout else None
+        self.skip = conv(cin, cout, 1, rngs, dtype) if cin != cout or resample else None
         self.dropout_rate = dropout_rate
+        self.resample = resample
+        self.resample_filter = resample_filter
+        self.scale = residual_scale(skip_rescale)
+
+    def _resample(self, x: jax.Array) -> jax.Array:
+        if self.resample == "up":
+            return upsample_2d(x, self.resample_filter)
+        if self.resample == "down":
+            return downsample_2d(x, self.resample_filter)
+        return x
 
     def __call__(self, x: jax.Array, emb: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        h = self.conv1(nnx.silu(self.norm1(x)))
+        h = self._resample(nnx.silu(self.norm1(x)))
+        x = self._resample(x)
+        h = self.conv1(h)
         h = h + self.time_proj(nnx.silu(emb))[:, None, None, :]
         h = dropout(nnx.silu(self.norm2(h)), self.dropout_rate, key)
         h = self.conv2(h)
         skip = x if self.skip is None else self.skip(x)
-        return skip + h
+        out = skip + h
+        return out if self.scale == 1.0 else out * self.scale
 
 
 def _mha(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int) -> jax.Array:
@@ -117,16 +177,18 @@ class AttentionBlock(nnx.Module):
     """Self-attention over the H*W positions (DDPM `attn_block`; ADM multi-head), optionally
     followed by cross-attention to a context sequence (as in latent diffusion, Rombach et al. 2022).
 
-    h = x + proj_out(MHA(q(norm(x)), k(norm(x)), v(norm(x))))
-    if context_dim: h = h + cross_out(MHA(cross_q(cross_norm(h)), cross_k(ctx), cross_v(ctx)))
+    h = (x + proj_out(MHA(q(norm(x)), k(norm(x)), v(norm(x))))) * s
+    if context_dim: h = (h + cross_out(MHA(cross_q(cross_norm(h)), cross_k(ctx), cross_v(ctx)))) * s
+    with s = 1/sqrt(2) if skip_rescale (score_sde `AttnBlockpp`) else 1.
 
     Shapes: x (B, H, W, C), context (B, L, context_dim) -> (B, H, W, C).
     """
 
     def __init__(self, ch: int, *, num_heads: int, groups: int, context_dim: int | None,
-                 dtype, rngs: nnx.Rngs):
+                 dtype, rngs: nnx.Rngs, skip_rescale: bool = False):
         lin = lambda i, o, zero=False: linear(i, o, rngs, dtype, zero)  # noqa: E731
         self.num_heads = num_heads
+        self.scale = residual_scale(skip_rescale)
         self.norm = group_norm(ch, groups, rngs)
         self.q, self.k, self.v = lin(ch, ch), lin(ch, ch), lin(ch, ch)
         self.proj_out = lin(ch, ch, zero=True)
@@ -141,34 +203,61 @@ class AttentionBlock(nnx.Module):
         b, hh, ww, c = x.shape
         h = self.norm(x).reshape(b, hh * ww, c)
         a = _mha(self.q(h), self.k(h), self.v(h), self.num_heads)
-        out = x.reshape(b, hh * ww, c) + self.proj_out(a)
+        out = (x.reshape(b, hh * ww, c) + self.proj_out(a)) * self.scale
         if self.cross_norm is not None:
             if context is None:
                 raise ValueError("this attention block has cross-attention (model.context_dim is set) "
                                  "but no context was given")
             h = self.cross_norm(out.reshape(b, hh, ww, c)).reshape(b, hh * ww, c)
             a = _mha(self.cross_q(h), self.cross_k(context), self.cross_v(context), self.num_heads)
-            out = out + self.cross_out(a)
+            out = (out + self.cross_out(a)) * self.scale
         return out.reshape(b, hh, ww, c)
 
 
-class Downsample(nnx.Module):
-    """Stride-2 3x3 conv with DDPM's TF 'SAME' padding: zero-pad one row/column at the bottom/right
-    only (diffusers `downsample_padding=0`). (B, H, W, C) -> (B, H/2, W/2, C)."""
+# score_sde's fused FIR convs for a 3x3 conv and the 4-tap kernel (StyleGAN2 `conv_downsample_2d` /
+# `upsample_conv_2d`): p = (4 - 2) +- (3 - 1) gives the FIR paddings below.
+_FIR_DOWN_PAD = (2, 2)   # p = 4: pad ((p+1)//2, p//2), then a VALID stride-2 conv
+_FIR_UP_PAD = (1, 1)     # p = 0: pad ((p+1)//2 + 1, p//2 + 1) after the stride-2 transposed conv
 
-    def __init__(self, ch: int, *, dtype, rngs: nnx.Rngs):
-        self.conv = conv(ch, ch, 3, rngs, dtype, stride=2, padding=((0, 1), (0, 1)))
+
+class Downsample(nnx.Module):
+    """x2 downsampling with a 3x3 conv. (B, H, W, C) -> (B, H/2, W/2, C).
+
+    "plain": stride-2 conv with DDPM's TF 'SAME' padding, zero-padding one row/column at the
+      bottom/right only (diffusers `downsample_padding=0`).
+    "fir": FIR blur with the [1, 3, 3, 1] kernel, then a VALID stride-2 conv (score_sde
+      `Downsample(with_conv=True, fir=True)`, StyleGAN2 `conv_downsample_2d`).
+    """
+
+    def __init__(self, ch: int, *, dtype, rngs: nnx.Rngs, resample_filter: str = "plain"):
+        self.resample_filter = resample_filter
+        padding = "VALID" if resample_filter == "fir" else ((0, 1), (0, 1))
+        self.conv = conv(ch, ch, 3, rngs, dtype, stride=2, padding=padding)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.resample_filter == "fir":
+            x = upfirdn2d(x, setup_kernel(), pad=_FIR_DOWN_PAD)
         return self.conv(x)
 
 
 class Upsample(nnx.Module):
-    """Nearest-neighbour x2 upsampling followed by a 3x3 conv. (B, H, W, C) -> (B, 2H, 2W, C)."""
+    """x2 upsampling with a 3x3 conv. (B, H, W, C) -> (B, 2H, 2W, C).
 
-    def __init__(self, ch: int, *, dtype, rngs: nnx.Rngs):
-        self.conv = conv(ch, ch, 3, rngs, dtype)
+    "plain": nearest-neighbour x2, then a 3x3 conv.
+    "fir": stride-2 transposed 3x3 conv (a conv on the zero-dilated input), then FIR blur with the
+      [1, 3, 3, 1] kernel * 4 (score_sde `Upsample(with_conv=True, fir=True)`, StyleGAN2
+      `upsample_conv_2d`; the learned 3x3 kernel is stored unflipped).
+    """
+
+    def __init__(self, ch: int, *, dtype, rngs: nnx.Rngs, resample_filter: str = "plain"):
+        self.resample_filter = resample_filter
+        if resample_filter == "fir":   # (H - 1) * 2 + 1 dilated, + 2 + 2 padding, - 2 -> 2H + 1
+            self.conv = conv(ch, ch, 3, rngs, dtype, padding=((2, 2), (2, 2)), input_dilation=2)
+        else:
+            self.conv = conv(ch, ch, 3, rngs, dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.resample_filter == "fir":
+            return upfirdn2d(self.conv(x), setup_kernel() * 4.0, pad=_FIR_UP_PAD)
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return self.conv(x)

@@ -8,6 +8,15 @@ References:
     attention, class-conditional embeddings.
   Nichol & Dhariwal 2021, "Improved DDPM": `learn_sigma` doubles the output channels.
   Ho & Salimans 2022, classifier-free guidance: label `num_classes` is the null class.
+  Song et al. 2021, "Score-Based Generative Modeling through SDEs" (score_sde `models/ncsnpp.py`):
+    the DDPM++ / NCSN++ options `time_embedding="fourier"`, `resblock="biggan"`,
+    `resample_filter="fir"`, `skip_rescale`. The defaults keep the DDPM model unchanged. E.g.
+      DDPM++ (VP):  UNetConfig(resblock="biggan", skip_rescale=True)
+      NCSN++ (VE):  UNetConfig(time_embedding="fourier", resblock="biggan", resample_filter="fir",
+                               skip_rescale=True)
+    score_sde's `init_scale=0.` (last conv of every residual branch and the output conv start at
+    zero) is what this U-Net always does. Not implemented: NCSN++'s progressive input / output
+    pyramids, and its single attention block per decoder level (here: one after each ResBlock).
 
 Used functionally:
     model = UNet(UNetConfig(), rngs=nnx.Rngs(0))
@@ -24,10 +33,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models.layers import (AttentionBlock, Downsample, ResBlock, Upsample, conv, linear,
-                                         group_norm, timestep_embedding)
+from diffusion_jax.models.layers import (AttentionBlock, Downsample, ResBlock, Upsample, conv, fourier_embedding,
+                                         fourier_frequencies, group_norm, linear, timestep_embedding)
+from diffusion_jax.models.resample import RESAMPLE_FILTERS
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_CHOICES = {"time_embedding": ("positional", "fourier"), "resblock": ("ddpm", "biggan"),
+            "resample_filter": RESAMPLE_FILTERS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +60,18 @@ class UNetConfig:
     context_dim: int | None = None          # cross-attention on a (B, L, context_dim) context
     learn_sigma: bool = False               # output 2*C channels (improved DDPM learned variance)
     dtype: str = "float32"                  # compute dtype ("float32" | "bfloat16"); params float32
+    # score_sde DDPM++ / NCSN++ options (Song et al. 2021); the defaults are DDPM's.
+    time_embedding: str = "positional"      # "positional": DDPM sinusoids of t, width `channels`;
+    #   "fourier": Gaussian Fourier features [sin(2 pi W s), cos(2 pi W s)], width 2 * channels, of
+    #   s = log(t) (t = sigma, VE) or s = t; W ~ N(0, fourier_scale^2), fixed (not a Param)
+    fourier_scale: float = 16.0             # std of the Fourier frequencies W (score_sde: 16)
+    fourier_log_input: bool = True          # fourier: embed log(t) (score_sde NCSN++ gets sigma > 0);
+    #   False embeds t as given (e.g. EDM's c_noise = ln(sigma) / 4, already a log)
+    resblock: str = "ddpm"                  # "ddpm": separate Downsample / Upsample layers (3x3 conv);
+    #   "biggan": ResBlocks that resample inside the block (score_sde ResnetBlockBigGANpp)
+    resample_filter: str = "plain"          # "plain": nearest up / stride-2 conv or 2x2 mean down;
+    #   "fir": StyleGAN2 upfirdn2d with the [1, 3, 3, 1] kernel
+    skip_rescale: bool = False              # residual sums (ResBlocks, attention) scaled by 1/sqrt(2)
 
     def __post_init__(self):
         # Accept lists (e.g. from ml_collections) but keep the dataclass hashable.
@@ -87,6 +111,15 @@ class UNetConfig:
             raise ValueError(f"model.dropout={self.dropout!r} must be in [0, 1)")
         if self.dtype not in _DTYPES:
             raise ValueError(f"model.dtype={self.dtype!r} must be one of {sorted(_DTYPES)}")
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} must be one of {list(choices)}")
+        scale = self.fourier_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale < float("inf"):
+            raise ValueError(f"model.fourier_scale={scale!r} must be a positive finite float")
+        for name in ("fourier_log_input", "skip_rescale"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model.{name}={getattr(self, name)!r} must be a bool")
         if self.learn_sigma and self.out_channels is not None and self.out_channels % 2:
             raise ValueError(f"model.out_channels={self.out_channels} must be even when model.learn_sigma=True")
         n_down = len(self.channel_mult) - 1
@@ -121,18 +154,27 @@ class _Level(nnx.Module):
     def __init__(self, res: list, attn: list, resample):
         self.res = nnx.List(res)
         self.attn = nnx.List(attn)  # empty, or one AttentionBlock per ResBlock
-        self.resample = resample    # Downsample / Upsample / None
+        self.resample = resample    # Downsample / Upsample / a resampling ResBlock (biggan) / None
+
+    def apply_resample(self, h, emb, key):
+        if isinstance(self.resample, ResBlock):
+            return self.resample(h, emb, key())
+        return self.resample(h)
 
 
 class UNet(nnx.Module):
     """DDPM / ADM U-Net epsilon (or x0 / v) predictor.
 
     Layout (L = len(channel_mult), C_i = channels * channel_mult[i]):
-      t -> sinusoidal(channels) -> Linear(4C) -> SiLU -> Linear(4C) = emb  (+ class embedding)
+      t -> time_features (sinusoidal(channels) | Fourier(2 channels)) -> Linear(4C) -> SiLU
+        -> Linear(4C) = emb  (+ class embedding)
       conv_in 3x3 -> down levels i = 0..L-1: num_res_blocks x [ResBlock(C_i) (+ Attention)],
-        Downsample unless last -> middle: ResBlock, Attention, ResBlock ->
+        unless last: Downsample (resblock="ddpm") or ResBlock(down) (resblock="biggan")
+        -> middle: ResBlock, Attention, ResBlock ->
       up levels i = L-1..0: (num_res_blocks + 1) x [concat skip, ResBlock(C_i) (+ Attention)],
-        Upsample unless i == 0 -> GroupNorm, SiLU, conv_out 3x3.
+        unless i == 0: Upsample or ResBlock(up) -> GroupNorm, SiLU, conv_out 3x3.
+    Every resampling follows `resample_filter`; every residual sum is scaled by 1/sqrt(2) when
+    `skip_rescale` (the U-Net's concatenated skips are not).
     """
 
     def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
@@ -141,11 +183,20 @@ class UNet(nnx.Module):
         c = config
         dt = _DTYPES[c.dtype]
         emb_dim = 4 * c.channels
-        kw = dict(groups=c.num_groups, dropout_rate=float(c.dropout), dtype=dt, rngs=rngs)
+        kw = dict(groups=c.num_groups, dropout_rate=float(c.dropout), dtype=dt, rngs=rngs,
+                  resample_filter=c.resample_filter, skip_rescale=c.skip_rescale)
         attn = lambda ch: AttentionBlock(ch, num_heads=c.num_heads, groups=c.num_groups,  # noqa: E731
-                                         context_dim=c.context_dim, dtype=dt, rngs=rngs)
+                                         context_dim=c.context_dim, dtype=dt, rngs=rngs,
+                                         skip_rescale=c.skip_rescale)
 
-        self.time_embed_1 = linear(c.channels, emb_dim, rngs)
+        def resampler(ch, direction):
+            if c.resblock == "biggan":
+                return ResBlock(ch, ch, emb_dim, resample=direction, **kw)
+            layer = Downsample if direction == "down" else Upsample
+            return layer(ch, dtype=dt, rngs=rngs, resample_filter=c.resample_filter)
+
+        time_dim = 2 * c.channels if c.time_embedding == "fourier" else c.channels
+        self.time_embed_1 = linear(time_dim, emb_dim, rngs)
         self.time_embed_2 = linear(emb_dim, emb_dim, rngs)
         self.class_embed = (nnx.Embed(c.num_classes + 1, emb_dim, rngs=rngs)
                             if c.num_classes is not None else None)
@@ -165,7 +216,7 @@ class UNet(nnx.Module):
                     attns.append(attn(ch))
                 skip_chs.append(ch)
             last = i == n_levels - 1
-            down.append(_Level(res, attns, None if last else Downsample(ch, dtype=dt, rngs=rngs)))
+            down.append(_Level(res, attns, None if last else resampler(ch, "down")))
             if not last:
                 skip_chs.append(ch)
         self.down = nnx.List(down)
@@ -183,18 +234,34 @@ class UNet(nnx.Module):
                 ch = c.channels * c.channel_mult[i]
                 if use_attn:
                     attns.append(attn(ch))
-            up.append(_Level(res, attns, Upsample(ch, dtype=dt, rngs=rngs) if i > 0 else None))
+            up.append(_Level(res, attns, resampler(ch, "up") if i > 0 else None))
         self.up = nnx.List(up)
 
         self.norm_out = group_norm(ch, c.num_groups, rngs)
         self.conv_out = conv(ch, c.resolved_out_channels, 3, rngs, dt, zero=True)
+
+    def time_features(self, t) -> jax.Array:
+        """The parameter-free time embedding fed to `time_embed_1`.
+
+        "positional": DDPM sinusoids of t, (B, channels). "fourier": [sin(2 pi W s), cos(2 pi W s)]
+        with s = log(t) if `fourier_log_input` else t and W = fourier_frequencies(channels,
+        fourier_scale), (B, 2 channels). t: (B,) float.
+        """
+        c = self.config
+        t = jnp.asarray(t, jnp.float32)
+        if c.time_embedding == "fourier":
+            s = jnp.log(t) if c.fourier_log_input else t
+            return fourier_embedding(s, fourier_frequencies(c.channels, c.fourier_scale))
+        return timestep_embedding(t, c.channels)
 
     def __call__(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None):
         """Predict from a noisy batch.
 
         Args:
           x: (B, H, W, in_channels) float.
-          t: (B,) (or scalar) float or int timesteps in DDPM units (0..T-1, may be fractional).
+          t: (B,) (or scalar) float or int network time: timesteps in DDPM units (0..T-1, may be
+            fractional) for "positional"; for "fourier" the noise level sigma > 0 (its log is
+            embedded, score_sde NCSN++) or, with fourier_log_input=False, the value to embed.
           y: (B,) int labels in [0, num_classes] (num_classes = null class), or None (-> null class);
             must be None for an unconditional model.
           context: (B, L, context_dim), required iff `context_dim` is set.
@@ -231,7 +298,7 @@ class UNet(nnx.Module):
                 raise ValueError(f"context must be ({b}, L, {c.context_dim}), got {context.shape}")
             context = context.astype(dt)
 
-        emb = self.time_embed_2(nnx.silu(self.time_embed_1(timestep_embedding(t, c.channels))))
+        emb = self.time_embed_2(nnx.silu(self.time_embed_1(self.time_features(t))))
         if self.class_embed is not None:
             emb = emb + self.class_embed(y)
         emb = emb.astype(dt)
@@ -248,7 +315,7 @@ class UNet(nnx.Module):
                     h = level.attn[j](h, context)
                 skips.append(h)
             if level.resample is not None:
-                h = level.resample(h)
+                h = level.apply_resample(h, emb, key)
                 skips.append(h)
 
         h = self.mid_res1(h, emb, key())
@@ -261,7 +328,7 @@ class UNet(nnx.Module):
                 if len(level.attn):
                     h = level.attn[j](h, context)
             if level.resample is not None:
-                h = level.resample(h)
+                h = level.apply_resample(h, emb, key)
 
         h = self.conv_out(nnx.silu(self.norm_out(h)).astype(dt))
         return h.astype(jnp.float32)

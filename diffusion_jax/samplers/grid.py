@@ -34,7 +34,7 @@ from diffusion_jax.samplers.spacing import select_timesteps
 
 SPACINGS = ("leading", "trailing", "linspace", "uniform", "quadratic", "karras", "logsnr")
 FINALS = ("zero", "last")
-_DISCRETE_ONLY = ("leading", "trailing", "linspace")
+DISCRETE_ONLY_SPACINGS = ("leading", "trailing", "linspace")
 _MIN_ALPHA_BAR = 2.0 ** -24   # stands in for alpha_bar = 0 (zero terminal SNR) where log s is needed, as diffusers
 
 
@@ -108,9 +108,9 @@ def _check(steps, spacing: str, rho: float, final: str, discrete: bool) -> int:
         raise ValueError(f"sampler.steps must be a positive int, got {steps!r}")
     if spacing not in SPACINGS:
         raise ValueError(f"sampler.spacing={spacing!r} is unknown; choose from {SPACINGS}")
-    if not discrete and spacing in _DISCRETE_ONLY:
+    if not discrete and spacing in DISCRETE_ONLY_SPACINGS:
         raise ValueError(f"sampler.spacing={spacing!r} selects timesteps of a discrete schedule; for a continuous "
-                         f"one choose from {tuple(s for s in SPACINGS if s not in _DISCRETE_ONLY)}")
+                         f"one choose from {tuple(s for s in SPACINGS if s not in DISCRETE_ONLY_SPACINGS)}")
     if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
         raise ValueError(f"sampler.rho must be a finite number > 0, got {rho!r}")
     if final not in FINALS:

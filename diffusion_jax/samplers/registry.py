@@ -62,7 +62,7 @@ SAMPLERS: dict[str, Entry] = {
     "pc": _e(sde_solvers.predictor_corrector, "score_sde predictor-corrector (Langevin corrector)", True),
     "adaptive": _e(adaptive.adaptive_ode, "adaptive PF-ODE (diffrax Tsit5 / Dopri5, rtol / atol)"),
 }
-_LEGACY = ("ddpm", "ddim")
+DISCRETE_ONLY_SAMPLERS = ("ddpm", "ddim")   # their own loops over DDPM timesteps
 _BUILT_IN = {"denoiser", "grid", "x_T", "key", "denoise_fn", "schedule", "shape", "steps", "prediction",
              "spacing", "clip_denoised", "return_trajectory", "half_grid"}
 
@@ -125,7 +125,7 @@ def run_sampler(name: str, denoise_fn, schedule, key, shape, *, steps: int, pred
         check_key(key, f"sampler {name!r} without x_T")
     else:
         x_T = _check_x_T(x_T, shape)
-    if name in _LEGACY:
+    if name in DISCRETE_ONLY_SAMPLERS:
         if not isinstance(schedule, DiscreteSchedule):
             raise ValueError(f"sampler {name!r} needs a discrete (DDPM) schedule; use 'euler' / 'dpmpp_2m' / ...")
         if guidance is not None and guidance.active:

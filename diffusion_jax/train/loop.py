@@ -18,11 +18,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffusion_jax import parallel, viz
-from diffusion_jax.config import Experiment
+from diffusion_jax.config import Experiment, build_schedule
 from diffusion_jax.data import Batches, load_source
 from diffusion_jax.fileio import write_json
 from diffusion_jax.sampling import SamplerSpec, class_labels, make_sample_fn
-from diffusion_jax.schedules import make_schedule
 from diffusion_jax.train.checkpoint import Checkpointer
 from diffusion_jax.train.faults import NonFiniteGuard, Preempted, SignalCatcher
 from diffusion_jax.train.metrics import MetricWriter, truncate_metrics
@@ -80,7 +79,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     os.makedirs(workdir, exist_ok=True)
     write_config(workdir, exp)
 
-    schedule = make_schedule(**dataclasses.asdict(exp.schedule))
+    schedule = build_schedule(exp.schedule)
     tx, lr_fn = make_optimizer(exp.optim, tc.steps)
     graphdef, state, shardings = create_train_state(exp.model, tx, jax.random.PRNGKey(exp.seed), mesh, tc.fsdp)
     ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
@@ -95,7 +94,11 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
                        skip_nonfinite=tc.on_nonfinite == "skip")
     train_step = make_train_step(graphdef, schedule, exp.loss, tx, lr_fn, opts, mesh, shardings)
     shape = (tc.sample_num, *source.image_shape)
-    sample_fn = make_sample_fn(graphdef, schedule, SamplerSpec("ddim", steps=tc.sample_steps), shape,
+    if exp.schedule.kind == "discrete":
+        grid_spec = SamplerSpec("ddim", steps=tc.sample_steps)
+    else:   # the run's own sampler and spacing (DDIM's timesteps are discrete)
+        grid_spec = SamplerSpec.from_config(dataclasses.replace(exp.sample, steps=tc.sample_steps))
+    sample_fn = make_sample_fn(graphdef, schedule, grid_spec, shape,
                                prediction=exp.loss.prediction, learn_sigma=exp.model.learn_sigma,
                                num_classes=exp.model.num_classes, mesh=mesh)
     labels = class_labels(tc.sample_num, exp.model.num_classes)

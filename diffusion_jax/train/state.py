@@ -19,10 +19,10 @@ import optax
 from flax import nnx
 
 from diffusion_jax import parallel
-from diffusion_jax.losses import LossConfig, diffusion_loss
+from diffusion_jax.losses import LossConfig
 from diffusion_jax.models import UNet, UNetConfig
 from diffusion_jax.models.functional import make_apply_fn
-from diffusion_jax.schedules import DiscreteSchedule
+from diffusion_jax.objectives import make_objective
 
 
 @flax.struct.dataclass
@@ -100,17 +100,17 @@ class StepOptions:
     skip_nonfinite: bool = False      # a non-finite loss / gradient leaves the state as it was (step + 1)
 
 
-def make_train_step(graphdef, schedule: DiscreteSchedule, loss_cfg: LossConfig, tx, lr_fn: Callable,
+def make_train_step(graphdef, schedule, loss_cfg: LossConfig, tx, lr_fn: Callable,
                     opts: StepOptions, mesh, state_shardings) -> Callable:
     """The jitted step (state, batch) -> (state, metrics); `state` is donated."""
     apply_fn = make_apply_fn(graphdef)
+    objective = make_objective(schedule, loss_cfg, learn_sigma=opts.learn_sigma, num_classes=opts.num_classes)
 
     def train_step(state: TrainState, batch: dict):
         key = jax.random.fold_in(state.key, state.step)
 
         def loss_fn(params):
-            return diffusion_loss(apply_fn, schedule, loss_cfg, params, batch, key,
-                                  learn_sigma=opts.learn_sigma, num_classes=opts.num_classes, train=True)
+            return objective(apply_fn, params, batch, key, train=True)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -1,0 +1,43 @@
+"""Which loss a schedule is trained with, as one function of (apply_fn, params, batch, key):
+
+    schedule.kind   schedule object                 loss
+    discrete        schedules.DiscreteSchedule      losses.diffusion_loss   (DDPM / improved DDPM, any weighting)
+    vp, subvp, ve   sde.VPSDE / SubVPSDE / VESDE    dsm.dsm_loss            (Song et al. 2021, continuous time)
+    edm             sde.EDMSchedule                 edm.edm_loss            (Karras et al. 2022)
+
+and what the samplers are told the network predicts (`sampler_prediction`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from diffusion_jax.dsm import DSMConfig, dsm_loss
+from diffusion_jax.edm import EDMLossConfig, edm_loss
+from diffusion_jax.losses import LossConfig, diffusion_loss
+from diffusion_jax.schedules import DiscreteSchedule
+from diffusion_jax.sde import EDMSchedule
+
+
+def continuous_config(kind: str, cfg: LossConfig):
+    """The EDMLossConfig (kind "edm") or DSMConfig (vp / subvp / ve) that config.loss describes."""
+    if kind == "edm":
+        if cfg.prediction != "edm":
+            raise ValueError(f"schedule.kind='edm' trains EDM's preconditioned network: set loss.prediction='edm', "
+                             f"got {cfg.prediction!r}")
+        return EDMLossConfig(p_mean=cfg.p_mean, p_std=cfg.p_std, cond_drop_prob=cfg.cond_drop_prob)
+    weighting = "sigma2" if cfg.weighting == "simple" else cfg.weighting
+    return DSMConfig(prediction=cfg.prediction, weighting=weighting, importance_sampling=cfg.importance_sampling,
+                     eps=cfg.eps, cond_drop_prob=cfg.cond_drop_prob)
+
+
+def make_objective(schedule, cfg: LossConfig, *, learn_sigma: bool = False,
+                   num_classes: int | None = None) -> Callable:
+    """objective(apply_fn, params, batch, key, train=True) -> (scalar loss, metrics dict with "loss")."""
+    if isinstance(schedule, DiscreteSchedule):
+        return lambda apply_fn, params, batch, key, train=True: diffusion_loss(
+            apply_fn, schedule, cfg, params, batch, key, learn_sigma=learn_sigma, num_classes=num_classes,
+            train=train)
+    loss = edm_loss if isinstance(schedule, EDMSchedule) else dsm_loss
+    sub = continuous_config("edm" if isinstance(schedule, EDMSchedule) else "sde", cfg)
+    return lambda apply_fn, params, batch, key, train=True: loss(
+        apply_fn, schedule, sub, params, batch, key, num_classes=num_classes, train=train)

@@ -1,0 +1,88 @@
+"""Continuous-time training end to end: schedule.kind picks the schedule and its loss (objectives.py), the
+trained run samples with a grid sampler, and the config refuses combinations that cannot work."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import DIGITS, ROOT as ROOT_DIR, TINY
+from diffusion_jax.config import build_schedule, load_experiment
+from diffusion_jax.sampling import SamplerSpec, make_sample_fn
+from diffusion_jax.sde import EDMSchedule, VESDE
+from diffusion_jax.train.checkpoint import load_trained
+from diffusion_jax.train.loop import train_and_evaluate
+from diffusion_jax.train.metrics import read_metrics
+
+RUNS = {
+    "edm": ["schedule.kind=edm", "loss.prediction=edm", "sample.sampler=heun", "sample.spacing=karras"],
+    "vp": ["schedule.kind=vp", "loss.weighting=likelihood", "loss.importance_sampling=True",
+           "sample.sampler=dpmpp_2m", "sample.spacing=logsnr"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RUNS))
+def test_continuous_run_trains_samples_and_loads(tmp_path, kind):
+    exp = load_experiment(DIGITS + ":debug", TINY + ["train.sample_steps=4"] + RUNS[kind])[0]
+    train_and_evaluate(exp, str(tmp_path), progress=False)
+    rows = read_metrics(str(tmp_path))
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    exp2, graphdef, params, step = load_trained(str(tmp_path))
+    assert step == 3 and exp2.schedule.kind == kind
+    schedule = build_schedule(exp2.schedule)
+    spec = SamplerSpec.from_config(exp2.sample)
+    spec = SamplerSpec(spec.sampler, steps=3, spacing=spec.spacing, clip_denoised=1.0, options=spec.options)
+    fn = make_sample_fn(graphdef, schedule, spec, (2, 8, 8, 1), prediction=exp2.loss.prediction)
+    images, nfe = fn(params, jax.random.PRNGKey(0))
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(np.asarray(images)).all() and nfe > 0
+
+
+def test_build_schedule_follows_kind_and_defaults():
+    exp = load_experiment(DIGITS, ["schedule.kind=ve", "schedule.sigma_max=25.0", "sample.sampler=heun",
+                                   "sample.spacing=karras"])[0]
+    assert build_schedule(exp.schedule) == VESDE(sigma_max=25.0)
+    exp = load_experiment(DIGITS, ["schedule.kind=edm", "loss.prediction=edm", "sample.sampler=edm",
+                                   "sample.spacing=karras"])[0]
+    assert build_schedule(exp.schedule) == EDMSchedule()
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["schedule.kind=sde"], "schedule.kind='sde' is unknown"),
+    (["schedule.kind=edm", "sample.spacing=karras", "sample.sampler=heun"], "loss.prediction='edm'"),
+    (["schedule.kind=vp", "schedule.sigma_max=10.0", "sample.spacing=karras"], "schedule.sigma_max does not apply"),
+    (["schedule.kind=vp", "schedule.beta_min=30.0", "sample.spacing=karras"], "beta_min=30.0 must be <"),
+    (["schedule.kind=vp", "sample.sampler=ddim", "sample.spacing=karras"], "sample.sampler='ddim' needs a discrete"),
+    (["schedule.kind=vp", "sample.sampler=heun"], "sample.spacing='leading' selects discrete"),
+    (["schedule.kind=vp", "loss.loss_type=hybrid", "model.learn_sigma=True", "sample.spacing=karras"],
+     "loss.loss_type='mse'"),
+    (["schedule.kind=vp", "loss.importance_sampling=True", "sample.spacing=karras"], "loss.weighting='likelihood'"),
+    (["schedule.kind=discrete", "schedule.sigma_data=0.5"], "schedule.sigma_data does not apply"),
+])
+def test_continuous_config_errors_name_the_key(overrides, match):
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(".", r"\.")):
+        load_experiment(DIGITS, overrides)
+
+
+def test_override_of_a_key_the_config_file_leaves_out_still_checks_the_name():
+    with pytest.raises(ValueError, match="unknown config key 'schedule.knd'.*kind"):
+        load_experiment(DIGITS, ["schedule.knd=vp"])
+
+
+@pytest.mark.parametrize("spec", ["score_sde.py:vp", "score_sde.py:subvp", "score_sde.py:ve", "score_sde.py:vp,digits",
+                                  "score_sde.py:ve,fashion_mnist", "score_sde.py:subvp,digits,debug", "edm.py",
+                                  "edm.py:digits", "edm.py:fashion_mnist,debug"])
+def test_paper_and_cpu_configs_load_and_validate(spec):
+    exp = load_experiment(os.path.join(ROOT_DIR, "configs", spec))[0]
+    schedule = build_schedule(exp.schedule)
+    assert exp.schedule.kind in ("vp", "subvp", "ve", "edm") and schedule.t_min < schedule.t_max
+    if spec == "edm.py":   # Karras et al. Table 7: batch 512, 200 Mimg, 18 Heun steps on sigma in [0.002, 80]
+        assert (exp.train.batch_size, exp.train.steps, exp.sample.steps) == (512, 390_625, 18)
+        assert (schedule.sigma_min, schedule.sigma_max, schedule.sigma_data) == (0.002, 80.0, 0.5)
+    if spec == "score_sde.py:ve":   # NCSN++ cont.: Fourier features, FIR, sigma in [0.01, 50]
+        assert exp.model.time_embedding == "fourier" and exp.model.resample_filter == "fir"
+        assert (schedule.sigma_min, schedule.sigma_max) == (0.01, 50.0)
+
+
+def test_config_arg_errors_name_the_expected_form():
+    with pytest.raises(ValueError, match="expected vp\\|subvp\\|ve"):
+        load_experiment(os.path.join(ROOT_DIR, "configs", "score_sde.py:vq"))
