@@ -3,7 +3,7 @@ sub-VP or VE SDE, with the paper's CIFAR-10 models (DDPM++ cont. for VP / sub-VP
 CPU-scale version of each on digits or Fashion-MNIST.
 
     diffusion-jax train --config configs/score_sde.py:vp --workdir workdirs/vp_cifar10        # the paper's run
-    diffusion-jax train --config configs/score_sde.py:ve,digits --workdir workdirs/ve_digits  # minutes on a CPU
+    diffusion-jax train --config configs/score_sde.py:ve,digits --workdir workdirs/ve_digits  # CPU: 2000 x 64 images
     diffusion-jax train --config configs/score_sde.py:subvp,fashion_mnist,debug --workdir /tmp/t   # smoke test
 
 Arg: "vp" | "subvp" | "ve", then optionally "cifar10" (default) | "digits" | "fashion_mnist", then "debug".
