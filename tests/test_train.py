@@ -73,6 +73,21 @@ def test_resuming_a_workdir_with_another_model_is_refused(trained_workdir):
     assert Checkpointer(trained_workdir).all_steps() == [2, 3]  # nothing lost
 
 
+def test_a_workdir_saved_before_new_config_keys_existed_still_resumes(tmp_path, tiny_experiment):
+    from diffusion_jax.fileio import write_json
+    from diffusion_jax.train.loop import frozen_changes
+
+    old = tiny_experiment.to_dict()
+    for section, key in (("schedule", "kind"), ("schedule", "sigma_data"), ("model", "skip_rescale"),
+                         ("loss", "p_mean")):
+        del old[section][key]   # keys added after the run was saved: they had their default then
+    write_json(str(tmp_path / "config.json"), old)
+    assert frozen_changes(str(tmp_path), tiny_experiment) == []
+    old["model"]["channels"] = 12
+    write_json(str(tmp_path / "config.json"), old)
+    assert frozen_changes(str(tmp_path), tiny_experiment) == ["model.channels"]
+
+
 @pytest.mark.parametrize("override,key", [
     ("train.steps=0", "train.steps"),
     ("data.image_size=10", "model.image_size"),

@@ -51,8 +51,14 @@ def frozen_changes(workdir: str, exp: Experiment) -> list[str]:
     with open(path) as f:
         old = json.load(f)
     new = exp.to_dict()
-    return [f"{s}.{k}" for s in _FROZEN_SECTIONS for k in new[s]
-            if json.loads(json.dumps(new[s][k])) != old.get(s, {}).get(k)]
+    changed = []
+    for s in _FROZEN_SECTIONS:
+        # A key that a run saved by an older version lacks had that version's behaviour: the field's default.
+        defaults = json.loads(json.dumps(dataclasses.asdict(Experiment.SECTIONS[s]())))
+        for k in new[s]:
+            if json.loads(json.dumps(new[s][k])) != old.get(s, {}).get(k, defaults[k]):
+                changed.append(f"{s}.{k}")
+    return changed
 
 
 def write_config(workdir: str, exp: Experiment) -> None:
