@@ -5,13 +5,22 @@ Needs the Debian package `dataset-fashion-mnist` (apt-get install -y dataset-fas
 
     diffusion-jax train --config configs/fashion_mnist.py --workdir workdirs/fmnist
     diffusion-jax train --config configs/fashion_mnist.py:debug --workdir /tmp/fmnist   # smoke test
+    diffusion-jax train --config configs/fashion_mnist.py:cpu --workdir workdirs/fmnist_cpu
 
 The full run (100k steps, batch 128) is meant for an accelerator; on 2 CPU cores use :debug.
+`:cpu` is the CPU-scale class-conditional model of experiments/guidance_fashion_mnist.py: 16x16, a 32-channel
+U-Net (1, 2) with one res block per level, 2,000 steps of batch 64 with label dropout 0.1 (for classifier-free
+guidance); the digits recipe (lr 2e-3 cosine, EMA 0.995). Measured 0.9 s/step on 2 CPU cores shared with another
+job (~30 min); estimated ~0.45 s/step (~15 min) on idle ones.
 """
 import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    if arg not in (None, "debug", "cpu"):
+        raise ValueError(f"configs/fashion_mnist.py takes no argument, 'debug' or 'cpu', got {arg!r}")
+    if arg == "cpu":
+        return _cpu_config(get_config("debug"))
     debug = arg == "debug"
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -37,4 +46,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample = dict(sampler="ddim", steps=50, eta=0.0, spacing="leading", variance="fixed_small",
                     clip_denoised=1.0, num=100)
     c.lock()
+    return c
+
+
+def _cpu_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The :debug config (16x16, a (1, 2) U-Net), widened and trained long enough to draw recognisable classes."""
+    with c.unlocked():
+        c.model.update(channels=32, num_res_blocks=1, num_groups=8, num_heads=1, dropout=0.0)
+        c.optim.update(learning_rate=2e-3, warmup_steps=100, decay="cosine")
+        c.train.update(steps=2000, batch_size=64, ema_decay=0.995, log_every=100, ckpt_every=500,
+                       keep_checkpoints=2, sample_every=0, sample_num=100, sample_steps=50)
     return c

@@ -4,6 +4,7 @@
     diffusion-jax sample --workdir workdirs/digits --sampler ddim --steps 50 --num 64 --seed 0 --out grid.png
     diffusion-jax edit   --workdir workdirs/digits --task inpaint --image digit.png --mask mask.png --num 4
     diffusion-jax likelihood --workdir workdirs/digits --num 100 --method ode --trace rademacher
+    diffusion-jax train-classifier --workdir workdirs/digits --out workdirs/digits_clf   # for classifier guidance
     diffusion-jax compare --workdir workdirs/digits --samplers ddim,dpmpp_2m --nfe 5,10,20 --num 500 --out results/c
     diffusion-jax bench train_step --batch 16 --steps 5
 """
@@ -109,6 +110,10 @@ def _sample(args, overrides) -> None:
     from diffusion_jax.config import build_schedule
     from diffusion_jax.train.checkpoint import load_trained
 
+    if args.classifier is None and args.classifier_scale is not None:
+        raise ValueError("--classifier-scale needs --classifier DIR (a classifier from diffusion-jax train-classifier)")
+    if args.classifier is not None and args.classifier_scale is None:
+        args.classifier_scale = 1.0
     exp, graphdef, params, step = load_trained(args.workdir, args.step)
     spec = _sampler_spec(args, exp)
     options = dict(spec.options)
@@ -116,18 +121,36 @@ def _sample(args, overrides) -> None:
     shape = (args.num, exp.model.image_size, exp.model.image_size, exp.model.in_channels)
     mesh = parallel.make_mesh(args.num_devices, flag="--num-devices")
     parallel.check_divisible(args.num, mesh, "--num", hint="--num-devices")
-    sample_fn = make_sample_fn(graphdef, schedule, spec, shape, prediction=exp.loss.prediction,
-                               learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes, mesh=mesh)
-    labels = class_labels(args.num, exp.model.num_classes)
+    if args.classifier is None:
+        sample_fn = make_sample_fn(graphdef, schedule, spec, shape, prediction=exp.loss.prediction,
+                                   learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes, mesh=mesh)
+        labels = class_labels(args.num, exp.model.num_classes)
+    else:   # classifier guidance (one device) toward labels 0, 1, ...
+        from diffusion_jax.guidance import guided_sample_fn_for_run
+
+        sample_fn, labels = guided_sample_fn_for_run(exp, graphdef, spec, shape, args.classifier, args.classifier_scale)
     images, nfe = sample_fn(params, jax.random.PRNGKey(args.seed), labels)
     images = np.asarray(images)
     viz.save_grid(images, args.out)
     print(f"{args.num} samples from step {step} ({args.sampler}, {args.steps} steps, NFE {nfe}"
-          f"{', options ' + str(options) if options else ''}) -> {args.out}")
+          f"{', options ' + str(options) if options else ''}"
+          f"{f', classifier {args.classifier} scale {args.classifier_scale:g}' if args.classifier else ''})"
+          f" -> {args.out}")
     if args.npz:
         extra = {} if labels is None else {"labels": np.asarray(labels)}
         np.savez(args.npz, images=viz.to_uint8(images), **extra)
         print(f"uint8 NHWC samples -> {args.npz}")
+
+
+def _train_classifier(args, overrides) -> None:
+    if overrides:
+        raise ValueError(f"train-classifier takes no --config.* overrides (got {overrides}); its options are flags")
+    from diffusion_jax.guidance import ClassifierRecipe, train_noisy_classifier
+
+    recipe = ClassifierRecipe(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+    r = train_noisy_classifier(args.workdir, args.out, recipe, progress=not args.no_progress)
+    by_level = ", ".join(f"t={row['t']:g}: {row['accuracy']:.3f}" for row in r["accuracy_by_level"])
+    print(f"noise-conditional classifier, {r['step']} steps -> {args.out}; held-out accuracy {by_level}")
 
 
 def _compare(args, overrides) -> None:
@@ -247,7 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="split the samples over this many devices (0 = all); the samples do not depend on it")
     sample.add_argument("--out", default="samples.png", help="PNG grid")
     sample.add_argument("--npz", default=None, help="also save uint8 samples to this .npz")
+    sample.add_argument("--classifier", default=None, metavar="DIR",
+                        help="classifier guidance with the noise-conditional classifier in DIR (train-classifier); "
+                             "runs on one device")
+    sample.add_argument("--classifier-scale", type=float, default=None,
+                        help="classifier guidance weight w >= 0 (default 1 with --classifier)")
     sample.set_defaults(func=_sample)
+
+    tc = sub.add_parser("train-classifier", help="train a noise-conditional classifier for classifier guidance",
+                        epilog="Trained on the workdir's data, noised with its schedule (t uniform); resumes from "
+                               "OUT's latest checkpoint; a finished OUT is reused.")
+    tc.add_argument("--workdir", required=True, help="diffusion run whose data and schedule to use")
+    tc.add_argument("--out", required=True, help="classifier directory (orbax checkpoints, config.json, result.json)")
+    tc.add_argument("--steps", type=int, default=2000)
+    tc.add_argument("--batch-size", type=int, default=128)
+    tc.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warmup, then cosine)")
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--no-progress", action="store_true")
+    tc.set_defaults(func=_train_classifier)
 
     edit = sub.add_parser("edit", help="inpaint / outpaint / colorize / img2img an image with a trained workdir",
                           epilog="Any sampler works with --method projection (score_sde); --method repaint runs "
