@@ -79,7 +79,7 @@ def _edit(args, overrides) -> None:
             raise ValueError(f"--mask is for --task inpaint / outpaint, not {args.task}")
         mask = load_mask(args.mask, size=size, invert=args.invert_mask, threshold=args.mask_threshold)
     labels = None if args.label is None else np.full((args.num,), args.label, np.int32)
-    images, nfe = edit(graphdef, params, build_schedule(exp.schedule), spec, args.task, image,
+    images, nfe = edit(graphdef, params, build_schedule(exp.schedule, params), spec, args.task, image,
                        image_shape=(size, size, channels), mask=mask, strength=args.strength, seed=args.seed,
                        num_samples=args.num, prediction=exp.loss.prediction, learn_sigma=exp.model.learn_sigma,
                        num_classes=exp.model.num_classes, labels=labels, method=args.method,
@@ -117,7 +117,7 @@ def _sample(args, overrides) -> None:
     exp, graphdef, params, step = load_trained(args.workdir, args.step)
     spec = _sampler_spec(args, exp)
     options = dict(spec.options)
-    schedule = build_schedule(exp.schedule)
+    schedule = build_schedule(exp.schedule, params)
     shape = (args.num, exp.model.image_size, exp.model.image_size, exp.model.in_channels)
     mesh = parallel.make_mesh(args.num_devices, flag="--num-devices")
     parallel.check_divisible(args.num, mesh, "--num", hint="--num-devices")
@@ -125,10 +125,11 @@ def _sample(args, overrides) -> None:
         sample_fn = make_sample_fn(graphdef, schedule, spec, shape, prediction=exp.loss.prediction,
                                    learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes, mesh=mesh)
         labels = class_labels(args.num, exp.model.num_classes)
-    else:   # classifier guidance (one device) toward labels 0, 1, ...
+    else:   # classifier guidance toward labels 0, 1, ...
         from diffusion_jax.guidance import guided_sample_fn_for_run
 
-        sample_fn, labels = guided_sample_fn_for_run(exp, graphdef, spec, shape, args.classifier, args.classifier_scale)
+        sample_fn, labels = guided_sample_fn_for_run(exp, graphdef, params, spec, shape, args.classifier,
+                                                     args.classifier_scale, mesh=mesh)
     images, nfe = sample_fn(params, jax.random.PRNGKey(args.seed), labels)
     images = np.asarray(images)
     viz.save_grid(images, args.out)

@@ -138,7 +138,7 @@ def run_compare(workdir: str, spec: CompareSpec, out: str, *, extractor: str = "
 
     spec.validate()
     exp, graphdef, params, ckpt_step = load_trained(workdir, step)
-    schedule = build_schedule(exp.schedule)
+    schedule = build_schedule(exp.schedule, params)
     cells, notes = plan(spec, schedule)
     if not cells:
         raise ValueError("no (sampler, NFE) pair can run: " + "; ".join(notes))

@@ -28,6 +28,7 @@ from diffusion_jax.losses import LossConfig
 from diffusion_jax.models import UNetConfig
 from diffusion_jax.schedules import check_schedule, make_schedule
 from diffusion_jax.sde import SDES
+from diffusion_jax.vdm import LinearGamma, MonotoneGamma, VDMSchedule, gamma_params_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,9 @@ class ScheduleConfig:
     """kind "discrete": DDPM betas (name, num_timesteps, beta_*, zero_terminal_snr), trained with
     `losses.diffusion_loss`. kind "vp" | "subvp" | "ve": score_sde's SDEs (beta_min / beta_max; sigma_min /
     sigma_max), trained with continuous-time DSM (`dsm.py`). kind "edm": Karras et al.'s sigma(t) = t
-    (sigma_min / sigma_max / sigma_data), trained with EDM's loss (`edm.py`). None = the SDE's own default."""
+    (sigma_min / sigma_max / sigma_data), trained with EDM's loss (`edm.py`). kind "vdm": VDM's gamma(t) = -log SNR,
+    gamma "linear" (fixed) or "learned" (monotone network trained with the U-Net), from gamma_min to gamma_max,
+    trained with VDM's continuous VLB (`vdm.py`). None = the schedule's own default."""
     kind: str = "discrete"
     name: str = "linear"
     num_timesteps: int = 1000
@@ -47,38 +50,70 @@ class ScheduleConfig:
     sigma_min: float | None = None
     sigma_max: float | None = None
     sigma_data: float | None = None
+    gamma: str = "linear"
+    gamma_min: float | None = None
+    gamma_max: float | None = None
 
 
-SCHEDULE_KINDS = ("discrete", "vp", "subvp", "ve", "edm")
+SCHEDULE_KINDS = ("discrete", "vp", "subvp", "ve", "edm", "vdm")
+VDM_GAMMAS = ("linear", "learned")
 _SDE_FIELDS = {"vp": ("beta_min", "beta_max"), "subvp": ("beta_min", "beta_max"), "ve": ("sigma_min", "sigma_max"),
-               "edm": ("sigma_min", "sigma_max", "sigma_data")}
+               "edm": ("sigma_min", "sigma_max", "sigma_data"), "vdm": ("gamma_min", "gamma_max")}
 
 
-def build_schedule(sc: ScheduleConfig):
-    """The schedule object a ScheduleConfig describes: a `schedules.DiscreteSchedule` or an SDE of `sde.py`."""
+def build_schedule(sc: ScheduleConfig, params=None):
+    """The schedule object a ScheduleConfig describes: a `schedules.DiscreteSchedule`, an SDE of `sde.py` or a
+    `vdm.VDMSchedule`. params: the trained params, needed (only) by a learned VDM gamma, which is part of them."""
     if sc.kind == "discrete":
         return make_schedule(sc.name, sc.num_timesteps, beta_start=sc.beta_start, beta_end=sc.beta_end,
                              zero_terminal_snr=sc.zero_terminal_snr)
     values = {k: getattr(sc, k) for k in _SDE_FIELDS[sc.kind] if getattr(sc, k) is not None}
-    return SDES[sc.kind](**values)
+    if sc.kind != "vdm":
+        return SDES[sc.kind](**values)
+    gamma = vdm_gamma(sc)
+    if isinstance(gamma, LinearGamma):
+        return VDMSchedule(gamma, {})
+    if params is None:
+        raise ValueError("schedule.gamma='learned' is part of the trained params: build the schedule from a run's "
+                         "params (build_schedule(config, params))")
+    return VDMSchedule(gamma, gamma_params_of(params))
+
+
+def vdm_gamma(sc: ScheduleConfig):
+    """VDM's gamma(t) spec for kind "vdm": `vdm.LinearGamma` or the learned `vdm.MonotoneGamma`; None otherwise."""
+    if sc.kind != "vdm":
+        return None
+    ends = {k: getattr(sc, k) for k in ("gamma_min", "gamma_max") if getattr(sc, k) is not None}
+    return LinearGamma(**ends) if sc.gamma == "linear" else MonotoneGamma(**ends)
+
+
+def learned_gamma(sc: ScheduleConfig):
+    """The `vdm.MonotoneGamma` a run trains next to its network (schedule.gamma='learned'), else None."""
+    gamma = vdm_gamma(sc)
+    return gamma if isinstance(gamma, MonotoneGamma) else None
 
 
 def _check_schedule_kind(sc: ScheduleConfig) -> None:
     if sc.kind not in SCHEDULE_KINDS:
         raise ValueError(f"schedule.kind={sc.kind!r} is unknown; choose from {SCHEDULE_KINDS}")
-    continuous = {"beta_min", "beta_max", "sigma_min", "sigma_max", "sigma_data"}
+    continuous = {"beta_min", "beta_max", "sigma_min", "sigma_max", "sigma_data", "gamma_min", "gamma_max"}
     allowed = set(_SDE_FIELDS.get(sc.kind, ()))
     for key in sorted(continuous - allowed):
         if getattr(sc, key) is not None:
             raise ValueError(f"schedule.{key} does not apply to schedule.kind={sc.kind!r}"
                              + (f" (it takes {sorted(allowed)})" if allowed else ""))
-    for key in sorted(allowed):
+    if sc.kind != "vdm" and sc.gamma != "linear":
+        raise ValueError(f"schedule.gamma applies to schedule.kind='vdm' only, got kind={sc.kind!r}")
+    if sc.kind == "vdm" and sc.gamma not in VDM_GAMMAS:
+        raise ValueError(f"schedule.gamma={sc.gamma!r} is unknown; choose from {VDM_GAMMAS}")
+    for key in sorted(allowed - {"gamma_min", "gamma_max"}):   # gamma = -log SNR may take any sign
         value = getattr(sc, key)
         if value is not None and not value > 0:
             raise ValueError(f"schedule.{key} must be > 0, got {value!r}")
-    lo, hi = ("beta_min", "beta_max") if sc.kind in ("vp", "subvp") else ("sigma_min", "sigma_max")
+    lo, hi = {"vp": ("beta_min", "beta_max"), "subvp": ("beta_min", "beta_max"),
+              "vdm": ("gamma_min", "gamma_max")}.get(sc.kind, ("sigma_min", "sigma_max"))
     if sc.kind != "discrete":
-        built = build_schedule(sc)
+        built = vdm_gamma(sc) if sc.kind == "vdm" else build_schedule(sc)
         if not getattr(built, lo) < getattr(built, hi):
             raise ValueError(f"schedule.{lo}={getattr(built, lo)} must be < schedule.{hi}={getattr(built, hi)}")
 

@@ -42,7 +42,7 @@ def generate(exp, graphdef, params, spec: SamplerSpec, *, num: int, seed: int = 
         labels = labels.astype(np.int32)
     elif labels is not None:
         raise ValueError("labels given, but the model is unconditional (model.num_classes is None)")
-    schedule = build_schedule(exp.schedule)
+    schedule = build_schedule(exp.schedule, params)
     shape = (batch, m.image_size, m.image_size, m.in_channels)
     sample = make_sample_fn(graphdef, schedule, spec, shape, prediction=exp.loss.prediction,
                             learn_sigma=m.learn_sigma, num_classes=m.num_classes)

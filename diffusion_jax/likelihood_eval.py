@@ -57,7 +57,7 @@ def evaluate_likelihood(workdir: str, *, num: int, split: str | None = None, met
     if ode and trace == "exact" and dim > lik.EXACT_TRACE_MAX_DIM:
         raise ValueError(f"--trace exact needs {dim} JVPs per evaluation (limit {lik.EXACT_TRACE_MAX_DIM}); "
                          "use --trace rademacher or gaussian")
-    schedule = build_schedule(exp.schedule)
+    schedule = build_schedule(exp.schedule, params)
     discrete = exp.schedule.kind == "discrete"
     if not (ode or discrete):
         raise ValueError(f"--method vlb is the DDPM bound of a discrete schedule; this run has schedule.kind="

@@ -4,11 +4,14 @@
     discrete        schedules.DiscreteSchedule      losses.diffusion_loss   (DDPM / improved DDPM, any weighting)
     vp, subvp, ve   sde.VPSDE / SubVPSDE / VESDE    dsm.dsm_loss            (Song et al. 2021, continuous time)
     edm             sde.EDMSchedule                 edm.edm_loss            (Karras et al. 2022)
+    vdm             vdm.VDMSchedule                 vdm.vdm_loss            (Kingma et al. 2021; a learned gamma's
+                                                                             params are params["gamma"])
 
 and what the samplers are told the network predicts (`sampler_prediction`).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from diffusion_jax.dsm import DSMConfig, dsm_loss
@@ -16,10 +19,17 @@ from diffusion_jax.edm import EDMLossConfig, edm_loss
 from diffusion_jax.losses import LossConfig, diffusion_loss
 from diffusion_jax.schedules import DiscreteSchedule
 from diffusion_jax.sde import EDMSchedule
+from diffusion_jax.vdm import VDMLossConfig, VDMSchedule, gamma_params_of, vdm_loss
 
 
 def continuous_config(kind: str, cfg: LossConfig):
-    """The EDMLossConfig (kind "edm") or DSMConfig (vp / subvp / ve) that config.loss describes."""
+    """The EDMLossConfig (kind "edm"), VDMLossConfig ("vdm") or DSMConfig (vp / subvp / ve) of config.loss."""
+    if kind == "vdm":
+        if cfg.weighting != "simple" or cfg.importance_sampling:
+            raise ValueError("schedule.kind='vdm' trains VDM's continuous VLB, whose weighting is fixed: leave "
+                             f"loss.weighting='simple' and loss.importance_sampling=False (got {cfg.weighting!r}, "
+                             f"{cfg.importance_sampling})")
+        return VDMLossConfig(prediction=cfg.prediction, cond_drop_prob=cfg.cond_drop_prob)
     if kind == "edm":
         if cfg.prediction != "edm":
             raise ValueError(f"schedule.kind='edm' trains EDM's preconditioned network: set loss.prediction='edm', "
@@ -36,6 +46,11 @@ def make_objective(schedule, cfg: LossConfig, *, learn_sigma: bool = False,
     if isinstance(schedule, DiscreteSchedule):
         return lambda apply_fn, params, batch, key, train=True: diffusion_loss(
             apply_fn, schedule, cfg, params, batch, key, learn_sigma=learn_sigma, num_classes=num_classes,
+            train=train)
+    if isinstance(schedule, VDMSchedule):
+        sub = dataclasses.replace(continuous_config("vdm", cfg), time_scale=schedule.time_scale)
+        return lambda apply_fn, params, batch, key, train=True: vdm_loss(
+            apply_fn, schedule.gamma, sub, params, gamma_params_of(params), batch, key, num_classes=num_classes,
             train=train)
     loss = edm_loss if isinstance(schedule, EDMSchedule) else dsm_loss
     sub = continuous_config("edm" if isinstance(schedule, EDMSchedule) else "sde", cfg)

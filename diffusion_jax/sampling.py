@@ -74,13 +74,17 @@ def network_denoise_fn(apply: Callable, params, label, *, channels: int, keep_va
 
 def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...], *,
                    prediction: str = "eps", learn_sigma: bool = False, num_classes: int | None = None,
-                   mesh=None) -> Callable:
-    """Returns `sample(params, key, y=None) -> (images (N,H,W,C), nfe)`, compiled end to end.
+                   mesh=None, condition: Callable | None = None) -> Callable:
+    """Returns `sample(params, key, y=None, aux=None) -> (images (N,H,W,C), nfe)`, compiled end to end.
 
-    schedule: a DiscreteSchedule or a continuous schedule of `sde.py` (config.build_schedule makes either).
+    schedule: a DiscreteSchedule, a continuous schedule of `sde.py` or a `vdm.VDMSchedule` (config.build_schedule).
     y: (N,) int32 labels for a class-conditional model (None for unconditional).
     mesh: split the N samples over its "data" axis (N must divide evenly). The noise is drawn for the
     whole batch (partitionable threefry), so a seed gives the same samples on 1 or 8 devices.
+    condition(net, y, aux) -> denoise_fn: the conditional branch the sampler runs, from net(label) -> the network's
+    denoise_fn; default net(y). aux: a pytree passed through jit to it (e.g. a guiding classifier's params,
+    `guidance.sampling`). Classifier-free guidance (spec.guidance_scale) runs on top, its unconditional branch
+    being the network with the null class.
     """
     spec.validate()
     sharding = None
@@ -92,7 +96,7 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
     apply = make_apply_fn(graphdef)
     guidance = Guidance(spec.guidance_scale, spec.guidance_rescale)
 
-    def sample(params, key, y=None):
+    def sample(params, key, y=None, aux=None):
         def net(label):
             return network_denoise_fn(apply, params, label, channels=shape[-1],
                                       keep_variance=options.get("variance") == "learned", sharding=sharding,
@@ -101,7 +105,8 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
         uncond = None
         if guidance.active:
             uncond = net(jnp.full(shape[:1], num_classes, jnp.int32))
-        x, info = run_sampler(spec.sampler, net(y), schedule, key, shape, steps=spec.steps, prediction=prediction,
+        cond = net(y) if condition is None else condition(net, y, aux)
+        x, info = run_sampler(spec.sampler, cond, schedule, key, shape, steps=spec.steps, prediction=prediction,
                               spacing=spec.spacing, clip_denoised=spec.clip_denoised or None,
                               guidance=guidance if guidance.active else None, uncond_fn=uncond, options=options)
         return x, info["nfe"]
@@ -111,11 +116,11 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
     else:
         jitted = jax.jit(sample, out_shardings=(sharding, parallel.replicated(mesh)))
 
-    def run(params, key, y=None):
+    def run(params, key, y=None, aux=None):
         if sharding is not None:
-            params = jax.device_put(params, parallel.replicated(mesh))
+            params, aux = jax.device_put((params, aux), parallel.replicated(mesh))
             y = None if y is None else jax.device_put(y, sharding)
-        x, nfe = jitted(params, key, y)
+        x, nfe = jitted(params, key, y, aux)
         return x, int(nfe)
 
     return run

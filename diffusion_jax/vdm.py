@@ -20,6 +20,11 @@ low-discrepancy ("antithetic") sampler t_i = (u + i / B) mod 1, u ~ U(0, 1), or 
 Schedules: `LinearGamma` (fixed, gamma_min + (gamma_max - gamma_min) t) and `MonotoneGamma` (learned: VDM's
 NoiseSchedule_NNet, linear layers with |weights|). Both are `schedule(gamma_params, t)`; `init(key)` gives the params
 pytree ({} for the fixed one) that `vdm_loss` takes next to the network's params.
+
+Training (schedule.kind = "vdm", schedule.gamma = linear | learned): a learned gamma lives next to the U-Net in one
+module, `VDMNetwork` (params {"net": ..., "gamma": ...}), so the optimizer, EMA and checkpoints treat it as any other
+parameter. Sampling, editing and likelihood use `VDMSchedule`, the SDE interface of `sde.py` for a gamma and its
+params (VP with beta(t) = gamma'(t) sigmoid(gamma(t))).
 """
 from __future__ import annotations
 
@@ -27,8 +32,10 @@ import dataclasses
 import math
 from typing import Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from diffusion_jax import param
 from diffusion_jax.dsm import check_output, read_batch
@@ -193,3 +200,83 @@ def vdm_loss(apply_fn: Callable, schedule, cfg: VDMLossConfig, params, gamma_par
     bpd = diff + prior + recon
     return bpd, {"loss": bpd, "bpd": bpd, "diff_bpd": diff, "prior_bpd": prior, "recon_bpd": recon,
                  "gamma_0": gamma_0, "gamma_1": gamma_1, "mse": jnp.mean((eps - eps_hat) ** 2)}
+
+
+# ------------------------------------------------------------------------------ sampling and the network
+@flax.struct.dataclass
+class VDMSchedule:
+    """The `sde.SDE` interface for a VDM gamma (LinearGamma or MonotoneGamma) with its params ({} when fixed):
+
+        alpha^2 = sigmoid(-gamma),  sigma^2 = sigmoid(gamma),  log_snr = -gamma,
+        f = d log alpha / dt = -gamma' sigma^2 / 2,   g^2 = d sigma^2/dt - 2 f sigma^2 = gamma' sigma^2.
+
+    network_time(t) = time_scale (gamma(t) - gamma_min) / (gamma_max - gamma_min), what `vdm_loss` feeds the network
+    (gamma_min / gamma_max are the config's, fixed even when the endpoints are learned). t_of_log_snr is closed form
+    for LinearGamma and 60 bisection steps on [0, 1] (gamma is increasing) for MonotoneGamma. t_min = 0: VDM
+    integrates to t = 0, where the SNR is e^{-gamma(0)}. Params must be concrete arrays (grids read floats)."""
+
+    gamma: LinearGamma | MonotoneGamma = flax.struct.field(pytree_node=False)
+    params: dict
+    time_scale: float = flax.struct.field(pytree_node=False, default=1000.0)
+    t_min: float = flax.struct.field(pytree_node=False, default=0.0)
+    t_max: float = flax.struct.field(pytree_node=False, default=1.0)
+
+    def gamma_t(self, t):
+        return self.gamma(self.params, jnp.asarray(t, jnp.float32))
+
+    def alpha(self, t):   # via log-sigmoid, so that d log alpha / dt stays accurate where alpha is near 1
+        return jnp.exp(0.5 * jax.nn.log_sigmoid(-self.gamma_t(t)))
+
+    def sigma(self, t):
+        return jnp.exp(0.5 * jax.nn.log_sigmoid(self.gamma_t(t)))
+
+    def log_snr(self, t):
+        return -self.gamma_t(t)
+
+    def t_of_log_snr(self, log_snr):
+        g = -jnp.asarray(log_snr, jnp.float32)
+        if isinstance(self.gamma, LinearGamma):
+            return (g - self.gamma.gamma_min) / (self.gamma.gamma_max - self.gamma.gamma_min)
+
+        def halve(_, bounds):
+            lo, hi = bounds
+            mid = 0.5 * (lo + hi)
+            below = self.gamma_t(mid) < g
+            return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+        lo, hi = jax.lax.fori_loop(0, 60, halve, (jnp.zeros_like(g), jnp.ones_like(g)))
+        return 0.5 * (lo + hi)
+
+    def _gamma_and_slope(self, t):
+        t = jnp.asarray(t, jnp.float32)
+        return jax.jvp(self.gamma_t, (t,), (jnp.ones_like(t),))
+
+    def f(self, t):
+        g, dg = self._gamma_and_slope(t)
+        return -0.5 * dg * jax.nn.sigmoid(g)
+
+    def g2(self, t):
+        g, dg = self._gamma_and_slope(t)
+        return dg * jax.nn.sigmoid(g)
+
+    def network_time(self, t):
+        lo, hi = self.gamma.gamma_min, self.gamma.gamma_max
+        return self.time_scale * (self.gamma_t(t) - lo) / (hi - lo)
+
+
+class VDMNetwork(nnx.Module):
+    """A denoising network plus the params of a learned gamma, trained together: pure params {"net": <the
+    network's>, "gamma": MonotoneGamma params}. Calling it calls the network (gamma is read by the loss and
+    `VDMSchedule`, never by the forward pass)."""
+
+    def __init__(self, net: nnx.Module, gamma_params: dict):
+        self.net = net
+        self.gamma = nnx.data(jax.tree.map(nnx.Param, gamma_params))
+
+    def __call__(self, *args, **kwargs):
+        return self.net(*args, **kwargs)
+
+
+def gamma_params_of(params) -> dict:
+    """The gamma params inside a `VDMNetwork`'s params, or {} for a plain network (fixed gamma)."""
+    return params["gamma"] if isinstance(params, dict) and set(params) == {"net", "gamma"} else {}

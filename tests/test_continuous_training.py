@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import DIGITS, ROOT as ROOT_DIR, TINY
-from diffusion_jax.config import build_schedule, load_experiment
+from diffusion_jax.config import build_schedule, learned_gamma, load_experiment
 from diffusion_jax.sampling import SamplerSpec, make_sample_fn
 from diffusion_jax.sde import EDMSchedule, VESDE
 from diffusion_jax.train.checkpoint import load_trained
@@ -18,6 +18,8 @@ RUNS = {
     "edm": ["schedule.kind=edm", "loss.prediction=edm", "sample.sampler=heun", "sample.spacing=karras"],
     "vp": ["schedule.kind=vp", "loss.weighting=likelihood", "loss.importance_sampling=True",
            "sample.sampler=dpmpp_2m", "sample.spacing=logsnr"],
+    "vdm": ["schedule.kind=vdm", "schedule.gamma=learned", "sample.sampler=dpmpp_2m", "sample.spacing=logsnr",
+            "optim.warmup_steps=0", "optim.learning_rate=0.01"],
 }
 
 
@@ -29,7 +31,14 @@ def test_continuous_run_trains_samples_and_loads(tmp_path, kind):
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
     exp2, graphdef, params, step = load_trained(str(tmp_path))
     assert step == 3 and exp2.schedule.kind == kind
-    schedule = build_schedule(exp2.schedule)
+    schedule = build_schedule(exp2.schedule, params)
+    if kind == "vdm":   # the learned gamma is trained with the network, saved with it and steers sampling
+        assert set(params) == {"net", "gamma"} and "bpd" in rows[-1]
+        l1 = learned_gamma(exp2.schedule).init(jax.random.key(0))["l1"]     # deterministic: the linear gamma
+        moved = [abs(float(params["gamma"]["l1"][k].ravel()[0] - l1[k].ravel()[0])) for k in ("w", "b")]
+        assert min(moved) > 1e-4 and schedule.params is params["gamma"]
+        with pytest.raises(ValueError, match="schedule.gamma='learned' is part of the trained params"):
+            build_schedule(exp2.schedule)
     spec = SamplerSpec.from_config(exp2.sample)
     spec = SamplerSpec(spec.sampler, steps=3, spacing=spec.spacing, clip_denoised=1.0, options=spec.options)
     fn = make_sample_fn(graphdef, schedule, spec, (2, 8, 8, 1), prediction=exp2.loss.prediction)

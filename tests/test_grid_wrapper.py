@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import sde as sdes
+from diffusion_jax import vdm
 from diffusion_jax.param import from_x0_eps
 from diffusion_jax.samplers import ddim_sample, respace, select_timesteps
 from diffusion_jax.samplers.grid import SPACINGS, Grid, continuous_grid, discrete_grid
@@ -20,6 +21,21 @@ from diffusion_jax.schedules import ContinuousSchedule, beta_schedule, make_sche
 T = 1000
 MU, S = 0.3, 0.5
 SDES = [sdes.VPSDE(), sdes.SubVPSDE(), sdes.VESDE(), sdes.EDMSchedule()]
+
+
+def curved_gamma(fixed_endpoints: bool = False):
+    """A learned VDM gamma far from linear: MonotoneGamma with large random weights (it stays monotone)."""
+    gamma = vdm.MonotoneGamma(n_features=64, fixed_endpoints=fixed_endpoints)
+    p = gamma.init(jax.random.key(0))
+    k2, k3 = jax.random.split(jax.random.key(1))
+    p["l1"]["w"] = jnp.full((1, 1), 2.0)                 # a small linear part: the sigmoid features dominate
+    p["l2"]["w"] = 6.0 * jax.random.normal(k2, (1, 64))
+    p["l3"]["w"] = 20.0 * jax.random.normal(k3, (64, 1))
+    return vdm.VDMSchedule(gamma, p)
+
+
+VDMS = [vdm.VDMSchedule(vdm.LinearGamma(), {}), curved_gamma()]
+SCHEDULE_IDS = lambda s: type(getattr(s, "gamma", s)).__name__
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +180,7 @@ def test_zero_terminal_snr_grids():
         assert abs(float(g.t[0]) - (T - 1)) < 1e-3
 
 
-@pytest.mark.parametrize("sde", SDES, ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("sde", SDES + VDMS, ids=SCHEDULE_IDS)
 def test_continuous_grids(sde):
     K = 12
     for spacing in ("uniform", "quadratic", "karras", "logsnr"):
@@ -200,7 +216,7 @@ def test_grid_argument_errors(sched):
 
 
 # ---------------------------------------------------------------------------------------- continuous SDEs
-@pytest.mark.parametrize("sde", SDES, ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("sde", SDES + VDMS, ids=SCHEDULE_IDS)
 def test_sde_marginals_match_forward_sde(sde):
     """d log alpha/dt = f and d sigma^2/dt = 2 f sigma^2 + g^2 (moments of the linear SDE); log_snr inverts."""
     t = jnp.linspace(sde.t_min, sde.t_max, 9)
@@ -228,6 +244,39 @@ def test_sde_closed_forms():
     np.testing.assert_allclose(ve.network_time(t), ve.sigma(t))
     e = sdes.EDMSchedule()
     assert (e.t_min, e.t_max) == (0.002, 80.0) and float(e.network_time(3.0)) == 3.0 and float(e.sigma(3.0)) == 3.0
+
+
+def test_vdm_schedule_closed_forms():
+    lin, curved = VDMS
+    t = jnp.linspace(0.0, 1.0, 7)
+    g = -13.3 + 18.3 * np.asarray(t, np.float64)
+    np.testing.assert_allclose(lin.sigma(t) ** 2, 1 / (1 + np.exp(-g)), rtol=1e-5)       # sigmoid(gamma)
+    np.testing.assert_allclose(lin.alpha(t) ** 2 + lin.sigma(t) ** 2, 1.0, rtol=1e-6)
+    np.testing.assert_allclose(lin.g2(t), 18.3 / (1 + np.exp(-g)), rtol=1e-5)           # beta = gamma' sigma^2
+    np.testing.assert_allclose(lin.network_time(t), 1000 * t, rtol=1e-5, atol=1e-3)
+    slope = np.diff(np.asarray(curved.gamma_t(jnp.linspace(0, 1, 101))))
+    assert np.all(slope > 0) and slope.max() > 3 * slope.min()                          # monotone, far from linear
+    np.testing.assert_allclose(curved.network_time(t), 1000 * (curved.gamma_t(t) + 13.3) / 18.3, rtol=1e-5)
+
+
+def test_vdm_learned_gamma_changes_the_path_not_the_ode_solution():
+    """The probability-flow ODE depends on the schedule only through its log-SNR range (Kingma et al. 2021, sec. 5.1):
+    a network that sees gamma (VDM's time input) and a solver on a grid uniform in log-SNR give the same samples for
+    a linear and a strongly curved gamma with the same ends."""
+    from diffusion_jax.samplers import run_sampler
+
+    lin, curved = vdm.VDMSchedule(vdm.LinearGamma(), {}), curved_gamma(fixed_endpoints=True)
+
+    def network(x, t_net):           # the exact N(MU, S^2) denoiser as an eps network of VDM's time input
+        gamma = -13.3 + 18.3 * t_net / 1000.0
+        return gaussian("eps", lambda _: vdm.alpha_sigma(gamma))(x, t_net)
+
+    x_T = jax.random.normal(jax.random.key(2), (64, 3))
+    out = [run_sampler(name, network, s, None, x_T.shape, steps=12, spacing="logsnr", x_T=x_T)[0]
+           for s in (lin, curved) for name in ("dpmpp_2m", "heun")]
+    np.testing.assert_allclose(out[2], out[0], atol=2e-4)
+    np.testing.assert_allclose(out[3], out[1], atol=2e-4)
+    assert abs(float(jnp.mean(out[0])) - MU) < 0.1 and abs(float(jnp.std(out[0])) - S) < 0.1
 
 
 # -------------------------------------------------------------------------------------------- the wrapper

@@ -8,19 +8,16 @@
 Like `sampling.make_sample_fn`, with the conditional network branch wrapped by `classifier_guided`; with
 spec.guidance_scale != 1 classifier-free guidance runs on top (its conditional branch is the guided one).
 `unconditional_model=True` gives the diffusion network the null class, so only the classifier steers (Dhariwal &
-Nichol's unconditional-model setting). One device (no mesh).
+Nichol's unconditional-model setting).
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.guidance.training import TrainedClassifier
 from diffusion_jax.guidance.wrapper import check_scale, classifier_guided
-from diffusion_jax.models.functional import make_apply_fn
-from diffusion_jax.samplers import Guidance, run_sampler
-from diffusion_jax.sampling import SamplerSpec, check_model_fits, network_denoise_fn
+from diffusion_jax.sampling import SamplerSpec, make_sample_fn
 
 
 def check_classifier_fits(classifier: TrainedClassifier, image_shape, num_classes: int | None,
@@ -38,35 +35,24 @@ def check_classifier_fits(classifier: TrainedClassifier, image_shape, num_classe
 def make_classifier_guided_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...],
                                      classifier: TrainedClassifier, scale: float, *, prediction: str = "eps",
                                      learn_sigma: bool = False, num_classes: int | None = None,
-                                     unconditional_model: bool = False):
+                                     unconditional_model: bool = False, mesh=None):
     """Returns `sample(params, key, y) -> (images (N,H,W,C), nfe)`; y (N,) int labels the classifier steers to
-    (and, unless unconditional_model, the class-conditional network's labels). Compiled once per shape."""
-    spec.validate()
+    (and, unless unconditional_model, the class-conditional network's labels). Compiled once per shape; mesh
+    splits the batch as in `sampling.make_sample_fn`, whose `condition` hook this fills."""
     scale = check_scale(scale, "--classifier-scale")
-    check_model_fits(spec, learn_sigma, num_classes)
     check_classifier_fits(classifier, shape[1:], num_classes)
-    guidance = Guidance(spec.guidance_scale, spec.guidance_rescale)
-    if unconditional_model and (num_classes is None or guidance.active):
+    if unconditional_model and (num_classes is None or spec.guidance_scale != 1.0):
         raise ValueError("unconditional_model needs a class-conditional model (model.num_classes) and no "
                          "classifier-free guidance (guidance_scale 1)")
-    apply, options = make_apply_fn(graphdef), dict(spec.options)
     null = None if num_classes is None else jnp.full(shape[:1], num_classes, jnp.int32)
 
-    def sample(params, classifier_params, key, y):
-        def net(label):
-            return network_denoise_fn(apply, params, label, channels=shape[-1], schedule=schedule,
-                                      keep_variance=options.get("variance") == "learned")
-
+    def condition(net, y, classifier_params):
         model_label = null if unconditional_model or num_classes is None else y
-        cond = classifier_guided(net(model_label), classifier.log_prob_fn(classifier_params), y, schedule, scale,
+        return classifier_guided(net(model_label), classifier.log_prob_fn(classifier_params), y, schedule, scale,
                                  prediction=prediction)
-        x, info = run_sampler(spec.sampler, cond, schedule, key, shape, steps=spec.steps, prediction=prediction,
-                              spacing=spec.spacing, clip_denoised=spec.clip_denoised or None,
-                              guidance=guidance if guidance.active else None,
-                              uncond_fn=net(null) if guidance.active else None, options=options)
-        return x, info["nfe"]
 
-    jitted = jax.jit(sample)
+    sample = make_sample_fn(graphdef, schedule, spec, shape, prediction=prediction, learn_sigma=learn_sigma,
+                            num_classes=num_classes, mesh=mesh, condition=condition)
 
     def run(params, key, y):
         y = np.asarray(y)
@@ -74,14 +60,13 @@ def make_classifier_guided_sample_fn(graphdef, schedule, spec: SamplerSpec, shap
                 or y.max() >= classifier.spec.num_classes:
             raise ValueError(f"labels must be ({shape[0]},) ints in [0, {classifier.spec.num_classes}), got shape "
                              f"{y.shape} dtype {y.dtype}")
-        x, nfe = jitted(params, classifier.params, key, jnp.asarray(y, jnp.int32))
-        return x, int(nfe)
+        return sample(params, key, jnp.asarray(y, jnp.int32), classifier.params)
 
     return run
 
 
-def guided_sample_fn_for_run(exp, graphdef, spec: SamplerSpec, shape: tuple[int, ...], folder: str,
-                             scale: float | None):
+def guided_sample_fn_for_run(exp, graphdef, params, spec: SamplerSpec, shape: tuple[int, ...], folder: str,
+                             scale: float | None, mesh=None):
     """(sample(params, key, labels), labels 0, 1, ..., K-1, 0, ...) for a run's `Experiment` and the classifier
     in FOLDER with weight `scale` (None -> 1): what `diffusion-jax sample --classifier` runs."""
     from diffusion_jax.config import build_schedule
@@ -89,7 +74,7 @@ def guided_sample_fn_for_run(exp, graphdef, spec: SamplerSpec, shape: tuple[int,
 
     clf = load_noisy_classifier(folder)
     m = exp.model
-    sample = make_classifier_guided_sample_fn(graphdef, build_schedule(exp.schedule), spec, shape, clf,
+    sample = make_classifier_guided_sample_fn(graphdef, build_schedule(exp.schedule, params), spec, shape, clf,
                                               1.0 if scale is None else scale, prediction=exp.loss.prediction,
-                                              learn_sigma=m.learn_sigma, num_classes=m.num_classes)
+                                              learn_sigma=m.learn_sigma, num_classes=m.num_classes, mesh=mesh)
     return sample, np.arange(shape[0], dtype=np.int32) % clf.spec.num_classes

@@ -189,7 +189,10 @@ def train_noisy_classifier(workdir: str, out: str, recipe: ClassifierRecipe = Cl
     if result is not None and os.path.isdir(os.path.join(out, "checkpoints", str(recipe.steps))):
         return result                                                   # finished: reused as it is
     write_json(os.path.join(out, "config.json"), config)
-    schedule, t_start = build_schedule(exp.schedule), time.perf_counter()
+    # The classifier is conditioned on log-SNR, so a learned VDM gamma may be replaced by the linear one between the
+    # same ends: the schedule only sets which noise levels training sees most (and needs no diffusion params).
+    sc = dataclasses.replace(exp.schedule, gamma="linear") if exp.schedule.kind == "vdm" else exp.schedule
+    schedule, t_start = build_schedule(sc), time.perf_counter()
     graphdef, state, metrics = _fit(spec, recipe, schedule, source, out, config, progress)
     try:
         held, split = load_source(dataclasses.replace(exp.data, split="test")), "test"

@@ -112,7 +112,7 @@ def _as_abstract(x):
 
 def load_trained(workdir: str, step: int | None = None):
     """(experiment, graphdef, ema_params, step) of the latest (or given) checkpoint in a training workdir."""
-    from diffusion_jax.config import Experiment, load_workdir_config
+    from diffusion_jax.config import Experiment, learned_gamma, load_workdir_config
     from diffusion_jax.train.state import make_init_fn, make_optimizer, model_graphdef
 
     if not os.path.isdir(workdir):
@@ -124,10 +124,11 @@ def load_trained(workdir: str, step: int | None = None):
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first (diffusion-jax train)")
         tx, _ = make_optimizer(exp.optim, exp.train.steps)
-        abstract = jax.eval_shape(make_init_fn(exp.model, tx, jax.random.PRNGKey(0)))
+        gamma = learned_gamma(exp.schedule)
+        abstract = jax.eval_shape(make_init_fn(exp.model, tx, jax.random.PRNGKey(0), gamma))
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
         state = ckpt.restore(abstract, step)
     finally:
         ckpt.close()
-    return exp, model_graphdef(exp.model), state.ema_params, int(step)
+    return exp, model_graphdef(exp.model, gamma), state.ema_params, int(step)

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffusion_jax import parallel, viz
-from diffusion_jax.config import Experiment, build_schedule
+from diffusion_jax.config import Experiment, build_schedule, learned_gamma
 from diffusion_jax.data import Batches, load_source
 from diffusion_jax.fileio import write_json
 from diffusion_jax.sampling import SamplerSpec, class_labels, make_sample_fn
@@ -85,9 +85,10 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     os.makedirs(workdir, exist_ok=True)
     write_config(workdir, exp)
 
-    schedule = build_schedule(exp.schedule)
     tx, lr_fn = make_optimizer(exp.optim, tc.steps)
-    graphdef, state, shardings = create_train_state(exp.model, tx, jax.random.PRNGKey(exp.seed), mesh, tc.fsdp)
+    gamma = learned_gamma(exp.schedule)   # a learned VDM gamma is trained with (and inside) the params
+    graphdef, state, shardings = create_train_state(exp.model, tx, jax.random.PRNGKey(exp.seed), mesh, tc.fsdp,
+                                                    learned_gamma=gamma)
     ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
     restored, restored_step = ckpt.restore_latest(state)
     if restored is not None:
@@ -98,19 +99,24 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
 
     opts = StepOptions(tc.ema_decay, tc.ema_warmup, exp.model.learn_sigma, exp.model.num_classes,
                        skip_nonfinite=tc.on_nonfinite == "skip")
+    schedule = build_schedule(exp.schedule, state.params)
     train_step = make_train_step(graphdef, schedule, exp.loss, tx, lr_fn, opts, mesh, shardings)
     shape = (tc.sample_num, *source.image_shape)
     if exp.schedule.kind == "discrete":
         grid_spec = SamplerSpec("ddim", steps=tc.sample_steps)
     else:   # the run's own sampler and spacing (DDIM's timesteps are discrete)
         grid_spec = SamplerSpec.from_config(dataclasses.replace(exp.sample, steps=tc.sample_steps))
-    sample_fn = make_sample_fn(graphdef, schedule, grid_spec, shape,
-                               prediction=exp.loss.prediction, learn_sigma=exp.model.learn_sigma,
-                               num_classes=exp.model.num_classes, mesh=mesh)
+    def grid_sampler(schedule):
+        return make_sample_fn(graphdef, schedule, grid_spec, shape, prediction=exp.loss.prediction,
+                              learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes, mesh=mesh)
+
+    sample_fn = grid_sampler(schedule)
     labels = class_labels(tc.sample_num, exp.model.num_classes)
 
     def write_samples(step: int):
-        images = np.asarray(sample_fn(state.ema_params, jax.random.PRNGKey(exp.seed + 1), labels)[0])
+        # a learned gamma changes as it trains: sample with the EMA's (which costs a compile per grid)
+        sample = sample_fn if gamma is None else grid_sampler(build_schedule(exp.schedule, state.ema_params))
+        images = np.asarray(sample(state.ema_params, jax.random.PRNGKey(exp.seed + 1), labels)[0])
         if not np.isfinite(images).all():   # finite params can still diverge while sampling: say so, go on
             warnings.warn(f"the sample grid at step {step} has non-finite pixels; not written", RuntimeWarning)
             return

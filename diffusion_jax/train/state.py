@@ -23,6 +23,7 @@ from diffusion_jax.losses import LossConfig
 from diffusion_jax.models import UNet, UNetConfig
 from diffusion_jax.models.functional import make_apply_fn
 from diffusion_jax.objectives import make_objective
+from diffusion_jax.vdm import VDMNetwork
 
 
 @flax.struct.dataclass
@@ -61,12 +62,21 @@ def ema_decay_at(step, decay: float, warmup: bool):
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def make_init_fn(model_cfg: UNetConfig, tx, key) -> Callable[[], TrainState]:
+def build_network(model_cfg: UNetConfig, rngs: nnx.Rngs, learned_gamma=None) -> nnx.Module:
+    """The trained module: the U-Net, or a `vdm.VDMNetwork` (U-Net + gamma params) for a learned VDM gamma
+    (`config.learned_gamma(exp.schedule)`)."""
+    net = UNet(model_cfg, rngs=rngs)
+    if learned_gamma is None:
+        return net
+    return VDMNetwork(net, learned_gamma.init(rngs.params()))
+
+
+def make_init_fn(model_cfg: UNetConfig, tx, key, learned_gamma=None) -> Callable[[], TrainState]:
     """A function of no arguments that builds the initial TrainState (jit it, or eval_shape it)."""
     init_key, state_key = jax.random.split(key)
 
     def init():
-        model = UNet(model_cfg, rngs=nnx.Rngs(params=init_key))
+        model = build_network(model_cfg, nnx.Rngs(params=init_key), learned_gamma)
         _, params = nnx.split(model, nnx.Param)
         params = nnx.to_pure_dict(params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -76,19 +86,19 @@ def make_init_fn(model_cfg: UNetConfig, tx, key) -> Callable[[], TrainState]:
     return init
 
 
-def create_train_state(model_cfg: UNetConfig, tx, key, mesh, fsdp: bool = False):
+def create_train_state(model_cfg: UNetConfig, tx, key, mesh, fsdp: bool = False, learned_gamma=None):
     """Initialise directly into the target shardings (nothing is materialised replicated first).
 
     Returns (graphdef, state, state_shardings).
     """
-    init = make_init_fn(model_cfg, tx, key)
+    init = make_init_fn(model_cfg, tx, key, learned_gamma)
     shardings = parallel.state_shardings(mesh, jax.eval_shape(init), fsdp=fsdp)
     state = jax.jit(init, out_shardings=shardings)()
-    return model_graphdef(model_cfg), state, shardings
+    return model_graphdef(model_cfg, learned_gamma), state, shardings
 
 
-def model_graphdef(model_cfg: UNetConfig):
-    return nnx.graphdef(nnx.eval_shape(lambda: UNet(model_cfg, rngs=nnx.Rngs(0))))
+def model_graphdef(model_cfg: UNetConfig, learned_gamma=None):
+    return nnx.graphdef(nnx.eval_shape(lambda: build_network(model_cfg, nnx.Rngs(0), learned_gamma)))
 
 
 @dataclasses.dataclass(frozen=True)
