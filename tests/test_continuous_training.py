@@ -1,5 +1,6 @@
 """Continuous-time training end to end: schedule.kind picks the schedule and its loss (objectives.py), the
 trained run samples with a grid sampler, and the config refuses combinations that cannot work."""
+import dataclasses
 import os
 
 import jax
@@ -66,6 +67,10 @@ def test_build_schedule_follows_kind_and_defaults():
      "loss.loss_type='mse'"),
     (["schedule.kind=vp", "loss.importance_sampling=True", "sample.spacing=karras"], "loss.weighting='likelihood'"),
     (["schedule.kind=discrete", "schedule.sigma_data=0.5"], "schedule.sigma_data does not apply"),
+    (["schedule.kind=vdm", "schedule.gamma=cosine", "sample.spacing=logsnr"], "schedule.gamma='cosine' is unknown"),
+    (["schedule.gamma=learned"], "schedule.gamma applies to schedule.kind='vdm' only"),
+    (["schedule.kind=vdm", "schedule.gamma_min=6.0", "sample.spacing=logsnr"], "gamma_min=6.0 must be <"),
+    (["schedule.kind=vdm", "loss.weighting=likelihood", "sample.spacing=logsnr"], "VDM's continuous VLB"),
 ])
 def test_continuous_config_errors_name_the_key(overrides, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(".", r"\.")):
@@ -79,11 +84,16 @@ def test_override_of_a_key_the_config_file_leaves_out_still_checks_the_name():
 
 @pytest.mark.parametrize("spec", ["score_sde.py:vp", "score_sde.py:subvp", "score_sde.py:ve", "score_sde.py:vp,digits",
                                   "score_sde.py:ve,fashion_mnist", "score_sde.py:subvp,digits,debug", "edm.py",
-                                  "edm.py:digits", "edm.py:fashion_mnist,debug"])
+                                  "edm.py:digits", "edm.py:fashion_mnist,debug", "vdm.py", "vdm.py:digits,debug"])
 def test_paper_and_cpu_configs_load_and_validate(spec):
     exp = load_experiment(os.path.join(ROOT_DIR, "configs", spec))[0]
-    schedule = build_schedule(exp.schedule)
-    assert exp.schedule.kind in ("vp", "subvp", "ve", "edm") and schedule.t_min < schedule.t_max
+    sc = exp.schedule if exp.schedule.kind != "vdm" else dataclasses.replace(exp.schedule, gamma="linear")
+    schedule = build_schedule(sc)
+    assert exp.schedule.kind in ("vp", "subvp", "ve", "edm", "vdm") and schedule.t_min < schedule.t_max
+    if spec == "vdm.py":   # google-research/vdm configs/cifar10.py
+        assert (exp.schedule.gamma, exp.schedule.gamma_min, exp.schedule.gamma_max) == ("learned", -13.3, 5.0)
+        assert (exp.optim.learning_rate, exp.optim.b2, exp.optim.weight_decay, exp.train.batch_size) == \
+            (2e-4, 0.99, 0.01, 128)
     if spec == "edm.py":   # Karras et al. Table 7: batch 512, 200 Mimg, 18 Heun steps on sigma in [0.002, 80]
         assert (exp.train.batch_size, exp.train.steps, exp.sample.steps) == (512, 390_625, 18)
         assert (schedule.sigma_min, schedule.sigma_max, schedule.sigma_data) == (0.002, 80.0, 0.5)
