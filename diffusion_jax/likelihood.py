@@ -97,9 +97,14 @@ def _ode_levels(schedule, t_min, t_max):
                          f"{type(schedule).__name__}")
     lo = schedule.t_min if t_min is None else t_min
     hi = schedule.t_max if t_max is None else t_max
-    if not 0 < lo < hi:
-        raise ValueError(f"likelihood.t_min={lo} and likelihood.t_max={hi} need 0 < t_min < t_max")
+    if not 0 <= lo < hi:
+        raise ValueError(f"likelihood.t_min={lo} and likelihood.t_max={hi} need 0 <= t_min < t_max")
     log_s = lambda t: -0.5 * schedule.log_snr(jnp.asarray(t, jnp.float32))
+    with jax.ensure_compile_time_eval():   # the ODE runs in log(sigma / alpha): both ends must be finite
+        ends = concrete_or_none(jnp.stack([log_s(lo), log_s(hi)]))
+    if ends is not None and not np.isfinite(ends).all():
+        raise ValueError(f"likelihood.t_min={lo}, t_max={hi}: log(sigma / alpha) = {ends.tolist()} is not finite "
+                         "there (sigma = 0 or alpha = 0); pass a t_min > 0 / a t_max < the schedule's end")
     return level_fn(None, schedule), log_s(lo), log_s(hi)
 
 

@@ -11,6 +11,7 @@ import pytest
 from scipy.special import log_ndtr, logsumexp
 
 from diffusion_jax import sde as sdes
+from diffusion_jax import vdm
 from diffusion_jax.cli import main
 from diffusion_jax.likelihood import bits_per_dim, ddpm_vlb, dequantize, ode_log_likelihood
 from diffusion_jax.schedules import make_schedule
@@ -52,12 +53,21 @@ def _case(kind, mix, vp_exact):
         edm = sdes.EDMSchedule()
         run = jax.jit(lambda x: ode_log_likelihood(edm_denoiser(mix), edm, x, prediction="edm"))
         return run, (1.0, edm.t_min), (1.0, edm.t_max)
+    if kind == "vdm":   # a learned, strongly curved gamma on [-13.3, 10] (VP's alpha(1) = 0.0067, so the N(0, I)
+        # prior fits as well as VP's); the network sees VDM's time input, the normalised gamma
+        gamma = vdm.MonotoneGamma(gamma_max=10.0, n_features=16, fixed_endpoints=True)
+        p = gamma.init(jax.random.key(2))
+        p["l1"]["w"], p["l3"]["w"] = jnp.full((1, 1), 2.0), 20.0 * jnp.abs(p["l3"]["w"]) / 0.01
+        sched, f = vdm.VDMSchedule(gamma, p), alpha_sigma_denoiser(mix, "eps")
+        net = lambda x, t: f(x, *vdm.alpha_sigma(-13.3 + 23.3 * t / 1000.0))
+        run = jax.jit(lambda x: ode_log_likelihood(net, sched, x, prediction="eps"))
+        return run, (sched.alpha(0.0), sched.sigma(0.0)), (sched.alpha(1.0), sched.sigma(1.0))
     fn = discrete_denoise_fn(mix, DDPM, "v")
     run = jax.jit(lambda x: ode_log_likelihood(fn, DDPM, x, prediction="v"))
     return run, (DDPM.alpha(0), DDPM.sigma(0)), (DDPM.alpha(999), DDPM.sigma(999))
 
 
-@pytest.mark.parametrize("kind", ["vp", "edm", "ddpm"])
+@pytest.mark.parametrize("kind", ["vp", "edm", "ddpm", "vdm"])
 def test_exact_trace_matches_mixture_log_density(mix, data, vp_exact, kind):
     x, truth = data
     run, level0, level1 = _case(kind, mix, vp_exact)
