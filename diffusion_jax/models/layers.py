@@ -85,6 +85,17 @@ def fourier_embedding(x: jax.Array, freqs) -> jax.Array:
     return jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], axis=-1)
 
 
+def check_network_inputs(x, t, in_channels: int, use_dropout: bool, dropout_key):
+    """(x as (B, H, W, in_channels) array, t as (B,) float32, use_dropout) of a denoiser's call; ValueError naming
+    the argument when x is not NHWC with in_channels, or dropout is on without a key."""
+    x = jnp.asarray(x)
+    if x.ndim != 4 or x.shape[-1] != in_channels:
+        raise ValueError(f"x must be (B, H, W, {in_channels}) (NHWC), got shape {x.shape}")
+    if use_dropout and dropout_key is None:
+        raise ValueError("train=True with model.dropout > 0 needs a dropout_key")
+    return x, jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1]), use_dropout
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout driven by an explicit key; identity when `key is None` or `rate == 0`."""
     if key is None or rate == 0.0:

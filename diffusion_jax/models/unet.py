@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models.layers import (AttentionBlock, Downsample, ResBlock, Upsample, conv, fourier_embedding,
+from diffusion_jax.models.layers import (AttentionBlock, check_network_inputs, Downsample, ResBlock, Upsample, conv, fourier_embedding,
                                          fourier_frequencies, group_norm, linear, timestep_embedding)
 from diffusion_jax.models.resample import RESAMPLE_FILTERS
 
@@ -271,14 +271,8 @@ class UNet(nnx.Module):
         """
         c = self.config
         dt = _DTYPES[c.dtype]
-        x = jnp.asarray(x)
-        if x.ndim != 4 or x.shape[-1] != c.in_channels:
-            raise ValueError(f"x must be (B, H, W, {c.in_channels}) (NHWC), got shape {x.shape}")
+        x, t, use_dropout = check_network_inputs(x, t, c.in_channels, train and c.dropout > 0, dropout_key)
         b = x.shape[0]
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
-        use_dropout = train and c.dropout > 0
-        if use_dropout and dropout_key is None:
-            raise ValueError("train=True with model.dropout > 0 needs a dropout_key")
 
         if self.class_embed is None and y is not None:
             raise ValueError("class labels y were given but the model is unconditional "

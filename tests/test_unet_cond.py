@@ -1,0 +1,210 @@
+"""The cross-attention U-Net (models/unet_cond.py), its config and its diffusers converter.
+
+Parity with diffusers' UNet2DConditionModel uses randomly initialised models built locally (no downloads).
+"""
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from diffusion_jax.models import functional
+from diffusion_jax.models.convert_unet_cond import convert_unet_cond, load_unet_cond, unet_cond_graphdef
+from diffusion_jax.models.unet_cond import UNetCond, UNetCondConfig
+
+# runwayml / stable-diffusion-v1-5 unet/config.json
+SD15 = {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu",
+        "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
+        "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+        "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
+SD15_PARAMS = 859_520_964
+
+# The tiny diffusers models of the parity tests: A is SD 1.x-shaped; B flips every option we implement.
+TINY_A = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+              cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8)
+TINY_B = dict(TINY_A, use_linear_projection=True, attention_head_dim=(2, 4), transformer_layers_per_block=2,
+              num_class_embeds=3, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
+              mid_block_scale_factor=2.0, center_input_sample=True,
+              down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+RTOL = 1e-4  # parity tolerance, relative to the largest magnitude of the reference output
+# XLA's CPU backend at optimisation level 0 compiles these tiny models several times faster.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def test_sd15_config_resolves_heads_as_diffusers():
+    """diffusers' `attention_head_dim=8` of SD 1.x is the number of heads (its issue 2011)."""
+    config = UNetCondConfig.from_diffusers(SD15)
+    assert config == UNetCondConfig()
+    assert config.per_block("num_attention_heads") == (8, 8, 8, 8)  # head widths 40, 80, 160, 160
+    per_block = UNetCondConfig.from_diffusers({**SD15, "attention_head_dim": [5, 10, 20, 20]})
+    assert per_block.num_attention_heads == (5, 10, 20, 20)
+    assert UNetCondConfig.from_diffusers({**SD15, "down_block_types": ["UNetResDownBlock2D"] * 4,
+                                          "up_block_types": ["UpBlock2D"] * 4}).down_block_types == ("DownBlock2D",) * 4
+
+
+@pytest.fixture(scope="module")
+def abstract():
+    """Shape-only UNetCond models of TINY_A and TINY_B (no allocation)."""
+    return {name: nnx.eval_shape(lambda cfg=cfg: UNetCond(UNetCondConfig.from_diffusers(cfg), rngs=nnx.Rngs(0)))
+            for name, cfg in (("A", TINY_A), ("B", TINY_B))}
+
+
+def test_functional_split_has_only_params(abstract):
+    _, params = functional.split_params(abstract["B"])
+    blocks = params["down_blocks"][0]["attentions"][0]["transformer_blocks"]
+    assert len(blocks) == 2 and blocks[1]["ff"]["proj"]["kernel"].shape == (32, 256)  # GEGLU: 2 x 4 x 32
+
+
+@pytest.mark.parametrize("key, value", [
+    ("addition_embed_type", "text"), ("time_cond_proj_dim", 8), ("encoder_hid_dim", 32),
+    ("dual_cross_attention", True), ("attention_type", "gated"), ("resnet_time_scale_shift", "scale_shift"),
+    ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"), ("class_embed_type", "timestep"),
+    ("only_cross_attention", [True, False, False, False]), ("num_attention_heads", 8), ("act_fn", "gelu"),
+    ("time_embedding_type", "fourier"), ("cross_attention_dim", [768, 768, 1024, 1024]),
+    ("down_block_types", ["SimpleCrossAttnDownBlock2D"] * 4), ("block_out_channels", [320, 640, 1280, 1000]),
+    ("layers_per_block", [2, 2]), ("transformer_layers_per_block", [[1, 2]] * 4), ("not_a_diffusers_key", 1)])
+def test_from_diffusers_refuses_what_is_not_implemented(key, value):
+    with pytest.raises(ValueError, match=key):
+        UNetCondConfig.from_diffusers({**SD15, key: value})
+
+
+def test_call_convention_errors(abstract):
+    model, labelled = abstract["A"], abstract["B"]
+    x, t, ctx = jnp.zeros((2, 8, 8, 4)), jnp.zeros((2,)), jnp.zeros((2, 3, 16))
+    with pytest.raises(ValueError, match="num_class_embeds"):
+        model(x, t, jnp.zeros((2,), jnp.int32), ctx)
+    with pytest.raises(ValueError, match="cross_attention_dim"):
+        model(x, t)
+    with pytest.raises(ValueError, match=r"context must be \(2, L, 16\)"):
+        model(x, t, None, jnp.zeros((2, 3, 8)))
+    with pytest.raises(ValueError, match="pass labels y"):
+        labelled(x, t, None, ctx)
+
+
+# ---------------------------------------------------------------- parity with diffusers (PyTorch)
+
+
+def _reference(torch, diffusers, cfg, seed):
+    torch.manual_seed(seed)
+    ref = diffusers.UNet2DConditionModel(**cfg).eval()
+    with torch.no_grad():  # perturb every tensor so norm scales / zero biases are exercised too
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return ref
+
+
+@pytest.fixture(scope="module")
+def models():
+    """{name: (diffusers model, our config, converted params, jitted apply)} for TINY_A and TINY_B."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.set_num_threads(1)
+    out = {}
+    for seed, (name, cfg) in enumerate((("A", TINY_A), ("B", TINY_B))):
+        ref = _reference(torch, diffusers, cfg, seed)
+        config = UNetCondConfig.from_diffusers(ref.config)
+        params = convert_unet_cond(ref.state_dict(), config)
+        out[name] = (ref, config, params, jit(functional.make_apply_fn(unet_cond_graphdef(config))))
+    return out
+
+
+def _inputs(config, shape, seed=1):
+    rng = np.random.RandomState(seed)
+    x = rng.randn(2, *shape, config.in_channels).astype(np.float32)
+    t = np.array([3.0, 917.5], np.float32)
+    ctx = rng.randn(2, 5, config.cross_attention_dim).astype(np.float32)
+    y = np.array([0, 2], np.int64) if config.num_class_embeds else None
+    return x, t, y, ctx
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name, shape", [("A", (16, 16)), ("A", (15, 10)), ("B", (16, 16))])
+def test_parity_with_diffusers(models, name, shape):
+    """Same inputs -> same outputs (NCHW <-> NHWC); (15, 10) exercises diffusers' odd-size upsampling."""
+    import torch
+
+    ref, config, params, apply = models[name]
+    x, t, y, ctx = _inputs(config, shape)
+    ours = np.asarray(apply(params, x, t, None if y is None else jnp.asarray(y), ctx))
+    with torch.no_grad():
+        theirs = ref(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(ctx),
+                     class_labels=None if y is None else torch.from_numpy(y)).sample.numpy().transpose(0, 2, 3, 1)
+    assert ours.shape == theirs.shape == (2, *shape, config.out_channels)
+    err = np.abs(ours - theirs).max()
+    scale = np.abs(theirs).max()
+    print(f"UNet2DConditionModel parity {name} {shape}: max abs err {err:.2e}, relative {err / scale:.2e}")
+    assert err <= RTOL * scale
+
+
+@pytest.mark.torch
+def test_gradients_flow(models):
+    _, config, params, _ = models["A"]
+    apply = functional.make_apply_fn(unet_cond_graphdef(config))
+    x, t, _, ctx = _inputs(config, (8, 8))
+    grads = jit(jax.grad(lambda p: jnp.mean(apply(p, x, t, None, ctx) ** 2)))(params)
+    leaves = jax.tree.leaves(grads)
+    assert len(leaves) == len(jax.tree.leaves(params)) and all(np.isfinite(g).all() for g in leaves)
+    for blocks in (params, grads):
+        assert set(blocks["down_blocks"][0]["attentions"][0]["transformer_blocks"][0]["attn2"]) == {"to_q", "to_k",
+                                                                                                   "to_v", "to_out"}
+    for block in (grads["down_blocks"][0], grads["up_blocks"][1], grads["mid_block"]):
+        attn2 = block["attentions"][0]["transformer_blocks"][0]["attn2"]
+        for g in (attn2["to_k"]["kernel"], attn2["to_v"]["kernel"], attn2["to_q"]["kernel"]):
+            assert np.abs(np.asarray(g)).max() > 0
+
+
+@pytest.mark.torch
+def test_converter_names_missing_unexpected_and_misshapen_keys(models):
+    ref, config, _, _ = models["A"]
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj.weight"
+    with pytest.raises(ValueError, match="missing.*ff.net.0.proj.weight"):
+        convert_unet_cond({k: v for k, v in sd.items() if k != key}, config)
+    with pytest.raises(ValueError, match=r"attn2.to_k.weight': shape \(64, 12\) converts to \(12, 64\).*needs \(16, 64\)"):
+        convert_unet_cond({**sd, "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight":
+                           np.zeros((64, 12), np.float32)}, config)
+    with pytest.raises(ValueError, match="does not use.*encoder_hid_proj.weight"):
+        convert_unet_cond({**sd, "encoder_hid_proj.weight": np.zeros((16, 8), np.float32)}, config)
+
+
+@pytest.mark.torch
+def test_load_from_folder(models, tmp_path):
+    ref, config, params, _ = models["B"]
+    ref.save_pretrained(tmp_path / "pipe" / "unet")  # config.json + diffusion_pytorch_model.safetensors
+    assert (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded_config, loaded = load_unet_cond(tmp_path / "pipe")  # a pipeline folder: finds unet/
+    assert loaded_config == config
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    with open(tmp_path / "pipe" / "unet" / "config.json") as f:
+        assert UNetCondConfig.from_diffusers(json.load(f), dtype="bfloat16").dtype == "bfloat16"
+
+
+def test_load_errors_name_the_path(tmp_path):
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        load_unet_cond(missing)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_unet_cond(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(TINY_A))
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
+        load_unet_cond(tmp_path)
+    assert not os.path.exists(tmp_path / "diffusion_pytorch_model.bin")
+
+
+@pytest.mark.torch
+def test_sd15_parameter_count_matches_diffusers():
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):  # shapes only
+        ref = diffusers.UNet2DConditionModel(**{k: v for k, v in SD15.items() if not k.startswith("_")})
+    assert sum(p.numel() for p in ref.parameters()) == SD15_PARAMS
+    assert UNetCondConfig.from_diffusers(ref.config) == UNetCondConfig()
