@@ -106,11 +106,14 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
         grid_spec = SamplerSpec("ddim", steps=tc.sample_steps)
     else:   # the run's own sampler and spacing (DDIM's timesteps are discrete)
         grid_spec = SamplerSpec.from_config(dataclasses.replace(exp.sample, steps=tc.sample_steps))
+
     def grid_sampler(schedule):
         return make_sample_fn(graphdef, schedule, grid_spec, shape, prediction=exp.loss.prediction,
                               learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes, mesh=mesh)
 
-    sample_fn = grid_sampler(schedule)
+    # `schedule` of a learned gamma holds state.params' gamma, which the step donates: only the loss reads it (its
+    # spec, not its arrays); the grids rebuild it from the EMA
+    sample_fn = grid_sampler(schedule) if gamma is None else None
     labels = class_labels(tc.sample_num, exp.model.num_classes)
 
     def write_samples(step: int):
