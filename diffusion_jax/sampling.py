@@ -56,17 +56,18 @@ def check_model_fits(spec: SamplerSpec, learn_sigma: bool, num_classes: int | No
 
 
 def network_denoise_fn(apply: Callable, params, label, *, channels: int, keep_variance: bool = False,
-                       sharding=None, schedule=None) -> Callable:
+                       sharding=None, schedule=None, context=None) -> Callable:
     """The network as a sampler's denoise_fn(x (N,H,W,C), t scalar or (N,)) -> prediction (N,H,W,C), or
-    (N,H,W,2C) with the learned variance when keep_variance. label: (N,) int32 or None. sharding: constrain x
+    (N,H,W,2C) with the learned variance when keep_variance. label: (N,) int32 or None. context: (N, L, D)
+    embeddings for a cross-attention network (`models.UNetCond`), or None. sharding: constrain x
     to it, so every network call runs batch-parallel over the mesh. An `sde.EDMSchedule` wraps the network in
     EDM's preconditioning: t is sigma and the output D(x; sigma) (prediction "edm")."""
     def denoise_fn(x, t):
         if sharding is not None:
             x = jax.lax.with_sharding_constraint(x, sharding)
         if isinstance(schedule, EDMSchedule):
-            return edm_denoise(apply, params, x, t, schedule.sigma_data, y=label)
-        out = apply(params, x, jnp.broadcast_to(t, x.shape[:1]), y=label)
+            return edm_denoise(apply, params, x, t, schedule.sigma_data, y=label, context=context)
+        out = apply(params, x, jnp.broadcast_to(t, x.shape[:1]), y=label, context=context)
         return out if keep_variance else out[..., :channels]
 
     return denoise_fn

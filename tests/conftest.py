@@ -1,8 +1,28 @@
-"""Shared fixtures: one tiny experiment, trained once per session, reused by the train / CLI tests."""
+"""Shared fixtures: one tiny experiment, trained once per session, reused by the train / CLI tests.
+
+The session shares one persistent JAX compilation cache (a fresh temporary folder unless
+JAX_COMPILATION_CACHE_DIR is set), so the many CLI calls and subprocesses that build the same jitted
+functions compile each one once.
+"""
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="diffusion_jax_test_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+if "jax" in sys.modules:  # imported by a plugin before this file: the environment came too late
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing
@@ -14,6 +34,28 @@ TINY = ["model.channels=8", "model.channel_mult=(1, 2)", "model.num_res_blocks=1
         "model.num_groups=4", "model.num_heads=1", "data.image_size=8", "train.batch_size=8",
         "train.steps=3", "train.log_every=1", "train.ckpt_every=2", "train.sample_num=4", "train.sample_steps=3",
         "train.async_checkpointing=False"]
+
+
+def numpy_fill(abstract: dict, seed: int = 0) -> dict:
+    """Random params for a pure dict of ShapeDtypeStructs, drawn with numpy (compiling the threefry initialisers
+    on CPU costs more than a tiny model): kernels N(0, 1/fan_in), norm scales 1, everything else 0.01 N(0, 1)."""
+    import math
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def fill(path, x):
+        name = path[-1].key
+        if name == "kernel":
+            return jnp.asarray(rng.standard_normal(x.shape, np.float32) / math.sqrt(np.prod(x.shape[:-1])))
+        if name == "scale":
+            return jnp.ones(x.shape, jnp.float32)
+        return jnp.asarray(0.01 * rng.standard_normal(x.shape, np.float32))
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 @pytest.fixture(scope="session")

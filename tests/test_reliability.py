@@ -3,7 +3,7 @@ SIGTERM / SIGINT, kill -9 during a save, a corrupt checkpoint, a NaN. Every inte
 same command, must end bit-identical (params, EMA, optimizer state, key, metrics steps) to one uninterrupted
 run of the same length in another process, which also shows that two runs of one config agree bit for bit.
 
-The subprocesses share a persistent compilation cache, so only the first one compiles.
+The subprocesses share the session's persistent compilation cache (tests/conftest.py), so only the first compiles.
 """
 import glob
 import json
@@ -32,10 +32,8 @@ FLAGS = [f"--config.{o}" for o in TINY if o.split("=")[0] not in _RUN] + [f"--co
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("jax_cache"))
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=ROOT)
+def env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
 
 
 def train_cmd(workdir, *extra, harness=None):

@@ -15,6 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
+from conftest import numpy_fill
 from diffusion_jax.models.convert_vae import convert_vae, diffusers_key, load_vae
 from diffusion_jax.models.vae import (VAE, DiagonalGaussian, VAEConfig, from_diffusion_latents, make_vae_fns,
                                       to_diffusion_latents, vae_graphdef)
@@ -32,20 +33,9 @@ jit = functools.partial(jax.jit, compiler_options=FAST)
 
 
 def numpy_params(config: VAEConfig, seed: int = 0) -> dict:
-    """Random params filled from numpy (compiling the threefry initialisers on CPU costs more than the model):
-    kernels N(0, 1/fan_in), GroupNorm scales 1, biases small."""
-    rng = np.random.default_rng(seed)
+    """Random params of VAE(config) from numpy (conftest.numpy_fill)."""
     abstract = nnx.split(nnx.eval_shape(lambda: VAE(config, rngs=nnx.Rngs(0))), nnx.Param)[1]
-
-    def fill(path, x):
-        name = path[-1].key
-        if name == "kernel":
-            return jnp.asarray(rng.standard_normal(x.shape, np.float32) / math.sqrt(np.prod(x.shape[:-1])))
-        if name == "scale":
-            return jnp.ones(x.shape, jnp.float32)
-        return jnp.asarray(0.01 * rng.standard_normal(x.shape, np.float32))
-
-    return jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(abstract))
+    return numpy_fill(nnx.to_pure_dict(abstract), seed)
 
 
 def to_state_dict(params) -> dict:

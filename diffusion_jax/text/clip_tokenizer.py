@@ -101,17 +101,29 @@ class CLIPTokenizer:
 
     @classmethod
     def from_vocab(cls, path: str | None = None, pad_token: str = EOS) -> CLIPTokenizer:
-        """From CLIP's .txt.gz (default: the one in open_clip), or a folder with vocab.json + merges.txt."""
+        """From CLIP's .txt.gz (default: the one in open_clip), or a tokenizer folder: vocab.json + merges.txt
+        (the slow tokenizer's files) or tokenizer.json (what recent transformers save)."""
         path = default_vocab_path() if path is None else os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"CLIP vocabulary {path!r} does not exist")
-        if os.path.isdir(path):
+        if not os.path.isdir(path):
+            return cls(*clip_vocab_and_merges(path), pad_token=pad_token)
+        if os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt")):
             with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
                 vocab = json.load(f)
             with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
                 lines = [line for line in f.read().split("\n") if line and not line.startswith("#version")]
             return cls(vocab, [tuple(line.split()) for line in lines], pad_token)
-        return cls(*clip_vocab_and_merges(path), pad_token=pad_token)
+        fast = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(fast):
+            raise FileNotFoundError(f"tokenizer folder {path!r} has neither vocab.json + merges.txt nor "
+                                    "tokenizer.json")
+        with open(fast, encoding="utf-8") as f:
+            model = json.load(f).get("model", {})
+        if model.get("type") != "BPE":
+            raise ValueError(f"{fast}: model type {model.get('type')!r} is not CLIP's BPE")
+        merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        return cls(model["vocab"], merges, pad_token)
 
     def save_vocab(self, directory: str) -> None:
         """Write vocab.json + merges.txt (the files transformers' CLIPTokenizer reads)."""
