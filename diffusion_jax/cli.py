@@ -7,6 +7,9 @@
     diffusion-jax train-classifier --workdir workdirs/digits --out workdirs/digits_clf   # for classifier guidance
     diffusion-jax compare --workdir workdirs/digits --samplers ddim,dpmpp_2m --nfe 5,10,20 --num 500 --out results/c
     diffusion-jax bench train_step --batch 16 --steps 5
+    diffusion-jax train-vae --config configs/vae.py:fashion_mnist --workdir workdirs/vae_fmnist   # latent diffusion
+    diffusion-jax convert --from path/to/diffusers-folder --to models/sd15     # SD pipeline or DDPM UNet2DModel
+    diffusion-jax generate --workdir models/sd15 --prompt "a photo of a cat" --sampler dpmpp_2m --steps 20
 """
 from __future__ import annotations
 
@@ -30,6 +33,15 @@ def _train(args, overrides) -> None:
     if rows:
         print(f"trained to step {int(state.step)}: loss {rows[0]['loss']:.4f} (step {rows[0]['step']}) -> "
               f"{rows[-1]['loss']:.4f} (step {rows[-1]['step']}); workdir {args.workdir}")
+
+
+def _train_vae(args, overrides) -> None:
+    from diffusion_jax.train.vae import load_vae_run_config, train_vae
+
+    result = train_vae(load_vae_run_config(args.config, overrides), args.workdir, progress=not args.no_progress)
+    print(f"VAE trained to step {result['steps']}: held-out PSNR {result['psnr']:.2f} dB on {result['eval_num']} "
+          f"'{result['eval_split']}' images (train {result['psnr_train']:.2f} dB), scaling factor "
+          f"{result['scaling_factor']:.4f}; workdir {args.workdir}")
 
 
 def _sampler_spec(args, exp):
@@ -263,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
+    vae = sub.add_parser("train-vae", help="train the KL autoencoder of latent diffusion (configs/vae.py)",
+                         epilog="Any config value can be overridden: --config.train.steps=200")
+    vae.add_argument("--config", required=True, help="configs/vae.py:fashion_mnist or configs/vae.py:debug")
+    vae.add_argument("--workdir", required=True, help="checkpoints, vae.json, eval.json, reconstructions.png")
+    vae.add_argument("--no-progress", action="store_true", help="no progress bar")
+    vae.set_defaults(func=_train_vae)
+
     sample = sub.add_parser("sample", help="sample from the EMA params of a trained workdir",
                             epilog="Flags left out take their value from the run's config.sample.")
     sample.add_argument("--workdir", required=True)
@@ -369,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=["train_step"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed on, e.g. --batch 16 --steps 5")
     bench.set_defaults(func=_bench)
+
+    from diffusion_jax.pipelines.cli import add_convert_parser, add_generate_parser
+
+    add_generate_parser(sub)   # text-to-image with a Stable Diffusion folder; handlers in pipelines/cli.py
+    add_convert_parser(sub)    # diffusers folders -> our formats
     return parser
 
 

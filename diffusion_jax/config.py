@@ -160,6 +160,35 @@ class SampleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LatentConfig:
+    """Latent diffusion (Rombach et al. 2022) with text conditioning: the U-Net is trained on the latents of a
+    `diffusion-jax train-vae` run, under cross-attention on the text encoder's hidden states of a caption per
+    image, a template filled with the image's class name (e.g. "a photo of a {}" -> "a photo of a sandal").
+    vae_workdir None = diffusion in pixel space (the other keys are then unused)."""
+    vae_workdir: str | None = None
+    captions: tuple[str, ...] = ("a photo of a {}",)   # one drawn per image (fixed per image by data.seed)
+    text_encoder: str = "minilm"      # all-MiniLM-L6-v2 (D = 384), the pretrained encoder that works offline
+    max_length: int = 16              # tokens per caption ([CLS] ... [SEP] + padding)
+
+    def validate(self, context_dim: int | None) -> None:
+        if self.vae_workdir is None:
+            if context_dim is not None:
+                raise ValueError(f"model.context_dim={context_dim} conditions on captions, which come with latent "
+                                 "diffusion: set latent.vae_workdir to a diffusion-jax train-vae workdir")
+            return
+        if context_dim is None:
+            raise ValueError("latent.vae_workdir is set: latent runs are text-conditioned, set model.context_dim "
+                             "(384 for latent.text_encoder='minilm')")
+        if self.text_encoder != "minilm":
+            raise ValueError(f"latent.text_encoder={self.text_encoder!r} is unknown; 'minilm' is the one built in")
+        if not self.captions or not all(isinstance(c, str) and "{}" in c for c in self.captions):
+            raise ValueError(f"latent.captions must be templates with '{{}}' for the class name, got "
+                             f"{self.captions!r}")
+        if not 3 <= self.max_length <= 512:
+            raise ValueError(f"latent.max_length must be in [3, 512], got {self.max_length}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     seed: int
     data: DataConfig
@@ -169,9 +198,10 @@ class Experiment:
     optim: OptimConfig
     train: TrainConfig
     sample: SampleConfig
+    latent: LatentConfig = LatentConfig()
 
     SECTIONS = {"data": DataConfig, "model": UNetConfig, "schedule": ScheduleConfig, "loss": LossConfig,
-                "optim": OptimConfig, "train": TrainConfig, "sample": SampleConfig}
+                "optim": OptimConfig, "train": TrainConfig, "sample": SampleConfig, "latent": LatentConfig}
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "Experiment":
@@ -180,19 +210,8 @@ class Experiment:
         if unknown:
             raise ValueError(f"unknown top-level config key(s) {sorted(unknown)}; "
                              f"expected {['seed', *cls.SECTIONS]}")
-        sections = {}
-        for name, klass in cls.SECTIONS.items():
-            if not isinstance(raw.get(name, {}), Mapping):
-                raise ValueError(f"config section '{name}' must be a dict of keys, got {raw[name]!r}")
-            values = dict(raw.get(name, {}))
-            fields = {f.name: f for f in dataclasses.fields(klass)}
-            for key in values:
-                if key not in fields:
-                    raise ValueError(f"unknown config key '{name}.{key}'{_suggest(key, fields)}")
-            for key, value in values.items():
-                if isinstance(value, list):
-                    values[key] = tuple(value)
-            sections[name] = klass(**values)
+        sections = {name: build_section(name, klass, raw.get(name, {}), check_types=False)
+                    for name, klass in cls.SECTIONS.items()}
         exp = cls(seed=raw.get("seed", 0), **sections)
         exp.validate()
         return exp
@@ -208,7 +227,8 @@ class Experiment:
         self.data.validate()
         self.model.validate()
         self.loss.validate(self.model.learn_sigma, self.schedule.kind)
-        if self.model.image_size != self.data.image_size:
+        self.latent.validate(self.model.context_dim)
+        if self.model.image_size != self.data.image_size and self.latent.vae_workdir is None:
             raise ValueError(f"model.image_size={self.model.image_size} differs from "
                              f"data.image_size={self.data.image_size}")
         _positive(self, "schedule.num_timesteps", "train.steps", "train.batch_size", "train.log_every",
@@ -254,6 +274,27 @@ class Experiment:
 
     def to_dict(self) -> dict:
         return {"seed": self.seed, **{k: dataclasses.asdict(getattr(self, k)) for k in self.SECTIONS}}
+
+
+def build_section(name: str, klass, values, *, check_types: bool = True):
+    """The dataclass `klass` of config section `name` from a dict: unknown keys are named (with the nearest
+    known one), lists become tuples, and (check_types) each value must fit its field's annotation."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"config section '{name}' must be a dict of keys, got {values!r}")
+    values = dict(values)
+    fields = {f.name: f for f in dataclasses.fields(klass)}
+    for key in values:
+        if key not in fields:
+            raise ValueError(f"unknown config key '{name}.{key}'{_suggest(key, fields)}")
+    for key, value in values.items():
+        if isinstance(value, list):
+            values[key] = tuple(value)
+    section = klass(**values)
+    if check_types:
+        hints = typing.get_type_hints(klass)
+        for key in fields:
+            _check_type(f"{name}.{key}", getattr(section, key), hints[key])
+    return section
 
 
 # Ranges of numbers, in the notation of the error message ("> 0", ">= 0", "[0, 1)"); types are checked before.
@@ -371,6 +412,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         node, path = config, []
         for part in parents:
             path.append(part)
+            if node is config and part not in node and part in Experiment.SECTIONS:   # a section left at defaults
+                with config.unlocked():
+                    config[part] = ml_collections.ConfigDict()
             if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
                 raise ValueError(f"unknown config key '{key}': no section '{'.'.join(path)}'"
                                  f"{_suggest(part, node.keys())}")

@@ -27,42 +27,25 @@ B(t) = log1p(expm1(B(eps)) e^u), the inverse of score_flow's `likelihood_importa
 by bisection.)
 
 The network apply_fn(params, x_t, sde.network_time(t), ...) predicts `prediction` (eps | score | x0 | v; v for VP
-only), converted to eps_hat with `param.to_x0_eps`. `read_batch` / `check_output` are shared with edm.py and vdm.py.
+only), converted to eps_hat with `param.to_x0_eps`. `check_output` is shared with edm.py and vdm.py
+(`losses.read_batch` with every loss).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from diffusion_jax import param
-from diffusion_jax.losses import mean_flat
+from diffusion_jax.losses import mean_flat, read_batch
 from diffusion_jax.sde import SDE
-from diffusion_jax.validate import check_images, check_labels
 
 DSM_WEIGHTINGS = ("sigma2", "likelihood")
 
 
 # ------------------------------------------------------------------------------------ shared batch handling
-def read_batch(batch, key, num_classes: int | None, cond_drop_prob: float):
-    """(x0 (B, H, W, C), labels (B,) or None) of a batch {"image", optional "label"} as `losses.diffusion_loss`
-    reads it; labels are replaced by the null class num_classes with probability cond_drop_prob."""
-    if not isinstance(batch, Mapping) or "image" not in batch:
-        got = f"keys {sorted(batch)}" if isinstance(batch, Mapping) else type(batch).__name__
-        raise ValueError(f"batch must be a dict with 'image' (B, H, W, C) float and optionally 'label' (B,) int, "
-                         f"got {got}")
-    x0 = check_images(batch["image"], "batch['image']", value_range=None)
-    y = batch.get("label") if num_classes is not None else None
-    if y is None:
-        return x0, None
-    check_labels(y, "batch['label']", num=x0.shape[0], num_classes=num_classes + 1)
-    if cond_drop_prob > 0:
-        y = jnp.where(jax.random.bernoulli(key, cond_drop_prob, y.shape), num_classes, y)
-    return x0, y
-
-
 def check_output(out, x0) -> None:
     """The network output must have the data's shape (a mismatch would broadcast silently in a squared error)."""
     if tuple(out.shape) != tuple(x0.shape):
@@ -131,13 +114,13 @@ def dsm_loss(apply_fn: Callable, sde: SDE, cfg: DSMConfig, params, batch, key, *
     Returns (scalar loss, {"loss", "mse"}): "mse" is the unweighted ||eps_hat - z||^2 per pixel, batch means.
     """
     k_t, k_z, k_drop, k_cond = jax.random.split(key, 4)
-    x0, y = read_batch(batch, k_cond, num_classes, cfg.cond_drop_prob)
+    x0, cond = read_batch(batch, k_cond, num_classes, cfg.cond_drop_prob)
     t, w = sample_time_and_weight(sde, cfg, k_t, (x0.shape[0],))
     z = jax.random.normal(k_z, x0.shape, x0.dtype)
     bshape = (-1,) + (1,) * (x0.ndim - 1)
     alpha, sigma = sde.alpha(t).reshape(bshape), sde.sigma(t).reshape(bshape)
     xt = alpha * x0 + sigma * z
-    out = apply_fn(params, xt, sde.network_time(t), y=y, train=train, dropout_key=k_drop)
+    out = apply_fn(params, xt, sde.network_time(t), **cond, train=train, dropout_key=k_drop)
     check_output(out, x0)
     _, eps_hat = param.to_x0_eps(cfg.prediction, out, xt, alpha, sigma)
     mse = mean_flat((eps_hat - z) ** 2)

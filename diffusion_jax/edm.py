@@ -26,7 +26,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.dsm import check_output, read_batch
+from diffusion_jax.dsm import check_output
+from diffusion_jax.losses import read_batch
 from diffusion_jax.losses import mean_flat
 from diffusion_jax.sde import EDMSchedule
 
@@ -106,10 +107,10 @@ def edm_loss(apply_fn: Callable, schedule: EDMSchedule, cfg: EDMLossConfig, para
     """
     cfg.validate()
     k_sigma, k_n, k_drop, k_cond = jax.random.split(key, 4)
-    x0, y_lab = read_batch(batch, k_cond, num_classes, cfg.cond_drop_prob)
+    x0, cond = read_batch(batch, k_cond, num_classes, cfg.cond_drop_prob)
     sigma = sample_sigma(k_sigma, (x0.shape[0],), cfg.p_mean, cfg.p_std).astype(x0.dtype)
     n = sigma[:, None, None, None] * jax.random.normal(k_n, x0.shape, x0.dtype)
-    denoised = edm_denoise(apply_fn, params, x0 + n, sigma, schedule.sigma_data, y=y_lab, train=train,
+    denoised = edm_denoise(apply_fn, params, x0 + n, sigma, schedule.sigma_data, **cond, train=train,
                            dropout_key=k_drop)
     mse = mean_flat((denoised - x0) ** 2)
     loss = jnp.mean(edm_loss_weight(sigma, schedule.sigma_data) * mse)

@@ -143,33 +143,60 @@ def vlb_term(schedule: DiscreteSchedule, x0, xt, t, x0_hat, model_logvar):
 # ----------------------------------------------------------------------------------------------------
 # The training loss
 # ----------------------------------------------------------------------------------------------------
-def diffusion_loss(apply_fn: Callable, schedule: DiscreteSchedule, cfg: LossConfig, params, batch, key, *,
-                   learn_sigma: bool = False, num_classes: int | None = None, train: bool = True):
-    """Monte-Carlo estimate of the loss on one batch.
+def read_batch(batch, key, num_classes: int | None, cond_drop_prob: float) -> tuple[jax.Array, dict]:
+    """(x0 (B, H, W, C), cond) of a batch {"image", optional "label", optional "context" + "null_context"}, as
+    every loss reads it. cond holds the network's conditioning keyword arguments: {"y": labels (B,) or None}
+    plus {"context": (B, L, D)} for a text-conditioned model (latent diffusion, `data/latents.py`).
 
-    apply_fn(params, x_t, t, y=..., train=..., dropout_key=...) -> (B, H, W, C or 2C) network output.
-    batch: {"image": (B, H, W, C) float32 in [-1, 1], optional "label": (B,) int32}.
-    Returns (scalar loss, {"loss": ..., "mse": ..., ["vlb": ...]}), all per-batch means.
-    Under jit the batch's shapes and dtypes are checked (its values were checked where the data entered).
+    Classifier-free guidance training (Ho & Salimans 2022): with probability cond_drop_prob an example's label
+    becomes the null class num_classes and its context the null context (the empty caption's embedding,
+    batch["null_context"] (B, L, D)), the same examples for both.
     """
     if not isinstance(batch, Mapping) or "image" not in batch:
         got = f"keys {sorted(batch)}" if isinstance(batch, Mapping) else type(batch).__name__
         raise ValueError(f"batch must be a dict with 'image' (B, H, W, C) float and optionally 'label' (B,) int, "
                          f"got {got}")
     x0 = check_images(batch["image"], "batch['image']", value_range=None)
-    B, T = x0.shape[0], schedule.num_timesteps
+    B = x0.shape[0]
+    drop = jax.random.bernoulli(key, cond_drop_prob, (B,)) if cond_drop_prob > 0 else None
+    y = batch.get("label") if num_classes is not None else None
+    if y is not None:  # label == num_classes is the null (unconditional) class
+        check_labels(y, "batch['label']", num=B, num_classes=num_classes + 1)
+        if drop is not None:
+            y = jnp.where(drop, num_classes, y)
+    cond = {"y": y}
+    context = batch.get("context")
+    if context is not None:
+        if context.ndim != 3 or context.shape[0] != B:
+            raise ValueError(f"batch['context'] must be ({B}, L, D) embeddings, got shape {tuple(context.shape)}")
+        if drop is not None:
+            null = batch.get("null_context")
+            if null is None or tuple(null.shape) != tuple(context.shape):
+                raise ValueError(f"loss.cond_drop_prob={cond_drop_prob} drops captions: batch['null_context'] "
+                                 f"{tuple(context.shape)} (the empty caption's embedding) is needed")
+            context = jnp.where(drop[:, None, None], null, context)
+        cond["context"] = context
+    return x0, cond
+
+
+def diffusion_loss(apply_fn: Callable, schedule: DiscreteSchedule, cfg: LossConfig, params, batch, key, *,
+                   learn_sigma: bool = False, num_classes: int | None = None, train: bool = True):
+    """Monte-Carlo estimate of the loss on one batch.
+
+    apply_fn(params, x_t, t, y=..., [context=...,] train=..., dropout_key=...) -> (B, H, W, C or 2C) output.
+    batch: {"image": (B, H, W, C) float32 in [-1, 1], optional "label": (B,) int32, optional "context"
+    (B, L, D) with "null_context" (`read_batch`)}.
+    Returns (scalar loss, {"loss": ..., "mse": ..., ["vlb": ...]}), all per-batch means.
+    Under jit the batch's shapes and dtypes are checked (its values were checked where the data entered).
+    """
     k_t, k_eps, k_drop, k_cond = jax.random.split(key, 4)
+    x0, cond = read_batch(batch, k_cond, num_classes, cfg.cond_drop_prob)
+    B, T = x0.shape[0], schedule.num_timesteps
     t = jax.random.randint(k_t, (B,), 0, T)
     eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
     xt = q_sample(schedule, x0, t, eps)
 
-    y = batch.get("label") if num_classes is not None else None
-    if y is not None:  # label == num_classes is the null (unconditional) class
-        check_labels(y, "batch['label']", num=B, num_classes=num_classes + 1)
-    if y is not None and cfg.cond_drop_prob > 0:
-        y = jnp.where(jax.random.bernoulli(k_cond, cfg.cond_drop_prob, (B,)), num_classes, y)
-
-    out = apply_fn(params, xt, t, y=y, train=train, dropout_key=k_drop)
+    out = apply_fn(params, xt, t, **cond, train=train, dropout_key=k_drop)
     want = x0.shape[:-1] + (x0.shape[-1] * (2 if learn_sigma else 1),)
     if tuple(out.shape) != want:  # a mismatch would broadcast silently in (out - target) ** 2
         raise ValueError(f"apply_fn returned shape {tuple(out.shape)} for batch['image'] of shape {tuple(x0.shape)}; "

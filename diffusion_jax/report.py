@@ -25,6 +25,20 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float]:
     return float(v.mean()), float(half)
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k / n (95% for z = 1.96)."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def paired_diff(a: np.ndarray, b: np.ndarray, z: float = 1.96) -> tuple[float, float]:
+    """(mean of a - b, half-width of its normal 95% interval) for paired 0/1 outcomes."""
+    d = a.astype(np.float64) - b.astype(np.float64)
+    return float(d.mean()), float(z * d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
 def aggregate(rows: list[dict], by: tuple[str, ...], metrics: tuple[str, ...]) -> list[dict]:
     """Groups `rows` by the keys `by` (first-seen order) and adds, per metric, `m` (mean), `m_ci` (95% half-width)
     and `n` (rows in the group)."""
@@ -49,6 +63,16 @@ def write_csv(rows: list[dict], path: str) -> str:
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def write_results(out: str, rows: list[dict], per_class: list[dict], markdown: str) -> None:
+    """OUT/results.csv (rows), OUT/per_class.csv and OUT/results.md (markdown, also printed)."""
+    os.makedirs(out, exist_ok=True)
+    write_csv(rows, os.path.join(out, "results.csv"))
+    write_csv(per_class, os.path.join(out, "per_class.csv"))
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(markdown)
+    print(markdown)
 
 
 def read_csv(path: str) -> list[dict]:

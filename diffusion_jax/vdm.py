@@ -38,7 +38,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax import param
-from diffusion_jax.dsm import check_output, read_batch
+from diffusion_jax.dsm import check_output
+from diffusion_jax.losses import read_batch
 
 
 # ---------------------------------------------------------------------------------------------- schedules
@@ -179,7 +180,10 @@ def vdm_loss(apply_fn: Callable, schedule, cfg: VDMLossConfig, params, gamma_par
     """
     cfg.validate()
     k_t, k_eps, k_0, k_drop, k_cond = jax.random.split(key, 5)
-    x, y = read_batch(batch, k_cond, num_classes, cfg.cond_drop_prob)
+    x, cond = read_batch(batch, k_cond, num_classes, cfg.cond_drop_prob)
+    if "context" in cond:
+        raise ValueError("schedule.kind='vdm' trains a VLB of pixel data on discrete levels; a batch with "
+                         "'context' (latents of a text-conditioned run) needs another schedule.kind")
     x = levels(cfg.vocab_size)[level_index(x, cfg.vocab_size)]         # the VLB is for data on the V levels
     gamma_0, gamma_1 = schedule(gamma_params, 0.0), schedule(gamma_params, 1.0)
 
@@ -189,7 +193,7 @@ def vdm_loss(apply_fn: Callable, schedule, cfg: VDMLossConfig, params, gamma_par
     eps = jax.random.normal(k_eps, x.shape, x.dtype)
     z_t = alpha * x + sigma * eps
     t_net = cfg.time_scale * (gamma_t - schedule.gamma_min) / (schedule.gamma_max - schedule.gamma_min)
-    out = apply_fn(params, z_t, t_net, y=y, train=train, dropout_key=k_drop)
+    out = apply_fn(params, z_t, t_net, **cond, train=train, dropout_key=k_drop)
     check_output(out, x)
     _, eps_hat = param.to_x0_eps(cfg.prediction, out, z_t, alpha, sigma)
 

@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from diffusion_jax import report, viz  # noqa: E402
+from diffusion_jax.report import paired_diff, wilson  # noqa: E402
 from diffusion_jax.config import build_schedule, load_experiment  # noqa: E402
 from diffusion_jax.data.sources import FASHION_MNIST_CLASSES  # noqa: E402
 from diffusion_jax.guidance import (ClassifierRecipe, load_noisy_classifier,  # noqa: E402
@@ -48,20 +49,6 @@ from diffusion_jax.guidance import (ClassifierRecipe, load_noisy_classifier,  # 
 from diffusion_jax.sampling import SamplerSpec, make_sample_fn  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "fashion_mnist.py")
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k / n (95% for z = 1.96)."""
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
-def paired_diff(a: np.ndarray, b: np.ndarray, z: float = 1.96) -> tuple[float, float]:
-    """(mean of a - b, half-width of its normal 95% interval) for paired 0/1 outcomes."""
-    d = a.astype(np.float64) - b.astype(np.float64)
-    return float(d.mean()), float(z * d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
 def methods(args) -> list[tuple[str, str, float]]:
@@ -114,7 +101,7 @@ def score(name, kind, scale, images, labels, clean, baseline, nfe, seconds, clas
     return row, per_class, agree
 
 
-def write_markdown(path, rows, per_class, info) -> None:
+def markdown(rows, per_class, info) -> str:
     header = ["method", "agreement (95% CI)", "vs none (paired 95% CI)", "mean p(requested)", "NFE", "s"]
     body = [[r["method"], f"{r['agreement']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
              "—" if r["kind"] == "none" else f"{r['diff_vs_none']:+.3f} ± {r['diff_ci']:.3f}",
@@ -129,8 +116,7 @@ def write_markdown(path, rows, per_class, info) -> None:
             + report.markdown_table(header, body) + "\n## Per class\n\n"
             + report.markdown_table(["class"] + names, by_class)
             + "\n## Settings\n\n```json\n" + json.dumps(info, indent=1, default=str) + "\n```\n")
-    with open(path, "w") as f:
-        f.write(text)
+    return text
 
 
 def parse(argv):
@@ -206,11 +192,7 @@ def main(argv=None) -> int:
             "noisy_classifier_accuracy_by_level": clf_result["accuracy_by_level"],
             "clean_classifier": clean.name, "clean_classifier_test_accuracy": clean.test_accuracy,
             "total_seconds": round(time.perf_counter() - t0, 1)}
-    report.write_csv(rows, os.path.join(args.out, "results.csv"))
-    report.write_csv(per_class, os.path.join(args.out, "per_class.csv"))
-    write_markdown(os.path.join(args.out, "results.md"), rows, per_class, info)
-    with open(os.path.join(args.out, "results.md")) as f:
-        print(f.read())
+    report.write_results(args.out, rows, per_class, markdown(rows, per_class, info))
     print(f"-> {args.out}/results.md, results.csv, per_class.csv, grids/")
     return 0
 

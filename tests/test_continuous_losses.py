@@ -16,6 +16,7 @@ from scipy import integrate
 
 from diffusion_jax import dsm, edm, vdm
 from diffusion_jax import sde as sdes
+from diffusion_jax.losses import read_batch
 from diffusion_jax.samplers import run_sampler
 from diffusion_jax.samplers.grid import continuous_grid
 
@@ -144,11 +145,35 @@ def test_edm_loss_labels_and_output_shape():
     loss, metrics = jax.jit(lambda p: edm.edm_loss(apply_fn, sdes.EDMSchedule(), cfg, p, batch, _key(0),
                                                    num_classes=3))(0.3)
     assert set(metrics) == {"loss", "mse"} and np.isfinite(float(loss)) and seen["y"].shape == (64,)
-    _, dropped = dsm.read_batch(batch, _key(1), 3, 0.5)              # what the losses feed the network
-    assert set(np.asarray(dropped).tolist()) == {0, 1, 2, 3}         # 3 = the null class, about half of them
+    _, dropped = read_batch(batch, _key(1), 3, 0.5)                  # what the losses feed the network
+    assert set(np.asarray(dropped["y"]).tolist()) == {0, 1, 2, 3}    # 3 = the null class, about half of them
     with pytest.raises(ValueError, match="apply_fn returned shape"):
         jax.eval_shape(lambda: edm.edm_loss(lambda p, x, t, **kw: x[..., :0], sdes.EDMSchedule(), cfg, 0.3, batch,
                                             _key(0)))
+
+
+def test_captions_drop_with_their_labels_to_the_null_context():
+    """Text conditioning (latent diffusion): a dropped example gets the null class and the empty caption's
+    embedding together; every loss passes the context to the network."""
+    B = 64
+    batch = {"image": jnp.zeros((B, 2, 2, 1)), "label": jnp.asarray(np.arange(B) % 3),
+             "context": jnp.ones((B, 4, 5)), "null_context": jnp.full((B, 4, 5), -1.0)}
+    _, cond = read_batch(batch, _key(1), 3, 0.5)
+    null = np.asarray(cond["y"]) == 3
+    assert 0 < null.sum() < B
+    np.testing.assert_array_equal(np.asarray(cond["context"])[:, 0, 0], np.where(null, -1.0, 1.0))
+    _, kept = read_batch(batch, _key(1), 3, 0.0)
+    assert np.all(np.asarray(kept["context"]) == 1.0)
+    with pytest.raises(ValueError, match="null_context"):
+        read_batch({k: v for k, v in batch.items() if k != "null_context"}, _key(1), 3, 0.5)
+    seen = {}
+
+    def apply_fn(p, x, t, y=None, context=None, train=False, dropout_key=None):
+        seen["context"] = context
+        return p * x
+
+    edm.edm_loss(apply_fn, sdes.EDMSchedule(), edm.EDMLossConfig(), 0.3, batch, _key(0), num_classes=3)
+    assert seen["context"].shape == (B, 4, 5)
 
 
 def test_edm_heun_paper_defaults_35_nfe_at_32x32():

@@ -50,17 +50,23 @@ class ArraySource:
 
     def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """indices: (B,) ints in [0, N) -> {"image": (B,H,W,C) float32 [-1,1], "label": (B,) int32}."""
-        idx = np.asarray(indices)
-        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-            raise IndexError(f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
-        if idx.size and (idx.min() < 0 or idx.max() >= self.num_examples):
-            raise IndexError(f"indices out of range [0, {self.num_examples}): {idx.min()}..{idx.max()}")
+        idx = check_indices(indices, self.num_examples)
         img = self._images[idx]
         img = img.astype(np.float32) * np.float32(2 / 255) - 1 if img.dtype == np.uint8 else img.copy()
         out = {"image": img}
         if self._labels is not None:
             out["label"] = self._labels[idx]
         return out
+
+
+def check_indices(indices, num_examples: int) -> np.ndarray:
+    """indices as a 1-D integer array in [0, num_examples); IndexError naming the problem otherwise."""
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise IndexError(f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+    if idx.size and (idx.min() < 0 or idx.max() >= num_examples):
+        raise IndexError(f"indices out of range [0, {num_examples}): {idx.min()}..{idx.max()}")
+    return idx
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:

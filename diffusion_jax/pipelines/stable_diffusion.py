@@ -163,13 +163,18 @@ def load_converted(folder: str) -> TextToImage:
 
 
 def load_text_to_image(folder: str) -> TextToImage:
-    """A converted folder (pipeline.json) or a diffusers one (model_index.json)."""
+    """A converted folder (pipeline.json), a diffusers one (model_index.json) or a text-conditioned latent
+    diffusion run of this project (config.json; `pipelines.trained.load_latent_run`)."""
     if os.path.isfile(os.path.join(folder, "pipeline.json")):
         return load_converted(folder)
     if os.path.isfile(os.path.join(folder, "model_index.json")):
         return load_diffusers_pipeline(folder)
-    raise FileNotFoundError(f"{folder!r} holds neither pipeline.json (a converted model) nor model_index.json "
-                            "(a diffusers Stable Diffusion folder)")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        from diffusion_jax.pipelines.trained import load_latent_run
+
+        return load_latent_run(folder)
+    raise FileNotFoundError(f"{folder!r} holds neither pipeline.json (a converted model), model_index.json (a "
+                            "diffusers Stable Diffusion folder) nor config.json (a latent diffusion run)")
 
 
 def generate(model: TextToImage, prompts: list[str], spec: SamplerSpec, *, task: str = "txt2img",

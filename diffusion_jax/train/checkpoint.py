@@ -110,14 +110,19 @@ def _as_abstract(x):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
 
-def load_trained(workdir: str, step: int | None = None):
-    """(experiment, graphdef, ema_params, step) of the latest (or given) checkpoint in a training workdir."""
+def load_trained(workdir: str, step: int | None = None, *, allow_latent: bool = False):
+    """(experiment, graphdef, ema_params, step) of the latest (or given) checkpoint in a training workdir.
+    A latent diffusion run (config latent.vae_workdir) is refused unless allow_latent: its samples are latents
+    (`pipelines.trained.load_latent_run` decodes them)."""
     from diffusion_jax.config import Experiment, learned_gamma, load_workdir_config
     from diffusion_jax.train.state import make_init_fn, make_optimizer, model_graphdef
 
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir!r} does not exist")
     exp = Experiment.from_config(load_workdir_config(workdir))
+    if exp.latent.vae_workdir is not None and not allow_latent:
+        raise ValueError(f"{workdir!r} is a text-conditioned latent diffusion run (latent.vae_workdir="
+                         f"{exp.latent.vae_workdir!r}): use diffusion-jax generate --workdir {workdir} --prompt ...")
     ckpt = Checkpointer(workdir, async_save=False)
     try:
         step = ckpt.latest_step() if step is None else step

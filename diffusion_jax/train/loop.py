@@ -30,13 +30,21 @@ from diffusion_jax.train.state import StepOptions, create_train_state, make_opti
 log = logging.getLogger(__name__)
 
 # Sections whose change makes an existing checkpoint meaningless (shapes or the meaning of the network).
-_FROZEN_SECTIONS = ("model", "schedule", "loss")
+_FROZEN_SECTIONS = ("model", "schedule", "loss", "latent")
 
 
 def check_data_matches_model(exp: Experiment, source) -> None:
     h, w, c = source.image_shape
+    what = "the VAE latents of data" if exp.latent.vae_workdir is not None else "data"
     if c != exp.model.in_channels:
-        raise ValueError(f"model.in_channels={exp.model.in_channels} but data '{exp.data.name}' has {c} channel(s)")
+        raise ValueError(f"model.in_channels={exp.model.in_channels} but {what} '{exp.data.name}' has {c} channel(s)")
+    if exp.latent.vae_workdir is not None:
+        if h != exp.model.image_size:
+            raise ValueError(f"model.image_size={exp.model.image_size} but the VAE latents of data "
+                             f"'{exp.data.name}' are {h}x{w}: set model.image_size={h}")
+        if source.context_shape[-1] != exp.model.context_dim:
+            raise ValueError(f"model.context_dim={exp.model.context_dim} but latent.text_encoder="
+                             f"{exp.latent.text_encoder!r} gives {source.context_shape[-1]}-dim embeddings")
     if exp.model.num_classes is not None and source.num_classes is None:
         raise ValueError(f"model.num_classes={exp.model.num_classes} but data '{exp.data.name}' has no labels")
     if exp.model.num_classes is not None and source.num_classes > exp.model.num_classes:
@@ -78,12 +86,18 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     """
     tc = exp.train
     source = load_source(exp.data)
-    check_data_matches_model(exp, source)
+    if exp.latent.vae_workdir is None:
+        check_data_matches_model(exp, source)
     mesh = parallel.make_mesh(tc.num_devices)
     parallel.check_divisible(tc.batch_size, mesh, "train.batch_size")
     parallel.check_divisible(tc.sample_num, mesh, "train.sample_num")
     os.makedirs(workdir, exist_ok=True)
     write_config(workdir, exp)
+    if exp.latent.vae_workdir is not None:   # latent diffusion: the VAE's latents of the data, with captions
+        from diffusion_jax.pipelines.trained import build_latent_source
+
+        source = build_latent_source(exp, workdir, source, progress=progress)
+        check_data_matches_model(exp, source)
 
     tx, lr_fn = make_optimizer(exp.optim, tc.steps)
     gamma = learned_gamma(exp.schedule)   # a learned VDM gamma is trained with (and inside) the params
@@ -115,6 +129,10 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     # spec, not its arrays); the grids rebuild it from the EMA
     sample_fn = grid_sampler(schedule) if gamma is None else None
     labels = class_labels(tc.sample_num, exp.model.num_classes)
+    if exp.latent.vae_workdir is not None:   # decoded images of the text-conditioned model, a caption per class
+        from diffusion_jax.pipelines.trained import latent_grid_fn
+
+        sample_fn = latent_grid_fn(exp, graphdef, schedule, grid_spec, source, mesh)
 
     def write_samples(step: int):
         # a learned gamma changes as it trains: sample with the EMA's (which costs a compile per grid)
