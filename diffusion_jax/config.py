@@ -228,6 +228,9 @@ class Experiment:
         self.model.validate()
         self.loss.validate(self.model.learn_sigma, self.schedule.kind)
         self.latent.validate(self.model.context_dim)
+        if self.latent.vae_workdir is not None and self.model.num_classes is not None:
+            raise ValueError(f"model.num_classes={self.model.num_classes}: a latent run is conditioned on captions "
+                             "(the class name is in the caption); set model.num_classes=None")
         if self.model.image_size != self.data.image_size and self.latent.vae_workdir is None:
             raise ValueError(f"model.image_size={self.model.image_size} differs from "
                              f"data.image_size={self.data.image_size}")

@@ -80,5 +80,7 @@ def test_latent_config_errors_name_the_key(vae_dir):
         load_experiment("configs/fashion_mnist.py:debug", ["model.context_dim=384"])
     with pytest.raises(ValueError, match="latent runs are text-conditioned"):
         LatentConfig(vae_workdir=vae_dir[0]).validate(context_dim=None)
+    with pytest.raises(ValueError, match="set model.num_classes=None"):
+        load_experiment("configs/latent_fashion_mnist.py:debug", ["model.num_classes=10"])
     with pytest.raises(ValueError, match="latent.captions must be templates"):
         load_experiment("configs/latent_fashion_mnist.py:debug", ["latent.captions=('a cat',)"])

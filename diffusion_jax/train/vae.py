@@ -33,7 +33,7 @@ from diffusion_jax.models.vae import VAEConfig, init_vae, make_vae_fns
 from diffusion_jax.models.vae_loss import (DiscriminatorConfig, VAELossConfig, discriminator_loss,
                                            estimate_scaling_factor, init_discriminator, psnr, vae_loss)
 from diffusion_jax.train.checkpoint import Checkpointer
-from diffusion_jax.train.metrics import MetricWriter
+from diffusion_jax.train.metrics import MetricWriter, truncate_metrics
 from diffusion_jax.train.state import make_optimizer
 
 
@@ -184,6 +184,7 @@ def train_vae(run: VAERun, workdir: str, *, progress: bool = True) -> dict:
         state, start = ckpt.restore_latest(jax.eval_shape(init))
         state = jax.jit(init)() if state is None else state
         start = int(state.step)
+        truncate_metrics(workdir, start)   # rows past the checkpoint are logged again by this run
         step_fn = make_vae_step(run, tx)
         batches = Batches(source, run.train.batch_size, seed=run.data.seed, random_flip=run.data.random_flip)
         writer = MetricWriter(workdir, tensorboard=False)
