@@ -49,6 +49,8 @@ def test_vae_trains_and_reports_held_out_psnr(vae_dir):
 def test_vae_config_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="unknown config key 'vae.channels'"):
         load_vae_run_config("configs/vae.py:debug", ["vae.channels=3"])
+    with pytest.raises(ValueError, match="data.split='val' invalid"):
+        load_vae_run_config("configs/vae.py:debug", ["train.eval_split=val"])
     with pytest.raises(ValueError, match="data.image_size=17 must divide"):
         load_vae_run_config("configs/vae.py:debug", ["data.image_size=17"])
 

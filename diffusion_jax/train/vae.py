@@ -92,6 +92,7 @@ def vae_run_from_config(config) -> VAERun:
                  optim=build_section("optim", OptimConfig, raw.get("optim", {})),
                  train=build_section("train", VAETrainConfig, raw.get("train", {})))
     run.data.validate()
+    dataclasses.replace(run.data, split=run.train.eval_split).validate()   # the held-out split, before training
     run.loss.validate()
     for name in ("steps", "batch_size", "log_every", "ckpt_every", "eval_num", "scale_num"):
         value = getattr(run.train, name)
