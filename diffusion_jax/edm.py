@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.dsm import check_output
-from diffusion_jax.losses import read_batch
-from diffusion_jax.losses import mean_flat
+from diffusion_jax.losses import mean_flat, read_batch
 from diffusion_jax.sde import EDMSchedule
 
 
