@@ -27,10 +27,14 @@ def _train(args, overrides) -> None:
     from diffusion_jax.train.loop import train_and_evaluate
     from diffusion_jax.train.metrics import read_metrics
 
+    from diffusion_jax.parallel import initialize_distributed, is_main_process
+
+    if args.distributed or args.coordinator is not None:   # before any other JAX call
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     exp, _ = load_experiment(args.config, overrides)
     state = train_and_evaluate(exp, args.workdir, progress=not args.no_progress)
     rows = [r for r in read_metrics(args.workdir) if "loss" in r]
-    if rows:
+    if rows and is_main_process():
         print(f"trained to step {int(state.step)}: loss {rows[0]['loss']:.4f} (step {rows[0]['step']}) -> "
               f"{rows[-1]['loss']:.4f} (step {rows[-1]['step']}); workdir {args.workdir}")
 
@@ -273,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="configs/NAME.py or configs/NAME.py:debug")
     train.add_argument("--workdir", required=True, help="checkpoints, metrics and samples go here")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    multi = train.add_argument_group("multi-process (docs/benchmarks.md: running on several hosts)")
+    multi.add_argument("--distributed", action="store_true",
+                       help="join a multi-process run detected by JAX (SLURM, Open MPI, TPU pod slice)")
+    multi.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
+    multi.add_argument("--num-processes", type=int, default=None)
+    multi.add_argument("--process-id", type=int, default=None)
     train.set_defaults(func=_train)
 
     vae = sub.add_parser("train-vae", help="train the KL autoencoder of latent diffusion (configs/vae.py)",

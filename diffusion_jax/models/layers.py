@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusion_jax.models.conv import conv_general_dilated
 from diffusion_jax.models.resample import downsample_2d, setup_kernel, upfirdn2d, upsample_2d
 
 GROUPNORM_EPS = 1e-6  # DDPM's TF group norm (and diffusers' google/ddpm-cifar10-32 norm_eps).
@@ -112,7 +113,8 @@ def group_norm(ch: int, groups: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
 def conv(cin: int, cout: int, k: int, rngs: nnx.Rngs, dtype, stride: int = 1, padding="SAME",
          zero: bool = False, input_dilation: int = 1) -> nnx.Conv:
     return nnx.Conv(cin, cout, (k, k), strides=stride, padding=padding, input_dilation=input_dilation,
-                    dtype=dtype, kernel_init=ZERO_INIT if zero else DEFAULT_INIT, rngs=rngs)
+                    dtype=dtype, kernel_init=ZERO_INIT if zero else DEFAULT_INIT, rngs=rngs,
+                    conv_general_dilated=conv_general_dilated)
 
 
 def linear(cin: int, cout: int, rngs: nnx.Rngs, dtype=None, zero: bool = False) -> nnx.Linear:

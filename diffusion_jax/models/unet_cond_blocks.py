@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffusion_jax.models.conv import conv_general_dilated
 from diffusion_jax.models.layers import DEFAULT_INIT, ZERO_INIT, _mha, dropout
 
 TRANSFORMER_GROUPNORM_EPS = 1e-6  # Transformer2DModel's GroupNorm (fixed, not the config's norm_eps)
@@ -46,7 +47,8 @@ def conv(cin: int, cout: int, k: int, rngs: nnx.Rngs, dtype, *, stride: int = 1,
     p = (k - 1) // 2 if padding is None else padding
     pad = ((p, p), (p, p)) if isinstance(p, int) else p
     return nnx.Conv(cin, cout, (k, k), strides=stride, padding=pad, dtype=dtype,
-                    kernel_init=ZERO_INIT if zero else DEFAULT_INIT, rngs=rngs)
+                    kernel_init=ZERO_INIT if zero else DEFAULT_INIT, rngs=rngs,
+                    conv_general_dilated=conv_general_dilated)
 
 
 def linear(cin: int, cout: int, rngs: nnx.Rngs, dtype, *, bias: bool = True, zero: bool = False) -> nnx.Linear:

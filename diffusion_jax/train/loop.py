@@ -69,13 +69,14 @@ def frozen_changes(workdir: str, exp: Experiment) -> list[str]:
     return changed
 
 
-def write_config(workdir: str, exp: Experiment) -> None:
-    """Save the resolved config; refuse to resume a workdir whose model/schedule/loss differ."""
+def write_config(workdir: str, exp: Experiment, write: bool = True) -> None:
+    """Save the resolved config (if `write`); refuse to resume a workdir whose model/schedule/loss differ."""
     changed = frozen_changes(workdir, exp)
     if changed:
         raise ValueError(f"{workdir} holds a run with different {', '.join(changed)}; "
                          "use a new --workdir (nothing was changed in the old one)")
-    write_json(os.path.join(workdir, "config.json"), exp.to_dict())
+    if write:
+        write_json(os.path.join(workdir, "config.json"), exp.to_dict())
 
 
 def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
@@ -83,8 +84,11 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
 
     Raises train.faults.Preempted after saving a checkpoint when SIGTERM / SIGINT arrives, and
     NonFiniteError on a NaN / Inf loss or gradient (train.on_nonfinite); checkpoints already saved are kept.
+    In a multi-process run (parallel.initialize_distributed) every process calls this with the same arguments;
+    process 0 writes the config, metrics, progress bar and sample grids.
     """
     tc = exp.train
+    main = parallel.is_main_process()
     source = load_source(exp.data)
     if exp.latent.vae_workdir is None:
         check_data_matches_model(exp, source)
@@ -92,11 +96,15 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     parallel.check_divisible(tc.batch_size, mesh, "train.batch_size")
     parallel.check_divisible(tc.sample_num, mesh, "train.sample_num")
     os.makedirs(workdir, exist_ok=True)
-    write_config(workdir, exp)
+    write_config(workdir, exp, write=main)
     if exp.latent.vae_workdir is not None:   # latent diffusion: the VAE's latents of the data, with captions
         from diffusion_jax.pipelines.trained import build_latent_source
 
-        source = build_latent_source(exp, workdir, source, progress=progress)
+        if not main:   # process 0 encodes the dataset and writes the cache; the others then read it
+            parallel.sync("latent cache")
+        source = build_latent_source(exp, workdir, source, progress=progress and main)
+        if main:
+            parallel.sync("latent cache")
         check_data_matches_model(exp, source)
 
     tx, lr_fn = make_optimizer(exp.optim, tc.steps)
@@ -109,7 +117,8 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
         state = restored
         log.info("resuming from %s (step %d)", ckpt.step_path(restored_step), restored_step)
     start = int(state.step)
-    truncate_metrics(workdir, start)   # rows past the checkpoint are re-logged by this run
+    if main:
+        truncate_metrics(workdir, start)   # rows past the checkpoint are re-logged by this run
 
     opts = StepOptions(tc.ema_decay, tc.ema_warmup, exp.model.learn_sigma, exp.model.num_classes,
                        skip_nonfinite=tc.on_nonfinite == "skip")
@@ -137,7 +146,9 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     def write_samples(step: int):
         # a learned gamma changes as it trains: sample with the EMA's (which costs a compile per grid)
         sample = sample_fn if gamma is None else grid_sampler(build_schedule(exp.schedule, state.ema_params))
-        images = np.asarray(sample(state.ema_params, jax.random.PRNGKey(exp.seed + 1), labels)[0])
+        images = parallel.to_host(sample(state.ema_params, jax.random.PRNGKey(exp.seed + 1), labels)[0])
+        if not main:
+            return
         if not np.isfinite(images).all():   # finite params can still diverge while sampling: say so, go on
             warnings.warn(f"the sample grid at step {step} has non-finite pixels; not written", RuntimeWarning)
             return
@@ -150,8 +161,8 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
 
     batches = Batches(source, tc.batch_size, seed=exp.data.seed, random_flip=exp.data.random_flip)
     guard = NonFiniteGuard(tc.on_nonfinite, last_checkpoint)
-    writer = MetricWriter(workdir)
-    bar = tqdm(total=tc.steps, initial=start, disable=not progress, desc="train", unit="step",
+    writer = MetricWriter(workdir) if main else None
+    bar = tqdm(total=tc.steps, initial=start, disable=not (progress and main), desc="train", unit="step",
                dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), start
     pending = None   # (step, metrics) not yet checked: checked one step late, so the device stays busy
@@ -175,7 +186,8 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
                     if tc.on_nonfinite == "skip":
                         metrics["skipped_updates"] = guard.skipped
                     t_last, step_last = now, done
-                    writer.write(done, metrics)
+                    if writer is not None:
+                        writer.write(done, metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
                 if signals.received and done != tc.steps:
                     ckpt.save(done, state, exp.to_dict())
@@ -190,7 +202,8 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
                 write_samples(int(state.step))
     finally:
         bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
         ckpt.wait()
         ckpt.close()
     return state
