@@ -1,6 +1,6 @@
 """Train step of the DDPM CIFAR-10 U-Net: diffusion_jax vs diffusers' UNet2DModel (PyTorch), in one run.
 
-    python benchmarks/train_step.py [--batch 16] [--steps 5] [--dtype bfloat16] [--torch-threads 2]
+    python benchmarks/train_step.py [--models cifar10,digits] [--rounds 3] [--steps 3] [--torch-threads 2]
 
 Prints params, compile seconds, ms/step and img/s of each, and the ratio. See docs/benchmarks.md.
 """

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 # Exit codes: 0 done; 2 bad input (nothing was changed); 3 non-finite loss or gradient; 128 + N stopped by
@@ -417,6 +418,20 @@ def _show_library_messages() -> None:
         library_log.setLevel(logging.INFO)
 
 
+def _enable_compile_cache() -> None:
+    """Persistent XLA compilation cache, so that a second run of a command loads its compiled steps instead of
+    compiling them: $JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME (~/.cache)/diffusion_jax/jax.
+    DIFFUSION_JAX_COMPILE_CACHE=0 turns it off."""
+    if os.environ.get("DIFFUSION_JAX_COMPILE_CACHE", "1") == "0":
+        return
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:   # set by the user (JAX reads JAX_COMPILATION_CACHE_DIR itself)
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "diffusion_jax", "jax"))
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -429,6 +444,7 @@ def main(argv=None) -> int:
     from diffusion_jax.train.faults import TrainingStopped
 
     _show_library_messages()
+    _enable_compile_cache()
     try:
         args.func(args, overrides)
     except (ValueError, FileNotFoundError) as e:
