@@ -81,7 +81,9 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
     schedule: a DiscreteSchedule, a continuous schedule of `sde.py` or a `vdm.VDMSchedule` (config.build_schedule).
     y: (N,) int32 labels for a class-conditional model (None for unconditional).
     mesh: split the N samples over its "data" axis (N must divide evenly). The noise is drawn for the
-    whole batch (partitionable threefry), so a seed gives the same samples on 1 or 8 devices.
+    whole batch with counter-based (partitionable) threefry, so image i's noise depends only on (key, i): a seed gives
+    the same samples on 1 or 8 devices or hosts and, with a fixed-step sampler, the first n of N samples are the n
+    samples.
     condition(net, y, aux) -> denoise_fn: the conditional branch the sampler runs, from net(label) -> the network's
     denoise_fn; default net(y). aux: a pytree passed through jit to it (e.g. a guiding classifier's params,
     `guidance.sampling`). Classifier-free guidance (spec.guidance_scale) runs on top, its unconditional branch

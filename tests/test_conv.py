@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from diffusion_jax.models.conv import conv_general_dilated
+from diffusion_jax.models.conv import conv_general_dilated, forward_mode
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 CASES = [  # (kernel, stride, padding)
@@ -49,3 +49,16 @@ def test_bfloat16_compute_keeps_the_kernel_gradient_dtype():
                                    .astype(jnp.float32)))(w)
     assert g.dtype == jnp.bfloat16
     assert float(g[1, 1, 0, 0]) == 16.0   # the centre tap sees every one of the 16 pixels
+
+
+def test_forward_mode_autodiff_goes_through_lax_convs():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((1, 5, 5, 2), np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 2, 3), np.float32))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+    f = lambda x: conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)  # noqa: E731
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(f, (x,), (x,))
+    with forward_mode():
+        _, tangent = jax.jvp(f, (x,), (x,))
+    np.testing.assert_allclose(tangent, f(x), rtol=1e-5, atol=1e-5)   # the conv is linear in x

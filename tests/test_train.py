@@ -40,6 +40,7 @@ def test_eight_fake_devices_give_the_same_loss_update_and_samples():
     assert any("data" in s for s in out["fsdp_specs"])  # FSDP really sharded some parameters
     assert "train.batch_size=12" in out["batch_error"] and "8" in out["batch_error"]
     assert out["sample_diff"] < 1e-6   # same seed, same samples on 1 and 8 devices (float32 rounding aside)
+    assert out["prefix_diff"] < 1e-6   # and image i is the same whether 8 or 16 are drawn
 
 
 def test_checkpoint_save_restore_is_identical(tmp_path, tiny_experiment):

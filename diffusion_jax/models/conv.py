@@ -12,9 +12,14 @@ values are the same as `lax.conv_general_dilated`'s up to float32 summation orde
 
 `conv_general_dilated` has lax's signature, so it plugs into `nnx.Conv(conv_general_dilated=...)`; anything
 but a plain NHWC / HWIO conv (dilation, groups, other layouts) goes to lax unchanged.
+
+Forward-mode autodiff (`jax.jvp`, `jax.linearize`) cannot go through a `custom_vjp`: trace such code inside
+`with forward_mode():`, where the convs are plain lax convs (likelihood.py does, for its divergence).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -22,6 +27,17 @@ import jax.numpy as jnp
 from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+_FORWARD_MODE = contextvars.ContextVar("diffusion_jax_conv_forward_mode", default=False)
+
+
+@contextlib.contextmanager
+def forward_mode():
+    """Convs traced inside are plain `lax.conv_general_dilated` (jvp-able; XLA's own kernel gradient)."""
+    token = _FORWARD_MODE.set(True)
+    try:
+        yield
+    finally:
+        _FORWARD_MODE.reset(token)
 
 
 def _pads(padding, x_shape, w_shape, strides) -> tuple[tuple[int, int], ...]:
@@ -77,7 +93,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None, **kwargs):
     """`lax.conv_general_dilated`, routed to `conv2d` for plain 2-D NHWC / HWIO convs (any stride, padding)."""
-    plain = (lhs.ndim == 4 and _is_nhwc(dimension_numbers) and feature_group_count == 1 and batch_group_count == 1
+    plain = (not _FORWARD_MODE.get() and lhs.ndim == 4 and _is_nhwc(dimension_numbers) and feature_group_count == 1 and batch_group_count == 1
              and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
              and preferred_element_type is None and kwargs.get("out_sharding") is None)
     if not plain:
