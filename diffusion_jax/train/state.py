@@ -137,4 +137,5 @@ def make_train_step(graphdef, schedule, loss_cfg: LossConfig, tx, lr_fn: Callabl
 
     batch_sharding = parallel.batch_sharding(mesh)
     return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,),
+                   compiler_options=parallel.step_compiler_options(mesh))
