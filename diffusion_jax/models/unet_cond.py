@@ -286,7 +286,7 @@ class UNetCond(nnx.Module):
             up.append(Block(res, attn, upsamplers=us))
         self.up_blocks = nnx.List(up)
 
-        self.conv_norm_out = group_norm(boc[0], c.norm_num_groups, c.norm_eps, rngs)
+        self.conv_norm_out = group_norm(boc[0], c.norm_num_groups, rngs, c.norm_eps)
         self.conv_out = conv(boc[0], c.out_channels, c.conv_out_kernel, rngs, dt, zero=True)
 
     def __call__(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None):

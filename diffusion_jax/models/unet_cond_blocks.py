@@ -25,15 +25,12 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.models.conv import conv_general_dilated
-from diffusion_jax.models.layers import DEFAULT_INIT, ZERO_INIT, _mha, dropout
+from diffusion_jax.models.layers import DEFAULT_INIT, ZERO_INIT, _mha, dropout, group_norm
 
 TRANSFORMER_GROUPNORM_EPS = 1e-6  # Transformer2DModel's GroupNorm (fixed, not the config's norm_eps)
 TRANSFORMER_LAYERNORM_EPS = 1e-5  # BasicTransformerBlock's LayerNorms (diffusers' default norm_eps)
 
 
-def group_norm(ch: int, groups: int, eps: float, rngs: nnx.Rngs) -> nnx.GroupNorm:
-    return nnx.GroupNorm(ch, num_groups=groups, epsilon=eps, dtype=jnp.float32, use_fast_variance=False,
-                         rngs=rngs)
 
 
 def layer_norm(ch: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -65,10 +62,10 @@ class ResnetBlock2D(nnx.Module):
 
     def __init__(self, cin: int, cout: int, temb: int, *, groups: int, eps: float, dropout_rate: float,
                  output_scale_factor: float, dtype, rngs: nnx.Rngs):
-        self.norm1 = group_norm(cin, groups, eps, rngs)
+        self.norm1 = group_norm(cin, groups, rngs, eps)
         self.conv1 = conv(cin, cout, 3, rngs, dtype)
         self.time_emb_proj = linear(temb, cout, rngs, dtype)
-        self.norm2 = group_norm(cout, groups, eps, rngs)
+        self.norm2 = group_norm(cout, groups, rngs, eps)
         self.conv2 = conv(cout, cout, 3, rngs, dtype, zero=True)
         self.conv_shortcut = conv(cin, cout, 1, rngs, dtype) if cin != cout else None
         self.dropout_rate = dropout_rate
@@ -187,7 +184,7 @@ class Transformer2DModel(nnx.Module):
         inner = heads * dim_head
         self.dtype = dtype
         self.use_linear_projection = use_linear_projection
-        self.norm = group_norm(ch, groups, TRANSFORMER_GROUPNORM_EPS, rngs)
+        self.norm = group_norm(ch, groups, rngs, TRANSFORMER_GROUPNORM_EPS)
         if use_linear_projection:
             self.proj_in = linear(ch, inner, rngs, dtype)
             self.proj_out = linear(inner, ch, rngs, dtype, zero=True)
