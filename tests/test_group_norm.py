@@ -23,14 +23,14 @@ def test_matches_the_formula_and_flax(shape, groups):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(shape) * 3 + 5, jnp.float32)   # an offset mean tests the variance
     norm = GroupNorm(shape[-1], groups, 1e-6, rngs=nnx.Rngs(0))
-    norm.scale.value = jnp.asarray(rng.uniform(0.5, 2, shape[-1]), jnp.float32)
-    norm.bias.value = jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)
+    norm.scale[...] = jnp.asarray(rng.uniform(0.5, 2, shape[-1]), jnp.float32)
+    norm.bias[...] = jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)
     y = norm(x)
     assert y.dtype == jnp.float32 and y.shape == shape
-    np.testing.assert_allclose(y, reference(x, norm.scale.value, norm.bias.value, groups, 1e-6), atol=2e-5)
+    np.testing.assert_allclose(y, reference(x, norm.scale[...], norm.bias[...], groups, 1e-6), atol=2e-5)
 
     flax_norm = nnx.GroupNorm(shape[-1], num_groups=groups, epsilon=1e-6, use_fast_variance=False, rngs=nnx.Rngs(0))
-    flax_norm.scale.value, flax_norm.bias.value = norm.scale.value, norm.bias.value
+    flax_norm.scale[...], flax_norm.bias[...] = norm.scale[...], norm.bias[...]
     assert set(nnx.to_pure_dict(nnx.state(norm, nnx.Param))) == set(nnx.to_pure_dict(nnx.state(flax_norm, nnx.Param)))
 
     def loss(module, x):
@@ -40,7 +40,7 @@ def test_matches_the_formula_and_flax(shape, groups):
     g_flax = nnx.grad(loss, argnums=(0, 1))(flax_norm, x)
     np.testing.assert_allclose(g_ours[1], g_flax[1], atol=1e-4)
     for name in ("scale", "bias"):
-        np.testing.assert_allclose(getattr(g_ours[0], name).value, getattr(g_flax[0], name).value, rtol=1e-4,
+        np.testing.assert_allclose(getattr(g_ours[0], name)[...], getattr(g_flax[0], name)[...], rtol=1e-4,
                                    atol=1e-4)
 
 

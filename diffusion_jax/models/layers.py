@@ -135,8 +135,8 @@ class GroupNorm(nnx.Module):
 
         mean = per_channel(jnp.sum(x, axis=space).reshape(b, g, -1).sum(-1) / n)
         var = jnp.sum(jnp.square(x - mean), axis=space).reshape(b, g, -1).sum(-1) / n
-        a = per_channel(jax.lax.rsqrt(var + self.epsilon)) * self.scale.value
-        return x * a + (self.bias.value - mean * a)
+        a = per_channel(jax.lax.rsqrt(var + self.epsilon)) * self.scale[...]
+        return x * a + (self.bias[...] - mean * a)
 
 
 def group_norm(ch: int, groups: int, rngs: nnx.Rngs, epsilon: float = GROUPNORM_EPS) -> GroupNorm:
