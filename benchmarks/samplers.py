@@ -21,7 +21,6 @@ batches the convolutions and normalisations dominate.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
@@ -105,21 +104,19 @@ def print_table(rows, nfes, dim, spacings) -> str:
     return text
 
 
-UNETS = {  # name -> (UNetConfig overrides); "digits" is the README's default model (configs/digits.py)
-    "digits": None,
+UNETS = {  # name -> UNetConfig overrides; "digits" and "cifar10" are diffusion_jax.bench's models
+    "digits": None,    # the README's default model (configs/digits.py) without its class embedding
     "small32": dict(image_size=32, in_channels=3, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                     attention_resolutions=(16,), dropout=0.0, num_groups=8),
-    "cifar10": {},   # the DDPM CIFAR-10 U-Net (35.7M params), UNetConfig's defaults
+    "cifar10": None,   # the DDPM CIFAR-10 U-Net (35.7M params)
 }
 
 
 def unet_config(name: str):
-    from diffusion_jax.config import load_experiment
+    from diffusion_jax.bench import model_config
     from diffusion_jax.models import UNetConfig
 
-    if UNETS[name] is None:   # the digits model without its class embedding (diffusers' loop has no labels either)
-        return dataclasses.replace(load_experiment("configs/digits.py", [])[0].model, num_classes=None)
-    return UNetConfig(**UNETS[name])
+    return model_config(name) if UNETS[name] is None else UNetConfig(**UNETS[name])
 
 
 def unet_loop_timing(name: str, batch: int, steps: int, repeats: int) -> dict:

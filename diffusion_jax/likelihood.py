@@ -48,7 +48,6 @@ import numpy as np
 
 from diffusion_jax import param
 from diffusion_jax.losses import model_log_variance, normal_kl, vlb_term
-from diffusion_jax.models.conv import forward_mode
 from diffusion_jax.samplers.adaptive import EVALS_PER_STEP, ODE_SOLVERS, level_fn
 from diffusion_jax.samplers.grid import Grid, concrete_or_none
 from diffusion_jax.samplers.wrapper import make_denoiser
@@ -154,8 +153,7 @@ def ode_log_likelihood(denoise_fn, schedule, x, *, prediction: str, key=None, tr
         y, _ = state
         s = jnp.exp(u)
         t, alpha, sigma = level(s)
-        with forward_mode():   # a U-Net denoiser's convs must be jvp-able here (models/conv.py)
-            dy, jvp = jax.linearize(lambda z: s * den((alpha * z).astype(dtype), t, alpha, sigma)[1], y)
+        dy, jvp = jax.linearize(lambda z: s * den((alpha * z).astype(dtype), t, alpha, sigma)[1], y)
         jv = jax.vmap(jvp)(tangents).reshape(tangents.shape[0], B, D)
         if trace == "exact":
             div = jnp.einsum("ibi->b", jv)[:, None]          # (B, 1)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from diffusion_jax.models.conv import conv_general_dilated, forward_mode
+from diffusion_jax.models.conv import conv_general_dilated
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 CASES = [  # (kernel, stride, padding)
@@ -51,14 +51,36 @@ def test_bfloat16_compute_keeps_the_kernel_gradient_dtype():
     assert float(g[1, 1, 0, 0]) == 16.0   # the centre tap sees every one of the 16 pixels
 
 
-def test_forward_mode_autodiff_goes_through_lax_convs():
+def test_forward_mode_and_second_order_autodiff_match_lax():
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((1, 5, 5, 2), np.float32))
-    w = jnp.asarray(rng.standard_normal((3, 3, 2, 3), np.float32))
+    x = jnp.asarray(rng.standard_normal((2, 6, 5, 3), np.float32))
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 4), np.float32))
+    dx, dw = x[::-1], w * 0.5 - 0.1
     dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
-    f = lambda x: conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)  # noqa: E731
-    with pytest.raises(TypeError, match="forward-mode"):
-        jax.jvp(f, (x,), (x,))
-    with forward_mode():
-        _, tangent = jax.jvp(f, (x,), (x,))
-    np.testing.assert_allclose(tangent, f(x), rtol=1e-5, atol=1e-5)   # the conv is linear in x
+
+    def f(conv, x, w):
+        return jnp.sin(conv(x, w, (2, 1), ((1, 0), (1, 1)), dimension_numbers=dn))
+
+    for argnums, tangents in (((0, 1), (dx, dw)), ((0,), (dx,)), ((1,), (dw,))):
+        def along(conv, argnums=argnums):   # f as a function of the differentiated arguments only
+            return lambda *a: f(conv, *[a[argnums.index(i)] if i in argnums else (x, w)[i] for i in range(2)])
+        primals = tuple((x, w)[i] for i in argnums)
+        ours = jax.jit(lambda p, t: jax.jvp(along(conv_general_dilated), p, t))(primals, tangents)
+        ref = jax.jvp(along(lax.conv_general_dilated), primals, tangents)
+        for a, b in zip(ours, ref):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # Hessian-vector product in w (forward over reverse): the transposed matmul kernel gradient is jvp-able too
+    def hvp(conv):
+        g = jax.grad(lambda w: jnp.sum(f(conv, x, w) ** 2))
+        return jax.jvp(g, (w,), (dw,))[1]
+    np.testing.assert_allclose(jax.jit(lambda: hvp(conv_general_dilated))(), hvp(lax.conv_general_dilated),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_reverse_mode_kernel_gradient_runs_the_tap_matmuls():
+    x, w = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 3))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(conv_general_dilated(x, w, (1, 1), "SAME",
+                                                                                dimension_numbers=dn))))(w))
+    assert jaxpr.count("conv_general_dilated") == 1      # the forward conv; dL/dW is no backward-filter conv
+    assert jaxpr.count("dot_general") == 1 and jaxpr.count("scan[") == 1   # but one matmul in one loop over taps

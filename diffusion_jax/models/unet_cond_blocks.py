@@ -32,7 +32,6 @@ TRANSFORMER_LAYERNORM_EPS = 1e-5  # BasicTransformerBlock's LayerNorms (diffuser
 
 
 
-
 def layer_norm(ch: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(ch, epsilon=TRANSFORMER_LAYERNORM_EPS, dtype=jnp.float32, use_fast_variance=False,
                          rngs=rngs)
