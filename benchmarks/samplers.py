@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
+from diffusion_jax.host import reuse_host_memory  # noqa: E402
 from diffusion_jax.samplers import ddim_sample, discrete_grid, make_denoiser  # noqa: E402
 from diffusion_jax.samplers.registry import get_sampler  # noqa: E402
 from diffusion_jax.schedules import make_schedule  # noqa: E402
@@ -158,6 +159,7 @@ def unet_loop_timing(name: str, batch: int, steps: int, repeats: int) -> dict:
 
 
 def main(argv=None):
+    reuse_host_memory()   # before JAX's CPU backend and torch start (diffusion_jax/host.py)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dims", default="64,3072")
     p.add_argument("--nfe", default="5,10,20,50,100")

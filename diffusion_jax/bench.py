@@ -29,6 +29,7 @@ import numpy as np
 
 from diffusion_jax import parallel
 from diffusion_jax.config import OptimConfig
+from diffusion_jax.host import reuse_host_memory
 from diffusion_jax.losses import LossConfig
 from diffusion_jax.models import UNetConfig
 from diffusion_jax.models.functional import count_params, make_apply_fn
@@ -222,6 +223,7 @@ def markdown(rows: list[dict], peak: dict) -> str:
 
 
 def main(argv=None) -> list[dict]:
+    host_malloc = reuse_host_memory()   # first: before torch's threads and JAX's CPU backend start (host.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="cifar10,digits", help="comma-separated: cifar10, digits")
     parser.add_argument("--batch", type=int, default=None, help="default: 16 (cifar10), 64 (digits)")
@@ -245,7 +247,8 @@ def main(argv=None) -> list[dict]:
         jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="diffusion_jax_bench_cache_"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}); "
-          f"{args.rounds} rounds x {args.steps} steps per side")
+          f"{args.rounds} rounds x {args.steps} steps per side; host malloc policy "
+          f"{'on' if host_malloc else 'off'} (diffusion_jax/host.py)")
     peak = matmul_gflops()
     rows = []
     for name in names:

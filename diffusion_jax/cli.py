@@ -441,9 +441,11 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     overrides = [o[len("--config."):] for o in overrides]
+    from diffusion_jax.host import reuse_host_memory
     from diffusion_jax.train.faults import TrainingStopped
 
     _show_library_messages()
+    reuse_host_memory()      # before JAX starts its CPU backend (diffusion_jax/host.py)
     _enable_compile_cache()
     try:
         args.func(args, overrides)
