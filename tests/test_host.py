@@ -49,3 +49,14 @@ def test_scratch_memory_is_page_faulted_in_every_call_by_default_and_reused_with
 def test_opt_out_leaves_malloc_alone(monkeypatch):
     monkeypatch.setenv("DIFFUSION_JAX_HOST_MALLOC", "0")
     assert reuse_host_memory() is False
+
+
+def test_the_cli_sets_the_policy_before_jax_starts_its_backend():
+    """Threads that already picked a malloc arena keep it: importing the CLI and building its parser must not start
+    JAX's CPU backend (a module-level jnp array would), or `reuse_host_memory()` in `cli.main` changes nothing."""
+    code = ("from diffusion_jax.cli import build_parser\nbuild_parser()\n"
+            "from jax._src import xla_bridge\nprint(xla_bridge.backends_are_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "False"
