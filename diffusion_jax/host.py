@@ -4,8 +4,9 @@ Why: XLA:CPU allocates an executable's temporary buffer afresh on every call (`p
 thread) and frees it at the end: 114 MB for the digits train step, 1.3 GB for the CIFAR-10 one. glibc serves a
 request that large from a new `mmap` (worker threads' arenas cannot grow past 64 MB) and unmaps it on free, so
 every step page-faults its whole scratch memory back in and the kernel zeroes it: 28k faults per digits step and
-340k (1.3 GB) per CIFAR-10 step, 12-20% of the process's CPU time spent in the kernel (docs/benchmarks.md). With one malloc arena, no `mmap` for large blocks and no trimming of the heap, the freed
-buffer stays in the heap and the next call reuses it without a fault.
+340k (1.3 GB) per CIFAR-10 step, 12-20% of the process's CPU time spent in the kernel (docs/benchmarks.md). With
+one malloc arena, no `mmap` for large blocks and no trimming of the heap, the freed buffer stays in the heap and
+the next call reuses it without a fault.
 
 The cost: the process keeps its peak heap (freed memory is reused, not returned to the OS), which is what a
 training or sampling process wants anyway. It must run before JAX starts its CPU backend (before the first
