@@ -16,13 +16,13 @@ Part 2: wall time and img/s of a 50-step DDIM loop on U-Nets (the digits model o
 DDIMScheduler.step, torch.no_grad), same config and batch, in the same run, timed alternately (one loop of ours,
 then one of diffusers', --repeats times; the ratio is the median over rounds, with its range), at several batch
 sizes: compilation removes the per-step Python and dispatch overhead that dominates at small batches; at large
-batches the convolutions and normalisations dominate.
+batches the convolutions and normalisations dominate. This part alone, with more options:
+`diffusion-jax bench sampling` (diffusion_jax/bench_sampling.py).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -33,6 +33,8 @@ import numpy as np  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
+from diffusion_jax.bench_sampling import (HEADER, MODELS, markdown_row, parse_loops,  # noqa: E402
+                                          unet_loop_timing)
 from diffusion_jax.host import reuse_host_memory  # noqa: E402
 from diffusion_jax.samplers import ddim_sample, discrete_grid, make_denoiser  # noqa: E402
 from diffusion_jax.samplers.registry import get_sampler  # noqa: E402
@@ -105,59 +107,6 @@ def print_table(rows, nfes, dim, spacings) -> str:
     return text
 
 
-UNETS = {  # name -> UNetConfig overrides; "digits" and "cifar10" are diffusion_jax.bench's models
-    "digits": None,    # the README's default model (configs/digits.py) without its class embedding
-    "small32": dict(image_size=32, in_channels=3, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                    attention_resolutions=(16,), dropout=0.0, num_groups=8),
-    "cifar10": None,   # the DDPM CIFAR-10 U-Net (35.7M params)
-}
-
-
-def unet_config(name: str):
-    from diffusion_jax.bench import model_config
-    from diffusion_jax.models import UNetConfig
-
-    return model_config(name) if UNETS[name] is None else UNetConfig(**UNETS[name])
-
-
-def unet_loop_timing(name: str, batch: int, steps: int, repeats: int) -> dict:
-    """A `steps`-step DDIM loop, ours and diffusers', same config and batch, timed alternately `repeats` times.
-
-    Returns compile_s and ours_s (median), plus theirs_s (median) and the ratio theirs / ours per round
-    (ratio: median, ratio_min, ratio_max) when torch and diffusers are installed."""
-    from flax import nnx
-
-    from diffusion_jax.bench import torch_ddim_loop  # torch side lives with the other torch code
-    from diffusion_jax.models import UNet
-    from diffusion_jax.models.functional import make_apply_fn, split_params
-
-    cfg = unet_config(name)
-    graphdef, params = split_params(UNet(cfg, rngs=nnx.Rngs(0)))
-    apply = make_apply_fn(graphdef)
-    schedule = make_schedule("linear", 1000)
-    shape = (batch, cfg.image_size, cfg.image_size, cfg.in_channels)
-    run = jax.jit(lambda p, key: ddim_sample(lambda x, t: apply(p, x, t), schedule, key, shape, steps=steps)[0])
-    t0 = time.perf_counter()
-    jax.block_until_ready(run(params, jax.random.PRNGKey(0)))
-    out = {"compile_s": time.perf_counter() - t0}
-    theirs_loop = torch_ddim_loop(cfg, batch, steps)
-    ours, theirs = [], []
-    for r in range(repeats):   # alternate, so that load on a shared machine hits both sides alike
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(params, jax.random.PRNGKey(r + 1)))
-        ours.append(time.perf_counter() - t0)
-        if theirs_loop is not None:
-            t0 = time.perf_counter()
-            theirs_loop()
-            theirs.append(time.perf_counter() - t0)
-    out["ours_s"] = statistics.median(ours)
-    if theirs:
-        ratios = [t / o for t, o in zip(theirs, ours)]
-        out.update(theirs_s=statistics.median(theirs), ratio=statistics.median(ratios), ratio_min=min(ratios),
-                   ratio_max=max(ratios))
-    return out
-
-
 def main(argv=None):
     reuse_host_memory()   # before JAX's CPU backend and torch start (diffusion_jax/host.py)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,28 +116,22 @@ def main(argv=None):
                    help="each cell reports the spacing with the smallest error")
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--loops", default="digits:1,digits:16,digits:100,small32:8,cifar10:4",
-                   help="U-Net DDIM-50 timings as MODEL:BATCH (models: %s); empty to skip" % ", ".join(UNETS))
+                   help="U-Net DDIM-50 timings as MODEL:BATCH (models: %s); empty to skip" % ", ".join(MODELS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="results/samplers")
     args = p.parse_args(argv)
     nfes = [int(v) for v in args.nfe.split(",")]
     spacings = args.spacings.split(",")
+    loops = parse_loops(args.loops)   # a bad MODEL:BATCH fails before the accuracy tables run
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})")
     texts, cells = [], []
     for dim in [int(v) for v in args.dims.split(",") if v]:   # --dims '' times the loops only
         rows, dim_cells = accuracy_table(dim, nfes, spacings, args.samples)
         texts.append(print_table(rows, nfes, dim, spacings))
         cells += dim_cells
-    lines = ["| U-Net | batch | ours (one jitted lax.scan) | img/s | compile | diffusers (Python loop) | img/s | "
-             "diffusers / ours (range) |", "|---|---|---|---|---|---|---|---|"]
-    for item in filter(None, args.loops.split(",")):
-        name, batch = item.split(":")
-        t = unet_loop_timing(name, int(batch), 50, args.repeats)
-        theirs, ratio = ((f"{t['theirs_s']:.2f} s | {int(batch) / t['theirs_s']:.1f}",
-                          f"{t['ratio']:.2f}x ({t['ratio_min']:.2f}-{t['ratio_max']:.2f})")
-                         if "ratio" in t else (" | ", "diffusers not installed"))
-        lines.append(f"| {name} | {batch} | {t['ours_s']:.2f} s | {int(batch) / t['ours_s']:.1f} | "
-                     f"{t['compile_s']:.1f} s | {theirs} | {ratio} |")
+    lines = list(HEADER)
+    for name, batch in loops:
+        lines.append(markdown_row(unet_loop_timing(name, batch, 50, args.repeats)))
         print(lines[-1], flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "samplers.md"), "w") as f:

@@ -6,7 +6,7 @@
     diffusion-jax likelihood --workdir workdirs/digits --num 100 --method ode --trace rademacher
     diffusion-jax train-classifier --workdir workdirs/digits --out workdirs/digits_clf   # for classifier guidance
     diffusion-jax compare --workdir workdirs/digits --samplers ddim,dpmpp_2m --nfe 5,10,20 --num 500 --out results/c
-    diffusion-jax bench train_step --batch 16 --steps 5
+    diffusion-jax bench train_step --batch 16 --steps 5          # or: bench sampling --loops digits:16,cifar10:4
     diffusion-jax train-vae --config configs/vae.py:fashion_mnist --workdir workdirs/vae_fmnist   # latent diffusion
     diffusion-jax convert --from path/to/diffusers-folder --to models/sd15     # SD pipeline or DDPM UNet2DModel
     diffusion-jax generate --workdir models/sd15 --prompt "a photo of a cat" --sampler dpmpp_2m --steps 20
@@ -225,10 +225,12 @@ def _likelihood(args, overrides) -> None:
 
 
 def _bench(args, overrides) -> None:
-    if args.name != "train_step":
-        raise ValueError(f"unknown benchmark {args.name!r}; available: train_step")
-    from diffusion_jax.bench import main as bench_main
-
+    if args.name == "train_step":
+        from diffusion_jax.bench import main as bench_main
+    elif args.name == "sampling":
+        from diffusion_jax.bench_sampling import main as bench_main
+    else:
+        raise ValueError(f"unknown benchmark {args.name!r}; available: train_step, sampling")
     bench_main(args.bench_args)
 
 
@@ -395,8 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     lik.add_argument("--no-progress", action="store_true")
     lik.set_defaults(func=_likelihood)
 
-    bench = sub.add_parser("bench", help="benchmarks (train_step: ours vs diffusers/PyTorch)")
-    bench.add_argument("name", choices=["train_step"])
+    bench = sub.add_parser("bench", help="benchmarks, ours vs diffusers/PyTorch in one run (train_step: the train "
+                           "step; sampling: the compiled DDIM loop)")
+    bench.add_argument("name", choices=["train_step", "sampling"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed on, e.g. --batch 16 --steps 5")
     bench.set_defaults(func=_bench)
 

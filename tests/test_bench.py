@@ -1,4 +1,4 @@
-"""`diffusion-jax bench train_step` on the digits model: both sides run, with the same parameter count."""
+"""`diffusion-jax bench train_step | sampling` on the digits model: both sides run the same network."""
 import csv
 import os
 
@@ -28,16 +28,27 @@ def test_unknown_model_is_named():
         main(["--models", "imagenet"])
 
 
-@pytest.mark.slow    # a few seconds: one compile of a 3-step DDIM loop
+@pytest.mark.slow    # about 35 s: one compile of a 3-step DDIM loop of the digits model, and diffusers' loop
 @pytest.mark.torch
-def test_ddim_loop_bench_alternates_both_sides(tmp_path):
+def test_sampling_bench_alternates_both_sides(tmp_path):
     pytest.importorskip("diffusers")
-    import importlib.util
+    from diffusion_jax.cli import main
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("samplers_bench", os.path.join(root, "benchmarks", "samplers.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    t = bench.unet_loop_timing("digits", 2, 3, 3)
-    assert t["compile_s"] > 0 and t["ours_s"] > 0 and t["theirs_s"] > 0
-    assert t["ratio_min"] <= t["ratio"] <= t["ratio_max"]
+    main(["bench", "sampling", "--loops", "digits:2", "--steps", "3", "--repeats", "3", "--out", str(tmp_path)])
+    with open(os.path.join(tmp_path, "sampling.csv")) as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["model"] == "digits" and row["batch"] == "2" and row["steps"] == "3"
+    assert float(row["compile_s"]) > 0 and float(row["ours_s"]) > 0 and float(row["theirs_s"]) > 0
+    assert float(row["xla_buffers_mb"]) > 0
+    assert float(row["ratio_min"]) <= float(row["ratio"]) <= float(row["ratio_max"])
+    assert "diffusers / ours" in open(os.path.join(tmp_path, "sampling.md")).read()
+
+
+@pytest.mark.parametrize("loops, message", [("imagenet:4", "unknown model 'imagenet'"),
+                                            ("digits", "'digits' is not MODEL:BATCH"),
+                                            ("digits:0", "'digits:0' is not MODEL:BATCH")])
+def test_sampling_bench_names_a_bad_loop(loops, message):
+    from diffusion_jax.bench_sampling import main
+
+    with pytest.raises(ValueError, match=message):
+        main(["--loops", loops])

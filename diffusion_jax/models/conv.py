@@ -55,6 +55,7 @@ def kernel_grad(x, dy, w_shape, strides, pads):
     return lax.map(jax.checkpoint(tap, prevent_cse=False), jnp.arange(kh * kw)).transpose(0, 2, 1).reshape(w_shape)
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))   # traced once per conv signature, not once per call
 def _conv_linear_in_w(x, dw, strides, pads):
     """conv(x, dw) as the transpose of `kernel_grad`: same values; its own transpose is the tap matmuls."""
     y = jax.eval_shape(functools.partial(_conv, strides=strides, pads=pads), x, dw)
