@@ -52,3 +52,18 @@ def test_sampling_bench_names_a_bad_loop(loops, message):
 
     with pytest.raises(ValueError, match=message):
         main(["--loops", loops])
+
+
+@pytest.mark.torch
+def test_conv_layer_bench_times_both_sides(tmp_path):
+    pytest.importorskip("torch")
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("convs_bench", os.path.join(root, "benchmarks", "convs.py"))
+    convs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convs)
+    row = convs.time_layer(batch=2, size=4, cin=8, cout=8, repeats=2)
+    assert min(row[k] for k in ("ours_fwd_ms", "ours_dx_ms", "ours_dw_ms", "torch_fwd_ms")) > 0
+    assert row["ratio"] == pytest.approx(row["torch_total_ms"] / row["ours_total_ms"])
+    assert "PyTorch / ours" in convs.markdown([row])
