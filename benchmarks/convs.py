@@ -100,13 +100,9 @@ def main(argv=None) -> list[dict]:
     for size, cin, cout in LAYERS:
         rows.append(time_layer(args.batch, size, cin, cout, args.repeats))
         print(markdown(rows[-1:]).splitlines()[2], flush=True)
-    table = markdown(rows)
-    print(table)
-    from diffusion_jax.report import write_csv
+    from diffusion_jax.report import write_table
 
-    write_csv(rows, os.path.join(args.out, "convs.csv"))
-    with open(os.path.join(args.out, "convs.md"), "w") as f:
-        f.write(table + "\n")
+    write_table(args.out, "convs", rows, markdown(rows))
     return rows
 
 

@@ -255,14 +255,9 @@ def main(argv=None) -> list[dict]:
         rows.append(bench_model(name, args.batch or DEFAULT_BATCH[name], args.rounds, args.steps, args.dtype,
                                 not args.no_torch))
         print(markdown(rows[-1:], peak).splitlines()[2])
-    table = markdown(rows, peak)
-    print(table)
-    from diffusion_jax.report import write_csv
+    from diffusion_jax.report import write_table
 
-    os.makedirs(args.out, exist_ok=True)
-    write_csv(rows, os.path.join(args.out, "train_step.csv"))
-    with open(os.path.join(args.out, "train_step.md"), "w") as f:
-        f.write(table + "\n")
+    write_table(args.out, "train_step", rows, markdown(rows, peak))
     return rows
 
 

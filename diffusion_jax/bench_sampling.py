@@ -16,7 +16,6 @@ and cifar10 (the DDPM CIFAR-10 U-Net, 35.7M parameters). Results go to OUT/sampl
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -121,11 +120,7 @@ def main(argv=None) -> list[dict]:
     for name, batch in loops:
         rows.append(unet_loop_timing(name, batch, args.steps, args.repeats))
         print(markdown_row(rows[-1]), flush=True)
-    table = "\n".join(HEADER + [markdown_row(r) for r in rows])
-    print(table)
-    from diffusion_jax.report import write_csv
+    from diffusion_jax.report import write_table
 
-    write_csv(rows, os.path.join(args.out, "sampling.csv"))
-    with open(os.path.join(args.out, "sampling.md"), "w") as f:
-        f.write(table + "\n")
+    write_table(args.out, "sampling", rows, "\n".join(HEADER + [markdown_row(r) for r in rows]))
     return rows

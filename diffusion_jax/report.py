@@ -65,6 +65,14 @@ def write_csv(rows: list[dict], path: str) -> str:
     return path
 
 
+def write_table(out: str, name: str, rows: list[dict], table: str) -> None:
+    """A benchmark's results: OUT/NAME.csv (rows) and OUT/NAME.md (the markdown table, also printed)."""
+    print(table)
+    write_csv(rows, os.path.join(out, f"{name}.csv"))
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(table + "\n")
+
+
 def write_results(out: str, rows: list[dict], per_class: list[dict], markdown: str) -> None:
     """OUT/results.csv (rows), OUT/per_class.csv and OUT/results.md (markdown, also printed)."""
     os.makedirs(out, exist_ok=True)
