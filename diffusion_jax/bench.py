@@ -3,7 +3,7 @@
 Both sides train the same U-Net (same architecture and parameter count) with AdamW, gradient clipping at 1 and
 the eps-MSE loss at uniform timesteps, float32, on the same batch size:
   cifar10: the DDPM CIFAR-10 U-Net (35.7M params; Ho et al. 2020), batch 16 by default;
-  digits:  the default model of configs/digits.py without its class embedding (diffusers' has none), batch 64.
+  digits:  the 16x16 U-Net of configs/digits.py:x16 without its class embedding (diffusers' has none), batch 64.
 The two sides alternate: each round times `--steps` steps of ours, then of PyTorch, and the ratio of the two
 medians is one sample; the table gives the median ratio over rounds and its range (the machine is shared).
 
@@ -46,7 +46,7 @@ def model_config(name: str) -> UNetConfig:
         from diffusion_jax.config import load_experiment
 
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        exp = load_experiment(os.path.join(root, "configs", "digits.py"), [])[0]
+        exp = load_experiment(os.path.join(root, "configs", "digits.py") + ":x16", [])[0]   # as benchmarked
         return dataclasses.replace(exp.model, num_classes=None)
     raise ValueError(f"--models: unknown model {name!r}; available: cifar10, digits")
 

@@ -10,7 +10,7 @@ compile seconds (trace, lower and compile of the whole loop) and XLA's buffer si
 (arguments + temporaries; PyTorch has no equivalent on CPU). At small batches compilation removes the per-step
 Python and dispatch overhead; at large ones the convolutions and normalisations dominate (docs/benchmarks.md).
 
-Models: digits (configs/digits.py without its class embedding), small32 (a 32x32x3 U-Net, 1 block per level)
+Models: digits (configs/digits.py:x16 without its class embedding), small32 (a 32x32x3 U-Net, 1 block per level)
 and cifar10 (the DDPM CIFAR-10 U-Net, 35.7M parameters). Results go to OUT/sampling.csv and OUT/sampling.md.
 """
 from __future__ import annotations

@@ -156,8 +156,8 @@ def _sample(args, overrides) -> None:
           f" -> {args.out}")
     if args.npz:
         extra = {} if labels is None else {"labels": np.asarray(labels)}
-        np.savez(args.npz, images=viz.to_uint8(images), **extra)
-        print(f"uint8 NHWC samples -> {args.npz}")
+        np.savez(args.npz, images=viz.to_uint8(images), x=images.astype(np.float32), **extra)
+        print(f"uint8 NHWC samples (images) and the sampler's unclipped float32 output (x) -> {args.npz}")
 
 
 def _train_classifier(args, overrides) -> None:
@@ -190,12 +190,30 @@ def _compare(args, overrides) -> None:
                        num=args.num, seeds=args.seeds, spacing=args.spacing,
                        clip_denoised=args.clip or None, guidance_scale=args.guidance_scale,
                        batch_size=args.batch_size)
+    error_spec = None
+    if args.solver_error_nfe:
+        from diffusion_jax.samplers.registry import get_entry
+        from diffusion_jax.solver_error import ErrorSpec
+
+        ode = tuple(s for s in spec.samplers if ":" not in s and not get_entry(s).stochastic)
+        error_spec = ErrorSpec(samplers=ode, nfes=tuple(int(v) for v in _csv(args.solver_error_nfe)),
+                               num=args.solver_error_num, spacing=args.solver_error_spacing,
+                               baseline=ode[0] if ode else "ddim")
+        error_spec.validate()                         # before anything is generated
     res = run_compare(args.workdir, spec, args.out, extractor=args.extractor, step=args.step,
                       progress=not args.no_progress)
     with open(res["markdown"]) as f:
         print(f.read())
     print(f"table:    {res['markdown']} (per seed: {res['csv']}; means: {res['summary_csv']})\n"
           f"plot:     {res['plot']}\noverview: {res['overview']}\ngrids:    {res['grids']}/<sampler>-nfe<N>.png")
+    if error_spec is not None:
+        from diffusion_jax.solver_error import run_panels
+
+        err = run_panels(args.workdir, error_spec, args.out, scorer=res["scorer"], step=args.step,
+                         progress=not args.no_progress)
+        with open(err["markdown"]) as f:
+            print(f.read())
+        print(f"solver error: {err['markdown']} (cells: {err['csv']}), plot: {err['plot']}")
 
 
 def _csv(text: str) -> list[str]:
@@ -361,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--extractor", default="classifier", help="classifier | inception[:PATH]")
     compare.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     compare.add_argument("--out", default="results/compare")
+    compare.add_argument("--solver-error-nfe", default="", help="also measure each deterministic sampler's error "
+                         "against a reference solution of the same ODE at these NFEs (e.g. 5,10,20,50), with the "
+                         "exact-score testbed beside it: OUT/solver_error.md / .png")
+    compare.add_argument("--solver-error-num", type=int, default=200, help="samples for --solver-error-nfe")
+    compare.add_argument("--solver-error-spacing", default="logsnr", choices=list(SPACINGS),
+                         help="grid of the solver-error runs (one that ends at the smallest noise level)")
     compare.add_argument("--no-progress", action="store_true")
     compare.set_defaults(func=_compare)
 

@@ -76,7 +76,7 @@ def network_denoise_fn(apply: Callable, params, label, *, channels: int, keep_va
 def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...], *,
                    prediction: str = "eps", learn_sigma: bool = False, num_classes: int | None = None,
                    mesh=None, condition: Callable | None = None) -> Callable:
-    """Returns `sample(params, key, y=None, aux=None) -> (images (N,H,W,C), nfe)`, compiled end to end.
+    """Returns `sample(params, key, y=None, aux=None, x_T=None) -> (images (N,H,W,C), nfe)`, compiled end to end.
 
     schedule: a DiscreteSchedule, a continuous schedule of `sde.py` or a `vdm.VDMSchedule` (config.build_schedule).
     y: (N,) int32 labels for a class-conditional model (None for unconditional).
@@ -87,7 +87,8 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
     condition(net, y, aux) -> denoise_fn: the conditional branch the sampler runs, from net(label) -> the network's
     denoise_fn; default net(y). aux: a pytree passed through jit to it (e.g. a guiding classifier's params,
     `guidance.sampling`). Classifier-free guidance (spec.guidance_scale) runs on top, its unconditional branch
-    being the network with the null class.
+    being the network with the null class. x_T: a (N,H,W,C) float32 start to use instead of the one drawn from `key`
+    (e.g. the same start for several samplers, `solver_error`).
     """
     spec.validate()
     sharding = None
@@ -99,7 +100,7 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
     apply = make_apply_fn(graphdef)
     guidance = Guidance(spec.guidance_scale, spec.guidance_rescale)
 
-    def sample(params, key, y=None, aux=None):
+    def sample(params, key, y=None, aux=None, x_T=None):
         def net(label):
             return network_denoise_fn(apply, params, label, channels=shape[-1],
                                       keep_variance=options.get("variance") == "learned", sharding=sharding,
@@ -111,7 +112,8 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
         cond = net(y) if condition is None else condition(net, y, aux)
         x, info = run_sampler(spec.sampler, cond, schedule, key, shape, steps=spec.steps, prediction=prediction,
                               spacing=spec.spacing, clip_denoised=spec.clip_denoised or None,
-                              guidance=guidance if guidance.active else None, uncond_fn=uncond, options=options)
+                              guidance=guidance if guidance.active else None, uncond_fn=uncond, options=options,
+                              x_T=x_T)
         return x, info["nfe"]
 
     if sharding is None:
@@ -119,11 +121,12 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
     else:
         jitted = jax.jit(sample, out_shardings=(sharding, parallel.replicated(mesh)))
 
-    def run(params, key, y=None, aux=None):
+    def run(params, key, y=None, aux=None, x_T=None):
         if sharding is not None:
             params, aux = jax.device_put((params, aux), parallel.replicated(mesh))
             y = None if y is None else jax.device_put(y, sharding)
-        x, nfe = jitted(params, key, y, aux)
+            x_T = None if x_T is None else jax.device_put(x_T, sharding)
+        x, nfe = jitted(params, key, y, aux, x_T)
         return x, int(nfe)
 
     return run

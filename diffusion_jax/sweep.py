@@ -23,13 +23,14 @@ import os
 import re
 import time
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from diffusion_jax import report
 from diffusion_jax.config import Experiment, apply_overrides, load_config_file
 from diffusion_jax.fileio import atomic_write, read_json, write_json
 
-METRICS = ("fd", "kid", "kid_std", "is", "precision", "recall", "class_acc")
+METRICS = ("fd", "kid", "kid_std", "is", "precision", "recall", "class_acc", "diverged")
 _KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _OPEN, _CLOSE = "([{", ")]}"
 
@@ -122,7 +123,7 @@ def run_sweep(config_spec: str, grid_text, root: str, *, overrides=(), num: int 
               extractor: str = "classifier", progress: bool = True, cache_dir: str | None = None) -> list[dict]:
     """Train (or resume) and evaluate every cell, write ROOT/summary.csv and ROOT/summary.md, print the table.
     Returns the summary rows (grid keys, metrics, loss, nfe, step, train_s)."""
-    from diffusion_jax.evaluate import Scorer, generate
+    from diffusion_jax.evaluate import Scorer, divergence, generate
     from diffusion_jax.metrics.reference import check_extractor
     from diffusion_jax.sampling import SamplerSpec
     from diffusion_jax.train.checkpoint import load_trained
@@ -173,8 +174,9 @@ def run_sweep(config_spec: str, grid_text, root: str, *, overrides=(), num: int 
                 scorers[key] = Scorer.for_experiment(cell.exp, extractor=extractor, cache_dir=cache_dir,
                                                      progress=progress)
             t0 = time.perf_counter()
-            images, labels, nfe = generate(exp, graphdef, params, spec, num=num, seed=seed, batch_size=256)
-            scores = {k: float(v) for k, v in scorers[key](images, labels, seed=seed).items()}
+            raw, labels, nfe = generate(exp, graphdef, params, spec, num=num, seed=seed, batch_size=256, clip=False)
+            scores = {k: float(v) for k, v in scorers[key](np.clip(raw, -1, 1), labels, seed=seed).items()}
+            scores["diverged"] = divergence(raw)["diverged"]
             losses = [r["loss"] for r in _metrics(cell.train_dir) if "loss" in r]
             record = dict(cell=cell.name, values=cell.values, overrides=list(cell.overrides), step=step,
                           **settings, scores=scores, loss=losses[-1] if losses else None, nfe=nfe,

@@ -27,13 +27,14 @@ def _safe(s) -> str:
 
 
 def reference_features(dataset: str, image_size: int, extractor, *, split: str = "train", max_items: int = 10000,
-                       cache_dir: str | None = None, data_dir=None) -> np.ndarray:
+                       cache_dir: str | None = None, data_dir=None, return_labels: bool = False):
     """Features (min(N, max_items), F) float64 of `dataset`'s `split` at `image_size` pixels.
 
     dataset: any `DataConfig.name` ("digits", "fashion_mnist", "folder", "tfds:..."). When the split has more
     than `max_items` images, a fixed subset is used (``np.random.default_rng(0).choice``, kept in order).
     Cached as ``{cache_dir}/reference/{dataset}-{image_size}-{extractor.name}-{split}-{max_items}.npz``
     (written to a temporary name, then os.replace'd); a later call with the same key loads it.
+    return_labels: also return the images' class labels (M,) int32 (-1 where the source has none).
     """
     if not isinstance(max_items, (int, np.integer)) or max_items < 2:
         raise ValueError(f"max_items must be an int >= 2, got {max_items!r}")
@@ -42,16 +43,21 @@ def reference_features(dataset: str, image_size: int, extractor, *, split: str =
     path = os.path.join(folder, key + ".npz")
     try:
         with np.load(path) as z:
-            return z["features"]
+            feats, labels = z["features"], z["labels"]
+        return (feats, labels) if return_labels else feats
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
-        pass  # absent or unreadable: recompute
+        pass  # absent, unreadable or from before labels were kept: recompute
     source = load_source(DataConfig(name=dataset, image_size=int(image_size), data_dir=data_dir, split=split))
     n = source.num_examples
     idx = np.arange(n) if n <= max_items else np.sort(np.random.default_rng(0).choice(n, max_items, replace=False))
-    feats = np.concatenate([extractor.features(source.get(idx[i:i + _BATCH])["image"])
-                            for i in range(0, len(idx), _BATCH)]).astype(np.float64)
-    atomic_write(path, lambda f: np.savez(f, features=feats))
-    return feats
+    feats, labels = [], []
+    for i in range(0, len(idx), _BATCH):
+        batch = source.get(idx[i:i + _BATCH])
+        feats.append(extractor.features(batch["image"]))
+        labels.append(np.asarray(batch.get("label", np.full(len(batch["image"]), -1)), np.int32))
+    feats, labels = np.concatenate(feats).astype(np.float64), np.concatenate(labels)
+    atomic_write(path, lambda f: np.savez(f, features=feats, labels=labels))
+    return (feats, labels) if return_labels else feats
 
 
 def check_extractor(kind: str, dataset: str) -> None:
@@ -77,28 +83,41 @@ def get_extractor(kind: str, dataset: str, image_size: int, *, cache_dir: str | 
 
 
 def evaluate_samples(images, extractor, real_feats, *, kid_subsets: int = 100, pr_k: int = 3,
-                     seed: int = 0) -> dict[str, float]:
+                     seed: int = 0, real_stats=None) -> dict[str, float]:
     """All metrics of generated `images` (N, H, W, C) float32 in [-1, 1] against `real_feats` (M, F).
 
     Returns {"fd": Frechet distance, "kid", "kid_std": KID mean / std over `kid_subsets` subsets of
     min(1000, N, M) rows, "is", "is_std": Inception Score over 10 splits (NaN if the extractor has no
     `probs`), "precision", "recall": k-NN manifolds with k = pr_k}. FD and KID are in squared feature units.
+    real_stats: (mu, sigma) to use for FD instead of `real_feats`' own (e.g. class-balanced, `paired.weighted_stats`).
     """
     images = check_images(images, "images", min_count=2)  # KID and precision / recall need 2 rows
-    real = _as_feats(real_feats, "real_feats")
-    probs = None
+    fake, probs = features_and_probs(extractor, images)
+    return score_features(fake, probs, real_feats, kid_subsets=kid_subsets, pr_k=pr_k, seed=seed,
+                          real_stats=real_stats, name=extractor.name)
+
+
+def features_and_probs(extractor, images) -> tuple[np.ndarray, np.ndarray | None]:
+    """(features (N, F) float64, class probabilities (N, C) or None when the extractor has no `probs`)."""
     if isinstance(extractor, FeatureExtractor):  # one pass for features and class probabilities
         fake, logits = extractor.features_and_logits(images)
         probs = np.exp(logits - logits.max(1, keepdims=True))
-        probs /= probs.sum(1, keepdims=True)
-    else:
-        fake = np.asarray(extractor.features(images), np.float64)
-        if callable(getattr(extractor, "probs", None)):
-            probs = np.asarray(extractor.probs(images), np.float64)
+        return fake, probs / probs.sum(1, keepdims=True)
+    fake = np.asarray(extractor.features(images), np.float64)
+    probs = np.asarray(extractor.probs(images), np.float64) if callable(getattr(extractor, "probs", None)) else None
+    return fake, probs
+
+
+def score_features(fake, probs, real_feats, *, kid_subsets: int = 100, pr_k: int = 3, seed: int = 0,
+                   real_stats=None, name: str = "the extractor") -> dict[str, float]:
+    """`evaluate_samples` on features already extracted: fake (N, F), probs (N, C) or None."""
+    fake = _as_feats(fake, "fake features")
+    real = _as_feats(real_feats, "real_feats")
     if fake.shape[1:] != real.shape[1:]:
-        raise ValueError(f"real_feats must be (M, {fake.shape[1]}) to match {extractor.name}, got {real.shape}")
+        raise ValueError(f"real_feats must be (M, {fake.shape[1]}) to match {name}, got {real.shape}")
     kid_mean, kid_std = kid(fake, real, num_subsets=kid_subsets, seed=seed)
     is_mean, is_std = inception_score(probs, splits=min(10, len(probs))) if probs is not None else (np.nan, np.nan)
     precision, recall = precision_recall(real, fake, k=pr_k)
-    return {"fd": frechet_distance(*feature_stats(fake), *feature_stats(real)), "kid": kid_mean, "kid_std": kid_std,
+    mu_sigma = feature_stats(real) if real_stats is None else real_stats
+    return {"fd": frechet_distance(*feature_stats(fake), *mu_sigma), "kid": kid_mean, "kid_std": kid_std,
             "is": float(is_mean), "is_std": float(is_std), "precision": precision, "recall": recall}
