@@ -2,7 +2,7 @@
 resolution. Trains on 2 CPU cores in about 3 minutes:
 
     diffusion-jax train --config configs/digits.py --workdir workdirs/digits
-    diffusion-jax sample --workdir workdirs/digits --sampler dpmpp_2m --steps 10 --spacing trailing --num 100 --out d.png
+    diffusion-jax sample --workdir workdirs/digits --sampler dpmpp_2m --steps 10 --num 100 --out digits.png
 
 Chosen by measurement (`python experiments/default_model_ablation.py`, docs/results.md): with eps-prediction the
 probability-flow ODE diverged on 37-100% of DDIM-20 samples (no clipping); v-prediction (Salimans & Ho 2022) gives
@@ -37,12 +37,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0)
     c.train = dict(
         steps=20 if debug else (1000 if x16 else 2000), batch_size=16 if debug else 64, ema_decay=0.995,
-        ema_warmup=True, num_devices=0, fsdp=False, log_every=10 if debug else 100, ckpt_every=1000,
+        ema_warmup=True, num_devices=0, fsdp=False, log_every=10 if debug else 100, ckpt_every=500 if x16 else 1000,
         keep_checkpoints=2, async_checkpointing=True, sample_every=0, sample_num=20 if debug else 100,
         sample_steps=10 if debug else 50,
         on_nonfinite="stop",  # a NaN / Inf loss or gradient stops the run; "skip" skips that update
     )
-    c.sample = dict(sampler="ddim", steps=50, eta=0.0, spacing="trailing", variance="fixed_small",
+    c.sample = dict(sampler="ddim", steps=50, eta=0.0, spacing="leading" if x16 else "trailing", variance="fixed_small",
                     clip_denoised=1.0, num=100)
     c.lock()
     return c

@@ -262,7 +262,7 @@ def write_outputs(out, rows, summary, floor, metrics, spec, title, extractor, no
             f"{extractor}, reference: the held-out real images with every class weighted equally. Every cell asks for "
             "the same balanced labels and starts from the same x_T per seed; the exact NFE of each cell is in "
             "summary.csv (a sampler gets the most steps whose NFE does not exceed the column's).", "",
-            f"## Fréchet distance (lower is better; {n} samples pooled over seeds, 95% bootstrap interval over samples)",
+            f"## Fréchet distance (lower is better; {n} samples pooled over seeds, 95% bootstrap interval)",
             "", report.pivot_markdown([r | {"fd_pooled_ci": r.get("fd_half")} for r in summary], "sampler",
                                       "target_nfe", "fd_pooled", col_label=nfe_label)]
     text[-1] += (f"| *real vs real (floor)* | {report.fmt(floor.get('fd_pooled'), floor.get('fd_half'))} "
