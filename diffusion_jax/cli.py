@@ -198,7 +198,8 @@ def _compare(args, overrides) -> None:
         ode = tuple(s for s in spec.samplers if ":" not in s and not get_entry(s).stochastic)
         error_spec = ErrorSpec(samplers=ode, nfes=tuple(int(v) for v in _csv(args.solver_error_nfe)),
                                num=args.solver_error_num, spacing=args.solver_error_spacing,
-                               baseline=ode[0] if ode else "ddim")
+                               baseline=ode[0] if ode else "ddim", rtol=args.solver_error_tol,
+                               atol=args.solver_error_tol)
         error_spec.validate()                         # before anything is generated
     res = run_compare(args.workdir, spec, args.out, extractor=args.extractor, step=args.step,
                       progress=not args.no_progress)
@@ -383,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "against a reference solution of the same ODE at these NFEs (e.g. 5,10,20,50), with the "
                          "exact-score testbed beside it: OUT/solver_error.md / .png")
     compare.add_argument("--solver-error-num", type=int, default=200, help="samples for --solver-error-nfe")
+    compare.add_argument("--solver-error-tol", type=float, default=1e-6,
+                         help="rtol = atol of the reference solve (adaptive Dopri5); checked against 10x this")
     compare.add_argument("--solver-error-spacing", default="logsnr", choices=list(SPACINGS),
                          help="grid of the solver-error runs (one that ends at the smallest noise level)")
     compare.add_argument("--no-progress", action="store_true")

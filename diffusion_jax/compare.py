@@ -178,6 +178,10 @@ def run_compare(workdir: str, spec: CompareSpec, out: str, *, extractor: str = "
     pooled = pooled_statistics(out, cells, spec, scorer)
     summary = [r | pooled["cells"].get((r["sampler"], r["target_nfe"]), {}) for r in summary]
     floor |= pooled["floor"]
+    accuracy = getattr(scorer.extractor, "test_accuracy", None)
+    if accuracy is not None and exp.model.num_classes is not None:   # the classifier on held-out real images
+        floor |= {"class_acc_pooled": float(accuracy), "class_acc_lo": float(accuracy),
+                  "class_acc_hi": float(accuracy)}
     title = f"# Sampler comparison: {exp.data.name}, checkpoint step {ckpt_step}"
     paths = write_outputs(out, rows, summary, floor, metrics, spec, title, extractor, notes, pooled["paired"])
     return {"rows": rows, "summary": summary, "floor": floor, "notes": notes, "paired": pooled["paired"],
@@ -215,10 +219,8 @@ def pooled_statistics(out: str, cells: list[Cell], spec: CompareSpec, scorer, nu
             row |= {"class_acc_pooled": float(correct.mean()), "class_acc_lo": lo, "class_acc_hi": hi}
         result[cell.sampler, cell.target_nfe] = row
     n = spec.num * spec.seeds
-    floor_parts = [scorer.floor_features(spec.num, s) for s in range(spec.seeds)]
-    floor_feats = np.concatenate([f for f, _ in floor_parts])
-    floor_strata = np.concatenate([s * 100000 + (np.zeros(len(f), int) if y is None else y)
-                                   for s, (f, y) in enumerate(floor_parts)])
+    floor_feats, floor_labels = scorer.floor_features(min(n, scorer.floor_capacity()), 0)   # distinct images
+    floor_strata = np.zeros(len(floor_feats), int) if floor_labels is None else floor_labels
     fd = fd_interval(floor_feats, mu, sigma, floor_strata, num_resamples=num_resamples)
     floor = {"n_pooled": fd["n"], "fd_pooled": fd["fd"], "fd_lo": fd["lo"], "fd_hi": fd["hi"], "fd_half": fd["half"]}
     baseline = _baseline(spec)
@@ -273,6 +275,9 @@ def write_outputs(out, rows, summary, floor, metrics, spec, title, extractor, no
         text += [f"## Class agreement of the classifier with the requested label (higher is better; {n} samples, "
                  "Wilson 95% interval)", "",
                  report.pivot_markdown(acc, "sampler", "target_nfe", "class_acc_pooled", col_label=nfe_label)]
+        if "class_acc_pooled" in floor:
+            text[-1] += (f"| *real held-out images* | {floor['class_acc_pooled']:.3f} (the classifier's test accuracy: "
+                         "the ceiling for samples as recognisable as real digits) |\n")
     if paired:
         cell = lambda r: f"{r['fd_diff']:+.3g} [{r['fd_lo']:+.3g}, {r['fd_hi']:+.3g}] {r['fd_verdict']}"
         table = [r | {"paired": cell(r)} for r in paired]

@@ -149,10 +149,19 @@ class Scorer:
         idx = np.sort(np.random.default_rng([seed, 1]).choice(len(pool), min(num, len(pool) - 1), replace=False))
         return pool[idx], None
 
+    def floor_capacity(self) -> int:
+        """The most real images `floor_features` can draw with balanced classes (all of an unlabelled pool)."""
+        pool = self.real_feats if self.pool_feats is None else self.pool_feats
+        labels = self.real_labels if self.pool_feats is None else self.pool_labels
+        if labels is None or np.any(labels < 0):
+            return len(pool) - 1
+        counts = np.bincount(labels)
+        return int(len(counts[counts > 0]) * counts[counts > 0].min())
+
     def real_floor(self, num: int, seed: int = 0) -> dict[str, float]:
         """fd, kid, precision, recall of `num` real images (`floor_features`) against the reference: what a model
         that reproduced the real distribution would score with this many samples (FD is biased upwards at small N)."""
-        feats, _ = self.floor_features(num, seed)
+        feats, _ = self.floor_features(min(num, self.floor_capacity()), seed)
         scores = self.score_features(feats, None, seed=seed)
         return {k: scores[k] for k in ("fd", "kid", "kid_std", "precision", "recall")} | {"num": len(feats)}
 

@@ -181,3 +181,13 @@ def test_bad_inputs_name_the_argument(ref):
         fd_interval(a, mu, sigma, strata, level=95)
     with pytest.raises(ValueError, match="num_resamples"):
         bootstrap_indices(strata, 0, seed=0)
+
+
+def test_fast_fd_against_a_fixed_reference_equals_sqrtm(ref):
+    """The bootstrap's FD (eigvalsh of R S R, R = ref_sigma^1/2) is the sqrtm-based FD up to round-off."""
+    from diffusion_jax.metrics.paired import _fd_against
+
+    mu, sigma, _ = ref
+    for shift in (0.0, 1.0):
+        x = _draw(ref, 300, 7, shift=shift)
+        assert _fd_against(mu, sigma)(x) == pytest.approx(fd_to_reference(x, mu, sigma), rel=1e-8, abs=1e-9)

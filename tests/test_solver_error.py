@@ -82,7 +82,7 @@ def test_compare_with_solver_error_panels(capsys, trained_workdir, tmp_path, met
     out = tmp_path / "cmp"
     code = main(["compare", "--workdir", trained_workdir, "--samplers", "ddpm,ddim,dpmpp_2m,ddim:eta=1", "--nfe", "4",
                  "--num", "10", "--seeds", "1", "--out", str(out), "--no-progress", "--solver-error-nfe", "4",
-                 "--solver-error-num", "6"])
+                 "--solver-error-num", "6", "--solver-error-tol", "1e-4"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     rows = list(csv.DictReader(open(out / "solver_error.csv")))
@@ -92,7 +92,7 @@ def test_compare_with_solver_error_panels(capsys, trained_workdir, tmp_path, met
     assert all(float(r["rms_mean"]) > 0 and float(r["feat_mean"]) >= 0 for r in model)
     info = json.loads((out / "solver_error.json").read_text())
     assert info["reference"]["nfe"] > info["reference"]["loose_nfe"] > 0
-    assert info["reference"]["check_rms"] < 1e-3          # rtol = atol = 1e-5 vs 1e-4 on [-1, 1] data
+    assert info["reference"]["check_rms"] < 1e-2          # rtol = atol = 1e-4 vs 1e-3 on [-1, 1] data
     text = (out / "solver_error.md").read_text()
     assert "Empirical convergence order" in text and "adaptive Dopri5" in text and "DPM-Solver-1" in text
     assert (out / "solver_error.png").exists() and (out / "solver_error_paired.csv").exists()
