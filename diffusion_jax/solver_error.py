@@ -169,10 +169,11 @@ def model_panel(workdir: str, spec: ErrorSpec, *, step: int | None = None, score
     def run(name, steps, x, options=()):
         batch, fn = compiled(name, steps, options)
         out, nfe = [], 0
-        for i in range(0, len(x), batch):
-            yb = None if y is None else jnp.asarray(y[i:i + batch])
-            xb, nfe = fn(params, jax.random.PRNGKey(0), yb, None, x[i:i + batch])
-            out.append(np.asarray(xb))
+        for i in range(0, len(x), batch):       # the last chunk is padded to `batch` (one compile) and cut
+            pad = lambda a: np.resize(np.asarray(a[i:i + batch]), (batch,) + a.shape[1:])
+            yb = None if y is None else jnp.asarray(pad(y))
+            xb, nfe = fn(params, jax.random.PRNGKey(0), yb, None, jnp.asarray(pad(x)))
+            out.append(np.asarray(xb)[:len(x) - i])
         return np.concatenate(out), nfe
 
     ref, ref_nfe = run("adaptive", ref_steps, x_T, (("atol", spec.atol), ("rtol", spec.rtol), ("solver", "dopri5")))

@@ -22,10 +22,10 @@ PRESETS = {
     # and two higher-order multistep solvers at three budgets, 2 seeds x 500 samples per cell (n = 1000: FD intervals
     # about ±0.2, docs/results.md), unclipped (the solvers' own ODE, as the papers define them; diverged samples are
     # counted), then every ODE solver's error against a reference solution of the same ODE
-    # from the same x_T at NFE 5-50 (200 samples), with the exact-score testbed beside it.
+    # from the same x_T at NFE 5-50 (128 samples), with the exact-score testbed beside it.
     "readme": ["--config", "configs/digits.py", "--workdir", "workdirs/digits", "--out", "results/compare",
                "--samplers", "ddpm,ddim,dpmpp_2m,unipc_bh2", "--nfe", "5,10,20", "--num", "500", "--seeds", "2",
-               "--clip", "0", "--solver-error-nfe", "5,10,20,50", "--solver-error-num", "200"],
+               "--clip", "0", "--solver-error-nfe", "5,10,20,50", "--solver-error-num", "128"],
     # The comparison as a paper would run it (about an hour or more on 2 CPU cores for the digits model).
     "paper": ["--config", "configs/digits.py", "--workdir", "workdirs/digits", "--out", "results/compare_paper",
               "--samplers", "ddpm,ddim,euler,heun,plms,dpmpp_2m,dpmpp_3m,unipc_bh2,euler_ancestral,dpmpp_2m_sde",

@@ -2,11 +2,12 @@
 DDPM with the larger variance sigma-hat, at 10, 20, 50 and 100 steps, from one trained model, beside the paper's
 CIFAR-10 FIDs.
 
-    python experiments/reproduce_ddim_table.py [--workdir workdirs/digits] [--num 500] [--seeds 2] [--out results/ddim_table]
+    python experiments/reproduce_ddim_table.py [--workdir workdirs/digits] [--num 500] [--seeds 2] [--out R]
 
 Trains configs/digits.py first if the workdir has no checkpoint. Timesteps use the paper's uniform spacing
-("leading": tau_i = i T / S). Our numbers are Fréchet distances on the digits classifier's features, not Inception
-FIDs on CIFAR-10: compare the shape (how quality falls with fewer steps and more noise), not the values.
+("leading": tau_i = i T / S); x0 is not clipped (as in DDIM's code). Our numbers are Fréchet distances on the
+digits classifier's features, not Inception FIDs on CIFAR-10: compare the shape (how quality falls with fewer steps
+and more noise), not the values.
 Writes OUT/ddim_table.md (both tables), plus everything `diffusion-jax compare` writes (plot, grids, CSV).
 """
 import argparse
@@ -39,7 +40,8 @@ def main(argv=None):
     from diffusion_jax.train.loop import train_and_evaluate
 
     train_and_evaluate(load_experiment(args.config)[0], args.workdir)   # resumes; a finished run is reused
-    spec = CompareSpec(samplers=tuple(ROWS), nfes=STEPS, num=args.num, seeds=args.seeds, spacing="leading")
+    spec = CompareSpec(samplers=tuple(ROWS), nfes=STEPS, num=args.num, seeds=args.seeds, spacing="leading",
+                       clip_denoised=None)   # DDIM's code does not clip x0 (generalized_steps)
     res = run_compare(args.workdir, spec, args.out)
     by = {(r["sampler"], r["target_nfe"]): r for r in res["summary"]}
     ours = [[label] + [report.fmt(by[(v, s)]["fd_pooled"], by[(v, s)]["fd_half"]) for s in STEPS]
