@@ -103,14 +103,15 @@ def measure(run, schedule, x_T, reference, spec: ErrorSpec, *, features=None, pr
 
     spec.validate()
     feat_ref = None if features is None else features(reference)
-    errs, cells = {}, []
+    errs, cells, notes = {}, [], []
     todo = [(name, nfe) for name in spec.samplers for nfe in spec.nfes]
     for name, nfe in tqdm(todo, desc="solver error", disable=not progress):
         solver = as_grid_solver(name, spec.spacing)
         try:
             steps, used = steps_for_nfe(solver, schedule, nfe, spacing=spec.spacing)
-        except ValueError:
-            continue                                   # e.g. a 3rd-order warm-up that does not fit in the budget
+        except ValueError as e:                        # e.g. a warm-up that does not fit in the budget
+            notes.append(f"{name} at NFE {nfe}: skipped ({e})")
+            continue
         x, _ = run(solver, steps, x_T)
         rms = per_sample_rms(x, reference)
         row = {"sampler": name, "target_nfe": nfe, "nfe": used, "steps": steps}
@@ -138,7 +139,7 @@ def measure(run, schedule, x_T, reference, spec: ErrorSpec, *, features=None, pr
         used = [(c["nfe"], c["target_nfe"]) for c in cells if c["sampler"] == name and lo <= c["target_nfe"] <= hi]
         fit = convergence_order([u for u, _ in used], [errs[name, t][0] for _, t in used], seed=spec.seed)
         orders.append({"sampler": name, **fit})
-    return {"cells": cells, "paired": paired, "orders": orders}
+    return {"cells": cells, "paired": paired, "orders": orders, "notes": notes}
 
 
 def model_panel(workdir: str, spec: ErrorSpec, *, step: int | None = None, scorer=None, batch_size: int = 200,
@@ -287,23 +288,22 @@ def markdown(model: dict, testbed: dict, spec: ErrorSpec, title: str = "# Solver
             f"**Testbed**: a {testbed.get('components')}-component Gaussian mixture in R^{testbed.get('dim')} with its "
             "exact denoiser on the same schedule and parameterization (no model error), reference = the exact PF-ODE "
             "(float64, Dopri8 at 1e-10).", ""]
+    tables = (("cells", "rms", cell, "RMS error to the reference (data units)"),
+              ("cells", "feat", cell, "error in the classifier's feature space (RMS over features)"),
+              ("paired", "rms", pair, f"paired RMS error minus {spec.baseline}'s"),
+              ("paired", "feat", pair, f"paired feature-space error minus {spec.baseline}'s"))
     for name, p in (("model", model), ("testbed", testbed)):
-        text += [f"## {name.capitalize()}: RMS error to the reference (data units)", "",
-                 report.pivot_markdown([r | {"err": cell(r, "rms")} for r in p["cells"]], "sampler", "target_nfe",
-                                       "err", col_label=label)]
-        if p["cells"] and "feat_mean" in p["cells"][0]:
-            text += [f"## {name.capitalize()}: error in the classifier's feature space (RMS over features)", "",
-                     report.pivot_markdown([r | {"err": cell(r, "feat")} for r in p["cells"]], "sampler",
-                                           "target_nfe", "err", col_label=label)]
-        text += [f"## {name.capitalize()}: paired RMS error minus {spec.baseline}'s", "",
-                 report.pivot_markdown([r | {"d": pair(r, "rms")} for r in p["paired"]], "sampler", "target_nfe",
-                                       "d", col_label=label)]
-        if p["paired"] and "feat_diff" in p["paired"][0]:
-            text += [f"## {name.capitalize()}: paired feature-space error minus {spec.baseline}'s", "",
-                     report.pivot_markdown([r | {"d": pair(r, "feat")} for r in p["paired"]], "sampler",
-                                           "target_nfe", "d", col_label=label)]
+        for rows_key, kind, show, heading in tables:
+            rows = p[rows_key]
+            if rows and any(k.startswith(kind + "_") for k in rows[0]):
+                text += [f"## {name.capitalize()}: {heading}", "",
+                         report.pivot_markdown([r | {"shown": show(r, kind)} for r in rows], "sampler", "target_nfe",
+                                               "shown", col_label=label)]
     rows = [[o["sampler"]] + [f"{p['orders'][i]['order']:.2f} [{p['orders'][i]['lo']:.2f}, {p['orders'][i]['hi']:.2f}]"
                               for p in (model, testbed)] for i, o in enumerate(model["orders"])]
     text += [f"## Empirical convergence order (slope of log error vs log NFE over NFE {lo}-{hi}, 95% bootstrap)", "",
              report.markdown_table(["sampler", "model", "testbed"], rows)]
+    notes = list(dict.fromkeys(model.get("notes", []) + testbed.get("notes", [])))
+    if notes:
+        text += ["## Not run", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(text)
