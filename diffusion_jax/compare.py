@@ -9,7 +9,7 @@ numbers, `evaluate.generate`) and the same balanced labels; every cell is scored
 same held-out reference (`evaluate.Scorer`). Each (cell, seed) result is saved as it finishes (`cells/*.json`, its
 features in `cells/*.npz`), so an interrupted comparison resumes.
 
-Intervals. The headline FD of a cell pools its seeds (n = num x seeds samples) and gets a percentile bootstrap
+Intervals. The headline FD of a cell pools its seeds (n = num x seeds samples) and gets a (basic) bootstrap
 interval over those samples, resampled within (seed, class) strata; the reference is held fixed, so the interval
 is the sampling noise of the cell's own samples. Sample j of every cell starts from the same x_T with the same label,
 so two cells are compared on the *same* bootstrap resamples (`metrics.paired`): the paired interval of the FD
