@@ -80,7 +80,8 @@ def plot_overview(out: str, spec, summary: list[dict], path: str) -> str:
                 tile = viz.make_grid(np.load(f), nrow=4)
                 ax.imshow(tile.squeeze(-1) if tile.shape[-1] == 1 else tile, cmap="gray", interpolation="nearest")
                 r = by[(s, n)]
-                ax.set_title(f"NFE {r['nfe']}" + (f", FD {r['fd']:.3g}" if "fd" in r else ""), fontsize=7)
+                fd = r.get("fd_pooled", r.get("fd"))     # the headline table's FD (pooled over seeds)
+                ax.set_title(f"NFE {r['nfe']}" + (f", FD {fd:.3g}" if fd is not None else ""), fontsize=7)
             if j == 0:
                 ax.set_ylabel(s, fontsize=8)
     fig.tight_layout()
