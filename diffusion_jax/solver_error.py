@@ -15,7 +15,8 @@ Both are averaged over samples with a t-interval; every sampler is compared with
 samples (paired: d_i = err_i - err_baseline_i). The empirical convergence order p is the slope of
 -log(mean rms) against log(NFE) by least squares over NFEs in `order_range` (error ~ C NFE^-p: DDIM 1, DPM-Solver++(2M)
 2), with a bootstrap interval over samples. The model's reference is checked against a second solve at 10x the
-tolerance; their distance bounds the reference's own error and is printed beside the table.
+tolerance: their distance estimates that looser solve's error, above the reference's own, and is printed beside
+the table.
 
 Both panels solve the problem the solvers solve: from the grid's first level to its smallest positive noise level
 (timestep 0: a network was never trained below it), then the denoising jump x0 = x0_hat there, which every solver's
