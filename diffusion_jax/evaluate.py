@@ -138,11 +138,16 @@ class Scorer:
         real, real_labels = reference_features(d.name, d.image_size, ext, split=split, **kw)
         return cls(ext, real, real_labels, pool, pool_labels, split)
 
+    def _pool(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(features, labels) the floor draws from: the pool, or the reference itself when there is none."""
+        if self.pool_feats is None:
+            return self.real_feats, self.real_labels
+        return self.pool_feats, self.pool_labels
+
     def floor_features(self, num: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
         """(features (n, F), labels) of n = num real images from the pool with the class balance of
         `balanced_labels` (labelled pool), or an iid subset; n = min(num, pool size)."""
-        pool = self.real_feats if self.pool_feats is None else self.pool_feats
-        labels = self.real_labels if self.pool_feats is None else self.pool_labels
+        pool, labels = self._pool()
         if labels is not None and np.all(labels >= 0):
             idx = balanced_subset(labels, min(num, len(pool)), seed)
             return pool[idx], labels[idx]
@@ -151,8 +156,7 @@ class Scorer:
 
     def floor_capacity(self) -> int:
         """The most real images `floor_features` can draw with balanced classes (all of an unlabelled pool)."""
-        pool = self.real_feats if self.pool_feats is None else self.pool_feats
-        labels = self.real_labels if self.pool_feats is None else self.pool_labels
+        pool, labels = self._pool()
         if labels is None or np.any(labels < 0):
             return len(pool) - 1
         counts = np.bincount(labels)

@@ -1,7 +1,7 @@
 """Solver error against a reference solution of the *same* probability-flow ODE from the *same* x_T, paired.
 
     spec = ErrorSpec(samplers=("ddim", "dpmpp_2m", "unipc_bh2"), nfes=(5, 10, 20, 50), num=200)
-    panel = model_panel(workdir, spec)        # the trained network; reference: adaptive Dopri5 at rtol = atol = 1e-6
+    panel = model_panel(exp, graphdef, params, schedule, spec)   # the network; reference: adaptive Dopri5 at 1e-6
     panel = testbed_panel(spec, schedule, prediction="v", dim=256)   # exact Gaussian-mixture score, exact reference
 
 This is how solver papers separate solvers (Lu et al. 2022, Fig. 3; Zhao et al. 2023): the network is held fixed,
@@ -143,17 +143,14 @@ def measure(run, schedule, x_T, reference, spec: ErrorSpec, *, features=None, pr
     return {"cells": cells, "paired": paired, "orders": orders, "notes": notes}
 
 
-def model_panel(workdir: str, spec: ErrorSpec, *, step: int | None = None, scorer=None, batch_size: int = 200,
+def model_panel(exp, graphdef, params, schedule, spec: ErrorSpec, *, scorer=None, batch_size: int = 200,
                 progress: bool = True) -> dict:
-    """`measure` on a trained run's EMA network (class-conditional: balanced labels i mod C), reference from the
-    adaptive solver at (rtol, atol); adds "reference": {"nfe", "check_rms"} (distance to the 10x-tolerance solve)."""
-    from diffusion_jax.config import build_schedule
+    """`measure` on a trained run's EMA network (`load_trained`'s exp, graphdef, params; its schedule from
+    `config.build_schedule`; class-conditional: balanced labels i mod C), reference from the adaptive solver at
+    (rtol, atol); adds "reference": {"nfe", "loose_nfe", "check_rms"} (distance to the 10x-tolerance solve)."""
     from diffusion_jax.evaluate import balanced_labels
     from diffusion_jax.sampling import SamplerSpec, make_sample_fn
-    from diffusion_jax.train.checkpoint import load_trained
 
-    exp, graphdef, params, _ = load_trained(workdir, step)
-    schedule = build_schedule(exp.schedule, params)
     m = exp.model
     _check_finite_start(schedule, spec)
     shape = (spec.num, m.image_size, m.image_size, m.in_channels)
@@ -224,8 +221,9 @@ def _check_finite_start(schedule, spec: ErrorSpec) -> None:
     alpha_T = float(schedule.alpha(schedule.num_timesteps - 1)) if hasattr(schedule, "num_timesteps") else 1.0
     if spec.spacing in ("trailing", "linspace") and alpha_T == 0.0:
         raise ValueError("solver error: the schedule has zero terminal SNR (alpha_T = 0), so the probability-flow "
-                         "ODE starts at infinite noise and has no reference solution from x_T; use spacing "
-                         "'leading' or a schedule with finite terminal SNR")
+                         f"ODE starts at infinite noise and has no reference solution from x_T on spacing "
+                         f"{spec.spacing!r}; use 'logsnr' or 'karras' (they start at alpha_bar = 2^-24, as diffusers "
+                         "does) or a schedule with finite terminal SNR")
 
 
 def run_panels(workdir: str, spec: ErrorSpec, out: str, *, scorer=None, step: int | None = None,
@@ -240,11 +238,12 @@ def run_panels(workdir: str, spec: ErrorSpec, out: str, *, scorer=None, step: in
     from diffusion_jax.fileio import write_json
     from diffusion_jax.train.checkpoint import load_trained
 
-    exp, _, params, ckpt = load_trained(workdir, step)
-    model = model_panel(workdir, spec, step=step, scorer=scorer, progress=progress)
+    exp, graphdef, params, ckpt = load_trained(workdir, step)
+    schedule = build_schedule(exp.schedule, params)
+    model = model_panel(exp, graphdef, params, schedule, spec, scorer=scorer, progress=progress)
     m = exp.model                                     # the testbed lives in the model's data dimension
-    testbed = testbed_panel(spec, build_schedule(exp.schedule, params), prediction=exp.loss.prediction,
-                            dim=m.image_size ** 2 * m.in_channels, progress=progress)
+    testbed = testbed_panel(spec, schedule, prediction=exp.loss.prediction, dim=m.image_size ** 2 * m.in_channels,
+                            progress=progress)
     os.makedirs(out, exist_ok=True)
     rows = [{"panel": name, **r} for name, p in (("model", model), ("testbed", testbed)) for r in p["cells"]]
     paired = [{"panel": name, **r} for name, p in (("model", model), ("testbed", testbed)) for r in p["paired"]]

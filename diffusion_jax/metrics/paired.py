@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.stats
 
 from diffusion_jax.metrics.distances import _as_feats, feature_stats, frechet_distance
+from diffusion_jax.report import mean_ci
 
 
 def _check_level(level) -> float:
@@ -180,8 +180,7 @@ def _as_values(x, name: str) -> np.ndarray:
 def mean_interval(values, *, level: float = 0.95) -> dict:
     """values (N,) -> {"mean", "lo", "hi", "half", "n", "level"}: mean +- t_{(1+level)/2, N-1} std / sqrt(N)."""
     v, level = _as_values(values, "values"), _check_level(level)
-    half = float(scipy.stats.t.ppf((1.0 + level) / 2.0, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    m = float(v.mean())
+    m, half = mean_ci(v, level)
     return {"mean": m, "lo": m - half, "hi": m + half, "half": half, "n": len(v), "level": level}
 
 
