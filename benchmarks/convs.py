@@ -100,7 +100,7 @@ def main(argv=None) -> list[dict]:
     for size, cin, cout in LAYERS:
         rows.append(time_layer(args.batch, size, cin, cout, args.repeats))
         print(markdown(rows[-1:]).splitlines()[2], flush=True)
-    from diffusion_jax.report import write_table
+    from diffusion_jax.eval.report import write_table
 
     write_table(args.out, "convs", rows, markdown(rows))
     return rows

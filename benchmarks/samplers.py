@@ -17,7 +17,7 @@ DDIMScheduler.step, torch.no_grad), same config and batch, in the same run, time
 then one of diffusers', --repeats times; the ratio is the median over rounds, with its range), at several batch
 sizes: compilation removes the per-step Python and dispatch overhead that dominates at small batches; at large
 batches the convolutions and normalisations dominate. This part alone, with more options:
-`diffusion-jax bench sampling` (diffusion_jax/bench_sampling.py).
+`python benchmarks/sampling_loop.py`.
 """
 from __future__ import annotations
 
@@ -33,12 +33,12 @@ import numpy as np  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
-from diffusion_jax.bench_sampling import (HEADER, MODELS, markdown_row, parse_loops,  # noqa: E402
+from sampling_loop import (HEADER, MODELS, markdown_row, parse_loops,  # noqa: E402
                                           unet_loop_timing)
 from diffusion_jax.host import reuse_host_memory  # noqa: E402
 from diffusion_jax.samplers import ddim_sample, discrete_grid, make_denoiser  # noqa: E402
 from diffusion_jax.samplers.registry import get_sampler  # noqa: E402
-from diffusion_jax.schedules import make_schedule  # noqa: E402
+from diffusion_jax.process.discrete import make_schedule  # noqa: E402
 from diffusion_jax.testbed import GaussianMixture, discrete_denoise_fn, reference_ode_solution  # noqa: E402
 
 # row label -> (registry name, options, NFE as a function of steps K on a grid ending at sigma = 0)

@@ -1,5 +1,5 @@
 import sys
 
-from diffusion_jax.cli import main
+from diffusion_jax.cli.main import main
 
 sys.exit(main())

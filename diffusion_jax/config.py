@@ -24,11 +24,13 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax.data import DataConfig
-from diffusion_jax.losses import LossConfig
 from diffusion_jax.models import UNetConfig
-from diffusion_jax.schedules import check_schedule, make_schedule
-from diffusion_jax.sde import SDES
-from diffusion_jax.vdm import LinearGamma, MonotoneGamma, VDMSchedule, gamma_params_of
+from diffusion_jax.models.registry import config_class
+from diffusion_jax.objectives.build import validate_loss
+from diffusion_jax.objectives.discrete import LossConfig
+from diffusion_jax.objectives.vdm import LinearGamma, MonotoneGamma, VDMSchedule, gamma_params_of
+from diffusion_jax.process.discrete import check_schedule, make_schedule
+from diffusion_jax.process.sde import SDES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +194,7 @@ class LatentConfig:
 class Experiment:
     seed: int
     data: DataConfig
-    model: UNetConfig
+    model: Any                 # the config dataclass of model.name's backbone (models/registry.py)
     schedule: ScheduleConfig
     loss: LossConfig
     optim: OptimConfig
@@ -204,14 +206,19 @@ class Experiment:
                 "optim": OptimConfig, "train": TrainConfig, "sample": SampleConfig, "latent": LatentConfig}
 
     @classmethod
+    def section_class(cls, name: str, values: Mapping | None = None) -> type:
+        """The dataclass of config section `name`; for "model", that of model.name's backbone (a dict `values`)."""
+        return config_class(values) if name == "model" else cls.SECTIONS[name]
+
+    @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "Experiment":
         raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
         unknown = set(raw) - set(cls.SECTIONS) - {"seed"}
         if unknown:
             raise ValueError(f"unknown top-level config key(s) {sorted(unknown)}; "
                              f"expected {['seed', *cls.SECTIONS]}")
-        sections = {name: build_section(name, klass, raw.get(name, {}), check_types=False)
-                    for name, klass in cls.SECTIONS.items()}
+        sections = {name: build_section(name, cls.section_class(name, raw.get(name, {})), raw.get(name, {}),
+                                        check_types=False) for name in cls.SECTIONS}
         exp = cls(seed=raw.get("seed", 0), **sections)
         exp.validate()
         return exp
@@ -226,7 +233,7 @@ class Experiment:
                 _check_type(f"{name}.{field.name}", getattr(section, field.name), hints[field.name])
         self.data.validate()
         self.model.validate()
-        self.loss.validate(self.model.learn_sigma, self.schedule.kind)
+        validate_loss(self.loss, self.model.learn_sigma, self.schedule.kind)
         self.latent.validate(self.model.context_dim)
         if self.latent.vae_workdir is not None and self.model.num_classes is not None:
             raise ValueError(f"model.num_classes={self.model.num_classes}: a latent run is conditioned on captions "
@@ -426,7 +433,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             node[leaf] = _parse_like(text, node[leaf], key)
             continue
         # A key the config file leaves at its dataclass default (e.g. schedule.kind) may still be set.
-        fields = ({f.name: f for f in dataclasses.fields(Experiment.SECTIONS[parents[0]])}
+        fields = ({f.name: f for f in dataclasses.fields(Experiment.section_class(parents[0], node.to_dict()))}
                   if len(parents) == 1 and parents[0] in Experiment.SECTIONS else {})
         if leaf not in fields:
             raise ValueError(f"unknown config key '{key}'{_suggest(leaf, set(node.keys()) | set(fields))}")

@@ -10,13 +10,14 @@ other JAX call; the mesh then spans every process's devices. Every process compu
 from (seed, step) and `shard_batch` keeps the rows of its own devices; `to_host` gathers a sharded result
 (a sample grid) on every process; only `is_main_process()` writes files other than checkpoints, which orbax
 writes from all processes together. On CPU the collectives go through gloo (tested with two processes on
-127.0.0.1, tests/test_multihost.py).
+127.0.0.1, tests/e2e/test_multihost.py).
 """
 from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 

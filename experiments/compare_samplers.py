@@ -4,9 +4,9 @@
     python experiments/compare_samplers.py --preset paper               # the full grid: 1000 samples x 3 seeds
     python experiments/compare_samplers.py --num 500 --out results/c2   # any `diffusion-jax compare` flag overrides
 
-This is `diffusion-jax compare` with a preset of flags; the work is done by `diffusion_jax.compare` (NFE budgets,
+This is `diffusion-jax compare` with a preset of flags; the work is done by `diffusion_jax.eval.compare` (NFE budgets,
 common random numbers, balanced labels, held-out reference, bootstrap and paired intervals, table, plot, grids)
-and `diffusion_jax.solver_error` (error against a reference ODE solution, convergence orders, the exact-score
+and `diffusion_jax.eval.solver_error` (error against a reference ODE solution, convergence orders, the exact-score
 testbed). Results: OUT/results.md (the tables and verdicts), OUT/solver_error.md, OUT/quality_vs_nfe.png,
 OUT/solver_error.png, OUT/overview.png, OUT/grids/<sampler>-nfe<N>.png and the CSVs.
 """
@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffusion_jax.cli import main  # noqa: E402
+from diffusion_jax.cli.main import main  # noqa: E402
 
 PRESETS = {
     # Sized for the README (< 10 min with training on 2 CPU cores): the default digits model, ancestral DDPM, DDIM

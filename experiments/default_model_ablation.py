@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     from diffusion_jax.host import reuse_host_memory
 
     reuse_host_memory()
-    from diffusion_jax.sweep import run_sweep
+    from diffusion_jax.eval.sweep import run_sweep
 
     cells = []
     for i, (grid, extra) in enumerate(SWEEPS):
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 def _scorer():
     """The 16x16 digits classifier and the held-out reference (configs/digits.py:x16's data)."""
     from diffusion_jax.config import load_experiment
-    from diffusion_jax.evaluate import Scorer
+    from diffusion_jax.eval.evaluate import Scorer
 
     return Scorer.for_experiment(load_experiment(BASE)[0])
 
@@ -70,10 +70,10 @@ def score_cell(workdir: str, name: str, num: int, out: str) -> dict:
     """DDIM-20 without clipping on one trained cell, scored on the 16x16 classifier (module doc)."""
     from diffusion_jax import viz
     from diffusion_jax.data.sources import resize_images
-    from diffusion_jax.evaluate import divergence, generate
-    from diffusion_jax.metrics.paired import fd_interval
-    from diffusion_jax.report import wilson
-    from diffusion_jax.sampling import SamplerSpec
+    from diffusion_jax.eval.evaluate import divergence, generate
+    from diffusion_jax.eval.metrics.paired import fd_interval
+    from diffusion_jax.eval.report import wilson
+    from diffusion_jax.inference.sampling import SamplerSpec
     from diffusion_jax.train.checkpoint import load_trained
 
     exp, graphdef, params, step = load_trained(workdir)
@@ -97,7 +97,7 @@ def score_cell(workdir: str, name: str, num: int, out: str) -> dict:
 
 
 def write(rows, args) -> None:
-    from diffusion_jax import report
+    from diffusion_jax.eval import report
 
     report.write_csv(rows, os.path.join(args.out, "ablation.csv"))
     table = report.markdown_table(

@@ -24,11 +24,11 @@ from tqdm.auto import tqdm  # noqa: E402
 from diffusion_jax import viz  # noqa: E402
 from diffusion_jax.config import build_schedule, load_experiment  # noqa: E402
 from diffusion_jax.data import load_source  # noqa: E402
-from diffusion_jax.editing import border_hole, center_hole, edit, edit_fn, half_hole  # noqa: E402
-from diffusion_jax.editing.api import check_edit  # noqa: E402
-from diffusion_jax.report import markdown_table  # noqa: E402
-from diffusion_jax.sampling import SamplerSpec  # noqa: E402
-from diffusion_jax.schedules import make_schedule  # noqa: E402
+from diffusion_jax.inference.editing import border_hole, center_hole, edit, edit_fn, half_hole  # noqa: E402
+from diffusion_jax.inference.editing.api import check_edit  # noqa: E402
+from diffusion_jax.eval.report import markdown_table  # noqa: E402
+from diffusion_jax.inference.sampling import SamplerSpec  # noqa: E402
+from diffusion_jax.process.discrete import make_schedule  # noqa: E402
 from diffusion_jax.testbed import GaussianMixture, discrete_denoise_fn  # noqa: E402
 from diffusion_jax.train.checkpoint import load_trained  # noqa: E402
 from diffusion_jax.train.loop import train_and_evaluate  # noqa: E402

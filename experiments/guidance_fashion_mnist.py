@@ -11,7 +11,7 @@ Full run, measured parts scaled up (2 CPU cores shared with another job): diffus
 
 1. trains configs/fashion_mnist.py:cpu in WORKDIR (resumed; a finished run is reused) -- label dropout 0.1, so the
    same network is also the unconditional model of classifier-free guidance;
-2. trains the noise-conditional classifier p_phi(y | x_t, t) on the run's data and schedule (`diffusion_jax.guidance`;
+2. trains the noise-conditional classifier p_phi(y | x_t, t) on the run's data and schedule (`diffusion_jax.inference.guidance`;
    WORKDIR/noisy_classifier, reused when finished);
 3. for every requested class draws --num samples with each method from the same initial noise (sample i of every
    method starts from the same x_T): none (the conditional model, w = 1), CFG at --cfg-scales (Ho & Salimans
@@ -40,13 +40,14 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from diffusion_jax import report, viz  # noqa: E402
-from diffusion_jax.report import paired_diff, wilson  # noqa: E402
+from diffusion_jax.eval import report  # noqa: E402
+from diffusion_jax import viz
+from diffusion_jax.eval.report import paired_diff, wilson  # noqa: E402
 from diffusion_jax.config import build_schedule, load_experiment  # noqa: E402
 from diffusion_jax.data.sources import FASHION_MNIST_CLASSES  # noqa: E402
-from diffusion_jax.guidance import (ClassifierRecipe, load_noisy_classifier,  # noqa: E402
-                                    make_classifier_guided_sample_fn, train_noisy_classifier)
-from diffusion_jax.sampling import SamplerSpec, make_sample_fn  # noqa: E402
+from diffusion_jax.train.classifier import ClassifierRecipe, load_noisy_classifier, train_noisy_classifier  # noqa: E402
+from diffusion_jax.train.guided import make_classifier_guided_sample_fn  # noqa: E402
+from diffusion_jax.inference.sampling import SamplerSpec, make_sample_fn  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "fashion_mnist.py")
 
@@ -150,7 +151,7 @@ def parse(argv):
 
 
 def main(argv=None) -> int:
-    from diffusion_jax.metrics.classifier import get_classifier
+    from diffusion_jax.eval.metrics.classifier import get_classifier
     from diffusion_jax.train.checkpoint import load_trained
     from diffusion_jax.train.loop import train_and_evaluate
 

@@ -16,8 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffusion_jax import report  # noqa: E402
-from diffusion_jax.compare import CompareSpec, run_compare  # noqa: E402
+from diffusion_jax.eval import report  # noqa: E402
+from diffusion_jax.eval.compare import CompareSpec, run_compare  # noqa: E402
 
 STEPS = (10, 20, 50, 100)
 ROWS = {"ddim:eta=0.0": "η = 0.0 (DDIM)", "ddim:eta=0.2": "η = 0.2", "ddim:eta=0.5": "η = 0.5",

@@ -32,12 +32,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from diffusion_jax import report, viz  # noqa: E402
+from diffusion_jax.eval import report  # noqa: E402
+from diffusion_jax import viz
 from diffusion_jax.config import load_experiment  # noqa: E402
 from diffusion_jax.data.sources import FASHION_MNIST_CLASSES  # noqa: E402
 from diffusion_jax.fileio import read_json  # noqa: E402
-from diffusion_jax.report import paired_diff, wilson  # noqa: E402
-from diffusion_jax.sampling import SamplerSpec  # noqa: E402
+from diffusion_jax.eval.report import paired_diff, wilson  # noqa: E402
+from diffusion_jax.inference.sampling import SamplerSpec  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDINGS = {"seen": "a photo of a {}", "unseen": "an image showing a {}"}
@@ -80,7 +81,7 @@ def ensure_vae(args) -> dict:
 
 def draw(model, prompt: str, spec, args, bar) -> np.ndarray:
     """args.num images of one prompt; chunk c from seed args.seed + c (the same noise for every setting)."""
-    from diffusion_jax.pipelines.stable_diffusion import generate
+    from diffusion_jax.inference.pipelines.stable_diffusion import generate
 
     out, batch = [], min(args.batch_size, args.num)
     for c, start in enumerate(range(0, args.num, batch)):
@@ -91,8 +92,8 @@ def draw(model, prompt: str, spec, args, bar) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    from diffusion_jax.metrics.classifier import get_classifier
-    from diffusion_jax.pipelines.trained import load_latent_run
+    from diffusion_jax.eval.metrics.classifier import get_classifier
+    from diffusion_jax.train.latent import load_latent_run
     from diffusion_jax.train.loop import train_and_evaluate
 
     args = parse(sys.argv[1:] if argv is None else argv)

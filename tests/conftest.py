@@ -86,3 +86,28 @@ def metrics_cache(tmp_path_factory):
         os.environ.pop("DIFFUSION_JAX_CACHE", None)
     else:
         os.environ["DIFFUSION_JAX_CACHE"] = old
+
+
+def random_params(config, seed: int = 0):
+    """A U-Net of `config` as (graphdef, params) with random values everywhere (a fresh init zeroes the output layers),
+    filled from numpy: on CPU, compiling the threefry initialisers costs far more than the model."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from diffusion_jax.models import UNet
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0))), nnx.Param)
+    rng = np.random.RandomState(seed)
+
+    def fill(path, var):
+        shape = var.shape
+        if path[-1] == "scale":
+            value = 1.0 + 0.1 * rng.randn(*shape)
+        elif path[-1] == "bias":
+            value = 0.1 * rng.randn(*shape)
+        else:
+            value = rng.randn(*shape) / np.sqrt(np.prod(shape[:-1]))
+        return path, var.replace(jnp.asarray(value, jnp.float32))
+
+    return graphdef, nnx.from_flat_state([fill(p, v) for p, v in nnx.to_flat_state(abstract)])

@@ -7,10 +7,10 @@
 
 TFDS support lives in `diffusion_jax.data.tfds_source` and imports tensorflow_datasets only when used.
 """
+from diffusion_jax.data.images import center_crop_resize
 from diffusion_jax.data.pipeline import Batches, DataConfig, Source
 from diffusion_jax.data.sources import (
     ArraySource,
-    center_crop_resize,
     load_digits,
     load_fashion_mnist,
     load_folder,

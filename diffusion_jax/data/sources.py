@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, features
 
+from diffusion_jax.data.images import center_crop_resize
 from diffusion_jax.data.pipeline import DataConfig, Source
 from diffusion_jax.validate import check_images, check_int, check_labels
 
@@ -178,17 +179,6 @@ def _check_dir(data_dir) -> str:
     if not (isinstance(data_dir, (str, os.PathLike)) and os.fspath(data_dir)):
         raise TypeError(f"data.data_dir must be a non-empty path (str or os.PathLike), got {data_dir!r}")
     return os.fspath(data_dir)
-
-
-def center_crop_resize(im: Image.Image, size: int, mode: str = "RGB") -> np.ndarray:
-    """PIL image -> (size, size, C) uint8: convert to `mode`, center-crop to a square, bilinear resize."""
-    im = im.convert(mode)
-    w, h = im.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    im = im.resize((size, size), Image.BILINEAR, box=(left, top, left + s, top + s))
-    arr = np.asarray(im, np.uint8)
-    return arr[..., None] if arr.ndim == 2 else arr
 
 
 def _scan_folder(root: str) -> tuple[list[str], list[int] | None, list[str] | None]:

@@ -15,7 +15,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from diffusion_jax.data.sources import center_crop_resize
+from diffusion_jax.data.images import center_crop_resize
 
 _INSTALL_HINT = "pip install 'diffusion_jax[tfds]'  (tensorflow-datasets and grain; TensorFlow is not needed)"
 

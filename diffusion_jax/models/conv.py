@@ -8,7 +8,7 @@ took 33 ms forward, 33 ms for dL/dx and 131 ms for dL/dW (docs/benchmarks.md). W
 
 it runs near matmul speed (52-81 ms for that conv). The forward pass and the input gradient stay XLA's
 convolutions (fast already). The values are the same as `lax.conv_general_dilated`'s up to float32 summation
-order (tests/test_conv.py).
+order (tests/unit/test_conv.py).
 
 How: `conv2d` is a `custom_jvp` whose tangent is conv(dx, w) + conv(x, dw). The second term, linear in dw, is
 computed as the transpose of the matmul kernel gradient (`jax.linear_transpose`), so reverse mode, which

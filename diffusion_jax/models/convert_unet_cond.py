@@ -19,8 +19,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models.weights_io import listing, read_model_folder, to_numpy, torch_to_nhwc
 from diffusion_jax.models.unet_cond import UNetCond, UNetCondConfig
+from diffusion_jax.models.weights_io import listing, read_model_folder, to_numpy, torch_to_nhwc
 
 _PARAMS = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 _RENAME = {".ff.proj.": ".ff.net.0.proj.", ".ff.out.": ".ff.net.2."}

@@ -19,8 +19,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models.weights_io import listing, read_model_folder, to_numpy, torch_to_nhwc
 from diffusion_jax.models.vae import VAE, VAEConfig
+from diffusion_jax.models.weights_io import listing, read_model_folder, to_numpy, torch_to_nhwc
 
 _MODULES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0",
             "attention": "attentions.0"}

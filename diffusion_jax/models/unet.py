@@ -33,8 +33,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models.layers import (AttentionBlock, check_network_inputs, Downsample, ResBlock, Upsample, conv, fourier_embedding,
-                                         fourier_frequencies, group_norm, linear, timestep_embedding)
+from diffusion_jax.models.layers import (
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    Upsample,
+    check_network_inputs,
+    conv,
+    fourier_embedding,
+    fourier_frequencies,
+    group_norm,
+    linear,
+    timestep_embedding,
+)
 from diffusion_jax.models.resample import RESAMPLE_FILTERS
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -46,6 +57,7 @@ _CHOICES = {"time_embedding": ("positional", "fourier"), "resblock": ("ddpm", "b
 class UNetConfig:
     """Hyper-parameters of `UNet`; errors name keys as `model.<field>`."""
 
+    name: str = "unet"                      # the backbone (models/registry.py)
     image_size: int = 32
     in_channels: int = 3
     out_channels: int | None = None        # None -> in_channels, doubled when learn_sigma
@@ -93,6 +105,8 @@ class UNetConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending key (e.g. `model.image_size`)."""
+        if self.name != "unet":
+            raise ValueError(f"model.name={self.name!r} does not name this config (unet)")
 
         def positive_int(name, value):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -27,9 +27,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.models.layers import check_network_inputs
-from diffusion_jax.models.unet_cond_blocks import (Block, Downsample2D, ResnetBlock2D, TimestepEmbedding,
-                                                   Transformer2DModel, Upsample2D, conv, group_norm,
-                                                   timestep_embedding)
+from diffusion_jax.models.unet_cond_blocks import (
+    Block,
+    Downsample2D,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Transformer2DModel,
+    Upsample2D,
+    conv,
+    group_norm,
+    timestep_embedding,
+)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -90,7 +98,8 @@ class UNetCondConfig:
     layers_per_block: int | tuple[int, ...] = 2
     num_attention_heads: int | tuple[int, ...] = 8  # heads per block (diffusers' `attention_head_dim`)
     transformer_layers_per_block: int | tuple[int, ...] = 1
-    cross_attention_dim: int = 768          # context width (CLIP ViT-L/14 for SD 1.x)
+    cross_attention_dim: int | None = 768   # context width (CLIP ViT-L/14 for SD 1.x); None: no context, the
+    #   transformers' second attention attends to the feature map itself (diffusers' double_self_attention)
     use_linear_projection: bool = False     # proj_in / proj_out Linear (SD 2.x) instead of 1x1 conv
     norm_num_groups: int = 32
     norm_eps: float = 1e-5                  # ResBlocks and conv_norm_out
@@ -122,8 +131,10 @@ class UNetCondConfig:
 
     @property
     def has_cross_attention(self) -> bool:
-        return (self.mid_block_type is not None or "CrossAttnDownBlock2D" in self.down_block_types
-                or "CrossAttnUpBlock2D" in self.up_block_types)
+        """Whether the network attends to a context (B, L, cross_attention_dim), which it then requires."""
+        has_transformers = (self.mid_block_type is not None or "CrossAttnDownBlock2D" in self.down_block_types
+                            or "CrossAttnUpBlock2D" in self.up_block_types)
+        return has_transformers and self.cross_attention_dim is not None
 
     @classmethod
     def from_diffusers(cls, cfg: Mapping[str, Any], **overrides) -> UNetCondConfig:
@@ -177,10 +188,9 @@ class UNetCondConfig:
         n = len(self.block_out_channels)
         if n == 0:
             raise ValueError("model.block_out_channels must be a non-empty tuple of ints")
-        for name in ("in_channels", "out_channels", "cross_attention_dim", "norm_num_groups", "conv_in_kernel",
-                     "conv_out_kernel"):
+        for name in ("in_channels", "out_channels", "norm_num_groups", "conv_in_kernel", "conv_out_kernel"):
             positive_int(name, getattr(self, name))
-        for name in ("num_class_embeds", "time_embedding_dim", "sample_size"):
+        for name in ("num_class_embeds", "time_embedding_dim", "sample_size", "cross_attention_dim"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name))
         for name in ("conv_in_kernel", "conv_out_kernel"):

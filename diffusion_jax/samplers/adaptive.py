@@ -12,7 +12,7 @@ smallest positive noise level, i.e. the schedule's t_min, below which a network 
 to the data with one more evaluation, x0 = x0_hat(y(s_min); s_min) (Tweedie; the DDIM step from s_min to 0, error
 O(s_min^2) on the ODE's end point). The whole batch is one ODE state: one step size, error in diffrax's RMS norm.
 
-The level (network time t, alpha, sigma) at an arbitrary s comes from `sde` (a schedule of `diffusion_jax.sde`:
+The level (network time t, alpha, sigma) at an arbitrary s comes from `sde` (a schedule of `diffusion_jax.process.sde`:
 t = sde.t_of_log_snr(-2 log s), exact) or, without it, from the grid: t and log alpha interpolated linearly in
 log s between the grid's levels (exact on them; diffusers' `_sigma_to_t` rule for fractional DDPM timesteps, so
 a grid of all T timesteps gives a discrete schedule's own interpolation), sigma = s alpha.

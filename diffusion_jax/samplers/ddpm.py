@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.param import to_x0_eps
+from diffusion_jax.objectives.param import to_x0_eps
 from diffusion_jax.samplers.checks import check_choice
 from diffusion_jax.samplers.spacing import check_prediction, initial_noise, respace, select_timesteps
 

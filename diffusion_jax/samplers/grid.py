@@ -84,9 +84,9 @@ def concrete_or_none(a):
 
 def check_levels(grid, x_T, min_levels: int, sde=None, sde_methods: tuple[str, ...] = ()) -> None:
     """The argument checks every solver shares: a Grid with >= min_levels levels, x_T an array (B, ...), and
-    `sde` None or a `diffusion_jax.sde` schedule with `sde_methods`."""
+    `sde` None or a `diffusion_jax.process.sde` schedule with `sde_methods`."""
     if sde is not None and not all(hasattr(sde, m) for m in sde_methods):
-        raise ValueError(f"sampler.sde must be None or a schedule of diffusion_jax.sde, got {type(sde).__name__}")
+        raise ValueError(f"sampler.sde must be None or a schedule of diffusion_jax.process.sde, got {type(sde).__name__}")
     if not hasattr(grid, "sigma") or grid.t.ndim != 1 or grid.t.shape[0] < min_levels:
         steps = " (one step)" if min_levels == 2 else ""
         raise ValueError(f"grid must be a Grid with at least {min_levels} level{'s' if min_levels > 1 else ''}{steps}")
@@ -160,7 +160,7 @@ def discrete_grid(schedule, steps: int, spacing: str = "leading", *, rho: float 
 
 
 def continuous_grid(sde, steps: int, spacing: str = "uniform", *, rho: float = 7.0, final: str = "zero") -> Grid:
-    """Grid of `steps` steps between sde.t_max and sde.t_min for a schedule of `diffusion_jax.sde`.
+    """Grid of `steps` steps between sde.t_max and sde.t_min for a schedule of `diffusion_jax.process.sde`.
 
     t on the grid is sde.network_time; alpha, sigma are the schedule's at the chosen times (karras and logsnr
     choose s = sigma/alpha or lambda and map back with sde.t_of_log_snr).

@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import validate
+from diffusion_jax.process.discrete import DiscreteSchedule
 from diffusion_jax.samplers import adaptive, dpm_solver, euler, pndm, sde_solvers, unipc
-from diffusion_jax.samplers.ddim import ddim_sample
 from diffusion_jax.samplers.checks import check_key
+from diffusion_jax.samplers.ddim import ddim_sample
 from diffusion_jax.samplers.ddpm import ddpm_sample
 from diffusion_jax.samplers.grid import continuous_grid, discrete_grid
 from diffusion_jax.samplers.wrapper import Guidance, guide, make_denoiser
-from diffusion_jax.schedules import DiscreteSchedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +111,7 @@ def run_sampler(name: str, denoise_fn, schedule, key, shape, *, steps: int, pred
                 uncond_fn=None, options: dict | None = None, rho: float = 7.0, x_T=None):
     """Sample `shape` with sampler `name`. Returns (x_0, info) with info["nfe"].
 
-    schedule: a `DiscreteSchedule` (DDPM betas) or a continuous one from `diffusion_jax.sde`.
+    schedule: a `DiscreteSchedule` (DDPM betas) or a continuous one from `diffusion_jax.process.sde`.
     denoise_fn(x, t) -> prediction of kind `prediction`; uncond_fn likewise for classifier-free guidance.
     shape: a tuple of positive ints, e.g. (N, H, W, C); x_T, if given, a float array of that shape (else it is
     drawn from `key`). options: a dict of the sampler's own options (`sampler_options(name)`).

@@ -36,7 +36,6 @@ Brownian path drives the predictor; corrector noise is always independent (fold_
 """
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,7 +162,7 @@ def euler_maruyama(denoiser, grid, x_T, key=None, *, sde=None, denoise_final: bo
                    noise: str = "independent", brownian_span=None, brownian_tol=None,
                    return_trajectory: bool = False):
     """Euler-Maruyama on the reverse SDE (eq. 6): `predictor_corrector` with predictor="euler_maruyama" and no
-    corrector. sde: the `diffusion_jax.sde` schedule the grid came from (its f, g), or None for the grid's own f, g."""
+    corrector. sde: the `diffusion_jax.process.sde` schedule the grid came from (its f, g), or None for the grid's own f, g."""
     return predictor_corrector(denoiser, grid, x_T, key, predictor="euler_maruyama", corrector="none",
                                denoise_final=denoise_final, sde=sde, noise=noise, brownian_span=brownian_span,
                                brownian_tol=brownian_tol, return_trajectory=return_trajectory)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.param import PREDICTIONS
+from diffusion_jax.objectives.param import PREDICTIONS
 
 SPACINGS = ("leading", "trailing", "linspace")
 

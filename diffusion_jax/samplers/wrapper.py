@@ -5,7 +5,7 @@
 t, alpha, sigma are scalars (0-d) for the level; x is (B, ...). The network `denoise_fn(x, t)` receives t as a
 (B,) float32 array and returns a prediction of kind
 
-    eps, x0, v, score   as in `diffusion_jax.param` (v assumes alpha^2 + sigma^2 = 1: VP levels only)
+    eps, x0, v, score   as in `diffusion_jax.objectives.param` (v assumes alpha^2 + sigma^2 = 1: VP levels only)
     edm                 EDM's D(x_ve; sigma_ve) with x_ve = x / alpha, sigma_ve = sigma / alpha (Karras et al. 2022):
                         it receives (x / alpha, sigma / alpha), not (x, t), and returns x0_hat directly.
 
@@ -25,7 +25,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.param import PREDICTIONS, eps_from_x0, to_x0_eps
+from diffusion_jax.objectives.param import PREDICTIONS, eps_from_x0, to_x0_eps
 
 Denoiser = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 WRAPPER_PREDICTIONS = PREDICTIONS + ("edm",)

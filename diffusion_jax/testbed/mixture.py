@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.param import PREDICTIONS
+from diffusion_jax.objectives.param import PREDICTIONS
 
 
 def _per_example(v, batch: int, dtype):

@@ -2,7 +2,7 @@
 
 Host side only: data, progress bar, metrics, checkpoints and sample grids. Resumes from the latest
 readable checkpoint in WORKDIR when there is one; the data order and the step's randomness are functions of
-(seed, step), so a resumed run ends bit-identical to an uninterrupted one (tests/test_reliability.py).
+(seed, step), so a resumed run ends bit-identical to an uninterrupted one (tests/e2e/test_reliability.py).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from diffusion_jax import parallel, viz
 from diffusion_jax.config import Experiment, build_schedule, learned_gamma
 from diffusion_jax.data import Batches, load_source
 from diffusion_jax.fileio import write_json
-from diffusion_jax.sampling import SamplerSpec, class_labels, make_sample_fn
+from diffusion_jax.inference.sampling import SamplerSpec, class_labels, make_sample_fn
 from diffusion_jax.train.checkpoint import Checkpointer
 from diffusion_jax.train.faults import NonFiniteGuard, Preempted, SignalCatcher
 from diffusion_jax.train.metrics import MetricWriter, truncate_metrics
@@ -62,7 +62,7 @@ def frozen_changes(workdir: str, exp: Experiment) -> list[str]:
     changed = []
     for s in _FROZEN_SECTIONS:
         # A key that a run saved by an older version lacks had that version's behaviour: the field's default.
-        defaults = json.loads(json.dumps(dataclasses.asdict(Experiment.SECTIONS[s]())))
+        defaults = json.loads(json.dumps(dataclasses.asdict(type(getattr(exp, s))())))
         for k in new[s]:
             if json.loads(json.dumps(new[s][k])) != old.get(s, {}).get(k, defaults[k]):
                 changed.append(f"{s}.{k}")
@@ -98,7 +98,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     os.makedirs(workdir, exist_ok=True)
     write_config(workdir, exp, write=main)
     if exp.latent.vae_workdir is not None:   # latent diffusion: the VAE's latents of the data, with captions
-        from diffusion_jax.pipelines.trained import build_latent_source
+        from diffusion_jax.train.latent import build_latent_source
 
         if not main:   # process 0 encodes the dataset and writes the cache; the others then read it
             parallel.sync("latent cache")
@@ -139,7 +139,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     sample_fn = grid_sampler(schedule) if gamma is None else None
     labels = class_labels(tc.sample_num, exp.model.num_classes)
     if exp.latent.vae_workdir is not None:   # decoded images of the text-conditioned model, a caption per class
-        from diffusion_jax.pipelines.trained import latent_grid_fn
+        from diffusion_jax.train.latent import latent_grid_fn
 
         sample_fn = latent_grid_fn(exp, graphdef, schedule, grid_spec, source, mesh)
 

@@ -19,11 +19,11 @@ import optax
 from flax import nnx
 
 from diffusion_jax import parallel
-from diffusion_jax.losses import LossConfig
-from diffusion_jax.models import UNet, UNetConfig
+from diffusion_jax.models.registry import build_backbone
 from diffusion_jax.models.functional import make_apply_fn
-from diffusion_jax.objectives import make_objective
-from diffusion_jax.vdm import VDMNetwork
+from diffusion_jax.objectives.build import make_objective
+from diffusion_jax.objectives.discrete import LossConfig
+from diffusion_jax.objectives.vdm import VDMNetwork
 
 
 @flax.struct.dataclass
@@ -62,16 +62,16 @@ def ema_decay_at(step, decay: float, warmup: bool):
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def build_network(model_cfg: UNetConfig, rngs: nnx.Rngs, learned_gamma=None) -> nnx.Module:
-    """The trained module: the U-Net, or a `vdm.VDMNetwork` (U-Net + gamma params) for a learned VDM gamma
-    (`config.learned_gamma(exp.schedule)`)."""
-    net = UNet(model_cfg, rngs=rngs)
+def build_network(model_cfg, rngs: nnx.Rngs, learned_gamma=None) -> nnx.Module:
+    """The trained module: model.name's backbone (`models.registry`), or a `vdm.VDMNetwork` (backbone + gamma
+    params) for a learned VDM gamma (`config.learned_gamma(exp.schedule)`)."""
+    net = build_backbone(model_cfg, rngs)
     if learned_gamma is None:
         return net
     return VDMNetwork(net, learned_gamma.init(rngs.params()))
 
 
-def make_init_fn(model_cfg: UNetConfig, tx, key, learned_gamma=None) -> Callable[[], TrainState]:
+def make_init_fn(model_cfg, tx, key, learned_gamma=None) -> Callable[[], TrainState]:
     """A function of no arguments that builds the initial TrainState (jit it, or eval_shape it)."""
     init_key, state_key = jax.random.split(key)
 
@@ -86,7 +86,7 @@ def make_init_fn(model_cfg: UNetConfig, tx, key, learned_gamma=None) -> Callable
     return init
 
 
-def create_train_state(model_cfg: UNetConfig, tx, key, mesh, fsdp: bool = False, learned_gamma=None):
+def create_train_state(model_cfg, tx, key, mesh, fsdp: bool = False, learned_gamma=None):
     """Initialise directly into the target shardings (nothing is materialised replicated first).
 
     Returns (graphdef, state, state_shardings).
@@ -97,7 +97,7 @@ def create_train_state(model_cfg: UNetConfig, tx, key, mesh, fsdp: bool = False,
     return model_graphdef(model_cfg, learned_gamma), state, shardings
 
 
-def model_graphdef(model_cfg: UNetConfig, learned_gamma=None):
+def model_graphdef(model_cfg, learned_gamma=None):
     return nnx.graphdef(nnx.eval_shape(lambda: build_network(model_cfg, nnx.Rngs(0), learned_gamma)))
 
 

@@ -30,8 +30,15 @@ from diffusion_jax.config import OptimConfig, apply_overrides, build_section, lo
 from diffusion_jax.data import Batches, DataConfig, load_source
 from diffusion_jax.fileio import read_json, write_json
 from diffusion_jax.models.vae import VAEConfig, init_vae, make_vae_fns
-from diffusion_jax.models.vae_loss import (DiscriminatorConfig, VAELossConfig, discriminator_loss,
-                                           estimate_scaling_factor, init_discriminator, psnr, vae_loss)
+from diffusion_jax.models.vae_loss import (
+    DiscriminatorConfig,
+    VAELossConfig,
+    discriminator_loss,
+    estimate_scaling_factor,
+    init_discriminator,
+    psnr,
+    vae_loss,
+)
 from diffusion_jax.train.checkpoint import Checkpointer
 from diffusion_jax.train.metrics import MetricWriter, truncate_metrics
 from diffusion_jax.train.state import make_optimizer

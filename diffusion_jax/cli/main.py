@@ -1,0 +1,463 @@
+"""The `diffusion-jax` command (also `python -m diffusion_jax`): parse, then call the library.
+
+    diffusion-jax train  --config configs/digits.py --workdir workdirs/digits [--config.train.steps=200]
+    diffusion-jax sample --workdir workdirs/digits --sampler ddim --steps 50 --num 64 --seed 0 --out grid.png
+    diffusion-jax edit   --workdir workdirs/digits --task inpaint --image digit.png --mask mask.png --num 4
+    diffusion-jax likelihood --workdir workdirs/digits --num 100 --method ode --trace rademacher
+    diffusion-jax train-classifier --workdir workdirs/digits --out workdirs/digits_clf   # for classifier guidance
+    diffusion-jax compare --workdir workdirs/digits --samplers ddim,dpmpp_2m --nfe 5,10,20 --num 500 --out results/c
+    diffusion-jax train-vae --config configs/vae.py:fashion_mnist --workdir workdirs/vae_fmnist   # latent diffusion
+    diffusion-jax convert --from path/to/diffusers-folder --to models/sd15     # SD pipeline or DDPM UNet2DModel
+    diffusion-jax generate --workdir models/sd15 --prompt "a photo of a cat" --sampler dpmpp_2m --steps 20
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from diffusion_jax.cli.options import parse_option
+
+# Exit codes: 0 done; 2 bad input (nothing was changed); 3 non-finite loss or gradient; 128 + N stopped by
+# signal N after saving a checkpoint (130 SIGINT, 143 SIGTERM). See docs/reliability.md.
+EXIT_BAD_INPUT = 2
+
+
+def _train(args, overrides) -> None:
+    from diffusion_jax.config import load_experiment
+    from diffusion_jax.parallel import initialize_distributed, is_main_process
+    from diffusion_jax.train.loop import train_and_evaluate
+    from diffusion_jax.train.metrics import read_metrics
+
+    if args.distributed or args.coordinator is not None:   # before any other JAX call
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    exp, _ = load_experiment(args.config, overrides)
+    state = train_and_evaluate(exp, args.workdir, progress=not args.no_progress)
+    rows = [r for r in read_metrics(args.workdir) if "loss" in r]
+    if rows and is_main_process():
+        print(f"trained to step {int(state.step)}: loss {rows[0]['loss']:.4f} (step {rows[0]['step']}) -> "
+              f"{rows[-1]['loss']:.4f} (step {rows[-1]['step']}); workdir {args.workdir}")
+
+
+def _train_vae(args, overrides) -> None:
+    from diffusion_jax.train.vae import load_vae_run_config, train_vae
+
+    result = train_vae(load_vae_run_config(args.config, overrides), args.workdir, progress=not args.no_progress)
+    print(f"VAE trained to step {result['steps']}: held-out PSNR {result['psnr']:.2f} dB on {result['eval_num']} "
+          f"'{result['eval_split']}' images (train {result['psnr_train']:.2f} dB), scaling factor "
+          f"{result['scaling_factor']:.4f}; workdir {args.workdir}")
+
+
+def _sampler_spec(args, exp):
+    """The SamplerSpec of the sampler flags; flags left out fall back to the run's config.sample (its sampler,
+    steps, spacing, clip, num, eta, variance). Fills args.sampler / steps / spacing / clip / num in place."""
+    import dataclasses
+
+    from diffusion_jax.inference.sampling import SamplerSpec
+
+    for flag, key in (("sampler", "sampler"), ("steps", "steps"), ("spacing", "spacing"), ("clip", "clip_denoised"),
+                      ("num", "num")):
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(exp.sample, key))
+    explicit = dict(parse_option(o) for o in args.option)
+    if args.eta is not None:
+        explicit["eta"] = args.eta
+    if args.variance is not None:
+        explicit["variance"] = args.variance
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    top = exp.schedule.num_timesteps if exp.schedule.kind == "discrete" else float("inf")
+    if not 1 <= args.steps <= top:
+        raise ValueError(f"--steps must be in [1, {top}], got {args.steps}")
+    config = dataclasses.replace(exp.sample, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
+                                 clip_denoised=args.clip)
+    return SamplerSpec.from_config(config, options=explicit, guidance_scale=args.guidance_scale)
+
+
+def _edit(args, overrides) -> None:
+    if overrides:
+        raise ValueError(f"edit takes no --config.* overrides (got {overrides}); its options are flags")
+
+    import numpy as np
+
+    from diffusion_jax import viz
+    from diffusion_jax.config import build_schedule
+    from diffusion_jax.inference.editing import default_mask, edit, load_image, load_mask
+    from diffusion_jax.train.checkpoint import load_trained
+
+    exp, graphdef, params, step = load_trained(args.workdir, args.step)
+    spec = _sampler_spec(args, exp)
+    size, channels = exp.model.image_size, exp.model.in_channels
+    image = load_image(args.image, size=size, channels=channels)
+    mask = None
+    if args.mask is not None:
+        if args.task not in ("inpaint", "outpaint"):
+            raise ValueError(f"--mask is for --task inpaint / outpaint, not {args.task}")
+        mask = load_mask(args.mask, size=size, invert=args.invert_mask, threshold=args.mask_threshold)
+    labels = None if args.label is None else np.full((args.num,), args.label, np.int32)
+    images, nfe = edit(graphdef, params, build_schedule(exp.schedule, params), spec, args.task, image,
+                       image_shape=(size, size, channels), mask=mask, strength=args.strength, seed=args.seed,
+                       num_samples=args.num, prediction=exp.loss.prediction, learn_sigma=exp.model.learn_sigma,
+                       num_classes=exp.model.num_classes, labels=labels, method=args.method,
+                       jump_length=args.jump_length, resamplings=args.resamplings)
+    shown = image
+    if args.task == "colorize":   # what the model is given: the gray
+        shown = np.repeat(image.mean(axis=-1, keepdims=True), channels, axis=-1)
+    elif args.task != "img2img":  # the hole as mid-gray
+        used = mask if mask is not None else default_mask(args.task, size)
+        shown = image * used
+    viz.save_grid(np.concatenate([shown, images]), args.out, nrow=args.num + 1)
+    print(f"{args.task} ({args.method}, {args.sampler}, {args.steps} steps, NFE {nfe}) of {args.image}, "
+          f"step {step}: input | {args.num} sample(s) -> {args.out}")
+    if args.npz:
+        np.savez(args.npz, images=viz.to_uint8(images))
+        print(f"uint8 NHWC edits -> {args.npz}")
+
+
+def _sample(args, overrides) -> None:
+    if overrides:
+        raise ValueError(f"sample takes no --config.* overrides (got {overrides}); its options are flags")
+
+    import jax
+    import numpy as np
+
+    from diffusion_jax import parallel, viz
+    from diffusion_jax.config import build_schedule
+    from diffusion_jax.inference.sampling import class_labels, make_sample_fn
+    from diffusion_jax.train.checkpoint import load_trained
+
+    if args.classifier is None and args.classifier_scale is not None:
+        raise ValueError("--classifier-scale needs --classifier DIR (a classifier from diffusion-jax train-classifier)")
+    if args.classifier is not None and args.classifier_scale is None:
+        args.classifier_scale = 1.0
+    exp, graphdef, params, step = load_trained(args.workdir, args.step)
+    spec = _sampler_spec(args, exp)
+    options = dict(spec.options)
+    schedule = build_schedule(exp.schedule, params)
+    shape = (args.num, exp.model.image_size, exp.model.image_size, exp.model.in_channels)
+    mesh = parallel.make_mesh(args.num_devices, flag="--num-devices")
+    parallel.check_divisible(args.num, mesh, "--num", hint="--num-devices")
+    if args.classifier is None:
+        sample_fn = make_sample_fn(graphdef, schedule, spec, shape, prediction=exp.loss.prediction,
+                                   learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes, mesh=mesh)
+        labels = class_labels(args.num, exp.model.num_classes)
+    else:   # classifier guidance toward labels 0, 1, ...
+        from diffusion_jax.train.guided import guided_sample_fn_for_run
+
+        sample_fn, labels = guided_sample_fn_for_run(exp, graphdef, params, spec, shape, args.classifier,
+                                                     args.classifier_scale, mesh=mesh)
+    images, nfe = sample_fn(params, jax.random.PRNGKey(args.seed), labels)
+    images = np.asarray(images)
+    viz.save_grid(images, args.out)
+    print(f"{args.num} samples from step {step} ({args.sampler}, {args.steps} steps, NFE {nfe}"
+          f"{', options ' + str(options) if options else ''}"
+          f"{f', classifier {args.classifier} scale {args.classifier_scale:g}' if args.classifier else ''})"
+          f" -> {args.out}")
+    if args.npz:
+        extra = {} if labels is None else {"labels": np.asarray(labels)}
+        np.savez(args.npz, images=viz.to_uint8(images), x=images.astype(np.float32), **extra)
+        print(f"uint8 NHWC samples (images) and the sampler's unclipped float32 output (x) -> {args.npz}")
+
+
+def _train_classifier(args, overrides) -> None:
+    if overrides:
+        raise ValueError(f"train-classifier takes no --config.* overrides (got {overrides}); its options are flags")
+    from diffusion_jax.train.classifier import ClassifierRecipe, train_noisy_classifier
+
+    recipe = ClassifierRecipe(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+    r = train_noisy_classifier(args.workdir, args.out, recipe, progress=not args.no_progress)
+    by_level = ", ".join(f"t={row['t']:g}: {row['accuracy']:.3f}" for row in r["accuracy_by_level"])
+    print(f"noise-conditional classifier, {r['step']} steps -> {args.out}; held-out accuracy {by_level}")
+
+
+def _compare(args, overrides) -> None:
+    if overrides and not args.config:
+        raise ValueError(f"--config.* overrides ({overrides}) need --config (the run to train if missing)")
+    from diffusion_jax.eval.compare import CompareSpec, run_compare
+
+    if args.config:   # train, resume, or reuse the finished run (train_and_evaluate does nothing more then)
+        from diffusion_jax.config import load_experiment
+        from diffusion_jax.train.loop import train_and_evaluate
+
+        train_and_evaluate(load_experiment(args.config, overrides)[0], args.workdir, progress=not args.no_progress)
+
+    try:
+        nfes = tuple(int(v) for v in _csv(args.nfe))
+    except ValueError:
+        raise ValueError(f"--nfe must be comma-separated ints, got {args.nfe!r}") from None
+    spec = CompareSpec(samplers=tuple(_csv(args.samplers)), nfes=nfes,
+                       num=args.num, seeds=args.seeds, spacing=args.spacing,
+                       clip_denoised=args.clip or None, guidance_scale=args.guidance_scale,
+                       batch_size=args.batch_size)
+    error_spec = None
+    if args.solver_error_nfe:
+        from diffusion_jax.eval.solver_error import ErrorSpec
+        from diffusion_jax.samplers.registry import get_entry
+
+        ode = tuple(s for s in spec.samplers if ":" not in s and not get_entry(s).stochastic)
+        error_spec = ErrorSpec(samplers=ode, nfes=tuple(int(v) for v in _csv(args.solver_error_nfe)),
+                               num=args.solver_error_num, spacing=args.solver_error_spacing,
+                               baseline=ode[0] if ode else "ddim", rtol=args.solver_error_tol,
+                               atol=args.solver_error_tol)
+        error_spec.validate()                         # before anything is generated
+    res = run_compare(args.workdir, spec, args.out, extractor=args.extractor, step=args.step,
+                      progress=not args.no_progress)
+    with open(res["markdown"]) as f:
+        print(f.read())
+    print(f"table:    {res['markdown']} (per seed: {res['csv']}; means: {res['summary_csv']})\n"
+          f"plot:     {res['plot']}\noverview: {res['overview']}\ngrids:    {res['grids']}/<sampler>-nfe<N>.png")
+    if error_spec is not None:
+        from diffusion_jax.eval.solver_error import run_panels
+
+        err = run_panels(args.workdir, error_spec, args.out, scorer=res["scorer"], step=args.step,
+                         progress=not args.no_progress)
+        with open(err["markdown"]) as f:
+            print(f.read())
+        print(f"solver error: {err['markdown']} (cells: {err['csv']}), plot: {err['plot']}")
+
+
+def _csv(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _sweep(args, overrides) -> None:
+    from diffusion_jax.eval.sweep import run_sweep
+
+    run_sweep(args.config, args.grid, args.root, overrides=overrides, num=args.num, seed=args.seed,
+              extractor=args.extractor, progress=not args.no_progress)
+
+
+def _likelihood(args, overrides) -> None:
+    if overrides:
+        raise ValueError(f"likelihood takes no --config.* overrides (got {overrides}); its options are flags")
+    from diffusion_jax.eval.likelihood import evaluate_likelihood
+
+    r = evaluate_likelihood(args.workdir, num=args.num, split=args.split, method=args.method, trace=args.trace,
+                            probes=args.probes, rtol=args.rtol, atol=args.atol, batch_size=args.batch_size,
+                            seed=args.seed, unconditional=args.unconditional, step=args.step, out=args.out,
+                            progress=not args.no_progress)
+    extra = f"trace {r['trace']} x{r['probes']}, " if r["method"] == "ode" else f"variance {r['variance']}, "
+    print(f"{r['bpd_mean']:.4f} +- {r['bpd_stderr']:.4f} bits/dim ({r['method']}, {extra}{r['num']} {r['split']} "
+          f"examples, step {r['step']}, mean NFE {r['nfe_mean']:.0f}"
+          f"{'' if r.get('solver_success', True) else ', SOLVER HIT max_steps'}) -> {r['out']}")
+
+
+def _add_sampler_flags(parser) -> None:
+    """The flags `sample` and `edit` share: which sampler, its options, how many samples, which checkpoint."""
+    from diffusion_jax.samplers import SAMPLERS, SPACINGS
+
+    parser.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                        help="; ".join(f"{k}: {v.about}" for k, v in SAMPLERS.items()))
+    parser.add_argument("--steps", type=int, default=None, help="default: the run's config.sample.steps")
+    parser.add_argument("--spacing", default=None, choices=list(SPACINGS))
+    parser.add_argument("--eta", type=float, default=None, help="ddim / euler_ancestral stochasticity")
+    parser.add_argument("--variance", default=None, choices=["fixed_small", "fixed_large", "learned"],
+                        help="ddpm variance (default fixed_small)")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="any sampler option, repeatable, e.g. --option s_churn=40 --option order=3")
+    parser.add_argument("--guidance-scale", type=float, default=1.0,
+                        help="classifier-free guidance weight (class-conditional models; 1 = off)")
+    parser.add_argument("--clip", type=float, default=None, help="clip x0-hat to [-c, c]; 0 disables")
+    parser.add_argument("--num", type=int, default=None, help="default: the run's config.sample.num")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from diffusion_jax.samplers import SPACINGS
+
+    parser = argparse.ArgumentParser(prog="diffusion-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a diffusion model from a config file",
+                           epilog="Any config value can be overridden: --config.train.steps=200")
+    train.add_argument("--config", required=True, help="configs/NAME.py or configs/NAME.py:debug")
+    train.add_argument("--workdir", required=True, help="checkpoints, metrics and samples go here")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    multi = train.add_argument_group("multi-process (docs/benchmarks.md: running on several hosts)")
+    multi.add_argument("--distributed", action="store_true",
+                       help="join a multi-process run detected by JAX (SLURM, Open MPI, TPU pod slice)")
+    multi.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
+    multi.add_argument("--num-processes", type=int, default=None)
+    multi.add_argument("--process-id", type=int, default=None)
+    train.set_defaults(func=_train)
+
+    vae = sub.add_parser("train-vae", help="train the KL autoencoder of latent diffusion (configs/vae.py)",
+                         epilog="Any config value can be overridden: --config.train.steps=200")
+    vae.add_argument("--config", required=True, help="configs/vae.py:fashion_mnist or configs/vae.py:debug")
+    vae.add_argument("--workdir", required=True, help="checkpoints, vae.json, eval.json, reconstructions.png")
+    vae.add_argument("--no-progress", action="store_true", help="no progress bar")
+    vae.set_defaults(func=_train_vae)
+
+    sample = sub.add_parser("sample", help="sample from the EMA params of a trained workdir",
+                            epilog="Flags left out take their value from the run's config.sample.")
+    sample.add_argument("--workdir", required=True)
+    _add_sampler_flags(sample)
+    sample.add_argument("--num-devices", type=int, default=0,
+                        help="split the samples over this many devices (0 = all); the samples do not depend on it")
+    sample.add_argument("--out", default="samples.png", help="PNG grid")
+    sample.add_argument("--npz", default=None, help="also save uint8 samples to this .npz")
+    sample.add_argument("--classifier", default=None, metavar="DIR",
+                        help="classifier guidance with the noise-conditional classifier in DIR (train-classifier); "
+                             "runs on one device")
+    sample.add_argument("--classifier-scale", type=float, default=None,
+                        help="classifier guidance weight w >= 0 (default 1 with --classifier)")
+    sample.set_defaults(func=_sample)
+
+    tc = sub.add_parser("train-classifier", help="train a noise-conditional classifier for classifier guidance",
+                        epilog="Trained on the workdir's data, noised with its schedule (t uniform); resumes from "
+                               "OUT's latest checkpoint; a finished OUT is reused.")
+    tc.add_argument("--workdir", required=True, help="diffusion run whose data and schedule to use")
+    tc.add_argument("--out", required=True, help="classifier directory (orbax checkpoints, config.json, result.json)")
+    tc.add_argument("--steps", type=int, default=2000)
+    tc.add_argument("--batch-size", type=int, default=128)
+    tc.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warmup, then cosine)")
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--no-progress", action="store_true")
+    tc.set_defaults(func=_train_classifier)
+
+    edit = sub.add_parser("edit", help="inpaint / outpaint / colorize / img2img an image with a trained workdir",
+                          epilog="Any sampler works with --method projection (score_sde); --method repaint runs "
+                                 "RePaint's resampling loop (sampler ddpm or ddim). Masks: white = keep, black = "
+                                 "fill (--invert-mask for white = fill). Images must have the model's size.")
+    edit.add_argument("--workdir", required=True)
+    edit.add_argument("--task", required=True, choices=["inpaint", "outpaint", "colorize", "img2img"])
+    edit.add_argument("--image", required=True, help="PNG (or any PIL format) of the model's size")
+    edit.add_argument("--mask", default=None, help="inpaint / outpaint mask file (default: a centre hole / a "
+                                                    "border of a quarter of the size)")
+    edit.add_argument("--invert-mask", action="store_true", help="white = the area to fill (diffusers convention)")
+    edit.add_argument("--mask-threshold", type=int, default=None, help="gray >= this is known (antialiased masks)")
+    edit.add_argument("--strength", type=float, default=None, help="img2img: noise level in (0, 1] to start from")
+    edit.add_argument("--method", default="projection", choices=["projection", "repaint"])
+    edit.add_argument("--jump-length", type=int, default=10, help="repaint: steps per jump back")
+    edit.add_argument("--resamplings", type=int, default=10, help="repaint: times each jump is resampled")
+    edit.add_argument("--label", type=int, default=None, help="class label (class-conditional models)")
+    _add_sampler_flags(edit)
+    edit.add_argument("--out", default="edit.png", help="PNG grid: input | samples")
+    edit.add_argument("--npz", default=None, help="also save the uint8 edits to this .npz")
+    edit.set_defaults(func=_edit)
+
+    compare = sub.add_parser("compare", help="every sampler at every NFE on a trained workdir: table, plot, grids",
+                             epilog="Metrics use the dataset's own classifier (trained once, cached) unless "
+                                    "--extractor inception:PATH names the FID InceptionV3 weights file.")
+    compare.add_argument("--workdir", required=True)
+    compare.add_argument("--config", default=None, help="train WORKDIR from this config first (resumes; a finished "
+                                                        "run is reused as is)")
+    compare.add_argument("--samplers", default="ddpm,ddim,heun,dpmpp_2m,unipc_bh2",
+                         help="comma-separated names, or variants with options: ddim:eta=1,ddpm:variance=fixed_large")
+    compare.add_argument("--nfe", default="5,10,20,50,100", help="network-evaluation budgets, comma-separated")
+    compare.add_argument("--num", type=int, default=1000, help="samples per cell and seed")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per cell (mean and 95%% CI over them)")
+    compare.add_argument("--spacing", default="trailing", choices=list(SPACINGS))
+    compare.add_argument("--clip", type=float, default=1.0, help="clip x0-hat to [-c, c]; 0 disables")
+    compare.add_argument("--guidance-scale", type=float, default=1.0)
+    compare.add_argument("--batch-size", type=int, default=None, help="images per compiled call (default: --num)")
+    compare.add_argument("--extractor", default="classifier", help="classifier | inception[:PATH]")
+    compare.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    compare.add_argument("--out", default="results/compare")
+    compare.add_argument("--solver-error-nfe", default="", help="also measure each deterministic sampler's error "
+                         "against a reference solution of the same ODE at these NFEs (e.g. 5,10,20,50), with the "
+                         "exact-score testbed beside it: OUT/solver_error.md / .png")
+    compare.add_argument("--solver-error-num", type=int, default=200, help="samples for --solver-error-nfe")
+    compare.add_argument("--solver-error-tol", type=float, default=1e-6,
+                         help="rtol = atol of the reference solve (adaptive Dopri5); checked against 10x this")
+    compare.add_argument("--solver-error-spacing", default="logsnr", choices=list(SPACINGS),
+                         help="grid of the solver-error runs (one that ends at the smallest noise level)")
+    compare.add_argument("--no-progress", action="store_true")
+    compare.set_defaults(func=_compare)
+
+    sweep = sub.add_parser("sweep", help="ablation grid: train (or resume) and evaluate every cell, write a table",
+                           epilog="Grid: axes separated by ';', values by ',' (or by '|' when a value holds a comma: "
+                                  "model.channel_mult=(1,2)|(1,2,4)). Cells differing only in sample.* keys share "
+                                  "one trained workdir. Any config value can be overridden: --config.train.steps=200")
+    sweep.add_argument("--config", required=True, help="configs/NAME.py or configs/NAME.py:debug")
+    sweep.add_argument("--grid", required=True,
+                       help="e.g. 'model.channels=8,16;optim.learning_rate=1e-3,2e-3' or 'sample.sampler=ddim,heun'")
+    sweep.add_argument("--root", required=True, help="ROOT/<cell>/ workdirs, ROOT/summary.csv, ROOT/summary.md")
+    sweep.add_argument("--num", type=int, default=200, help="samples per cell for the metrics")
+    sweep.add_argument("--seed", type=int, default=0, help="sampling seed (common noise across cells)")
+    sweep.add_argument("--extractor", default="classifier", help="classifier | inception[:PATH]")
+    sweep.add_argument("--no-progress", action="store_true")
+    sweep.set_defaults(func=_sweep)
+
+    lik = sub.add_parser("likelihood", help="bits/dim of held-out data: PF-ODE log-likelihood or the DDPM VLB",
+                         epilog="ode: dequantized 8-bit data, adaptive Tsit5, exact or Hutchinson divergence; "
+                                "vlb: Ho et al.'s bound over all T timesteps with the discretized decoder.")
+    lik.add_argument("--workdir", required=True)
+    lik.add_argument("--num", type=int, required=True, help="number of examples (the first N of the split)")
+    lik.add_argument("--split", default=None, help="data split (default: test where the dataset has one)")
+    lik.add_argument("--method", default="ode", help="ode | vlb")
+    lik.add_argument("--trace", default=None, help="ode divergence: exact | rademacher | gaussian (default rademacher)")
+    lik.add_argument("--probes", type=int, default=None, help="Hutchinson probes per example (default 1)")
+    lik.add_argument("--rtol", type=float, default=1e-5, help="ode solver relative tolerance")
+    lik.add_argument("--atol", type=float, default=1e-5, help="ode solver absolute tolerance")
+    lik.add_argument("--batch-size", type=int, default=None, help="examples per compiled call (default min(64, num))")
+    lik.add_argument("--seed", type=int, default=0, help="dequantization, probes and VLB noise")
+    lik.add_argument("--unconditional", action="store_true", help="class-conditional model: use the null class")
+    lik.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    lik.add_argument("--out", default=None, help="JSON file (default WORKDIR/likelihood_METHOD.json)")
+    lik.add_argument("--no-progress", action="store_true")
+    lik.set_defaults(func=_likelihood)
+
+    from diffusion_jax.cli.pipelines import add_convert_parser, add_generate_parser
+
+    add_generate_parser(sub)   # text-to-image with a Stable Diffusion folder; handlers in pipelines/cli.py
+    add_convert_parser(sub)    # diffusers folders -> our formats
+    return parser
+
+
+def _show_library_messages() -> None:
+    """INFO messages of the `diffusion_jax` loggers (e.g. "resuming from ...") to stderr, once per process."""
+    library_log = logging.getLogger("diffusion_jax")
+    if not any(getattr(h, "diffusion_jax_cli", False) for h in library_log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.diffusion_jax_cli = True
+        library_log.addHandler(handler)
+        library_log.setLevel(logging.INFO)
+
+
+def _enable_compile_cache() -> None:
+    """Persistent XLA compilation cache, so that a second run of a command loads its compiled steps instead of
+    compiling them: $JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME (~/.cache)/diffusion_jax/jax.
+    DIFFUSION_JAX_COMPILE_CACHE=0 turns it off."""
+    if os.environ.get("DIFFUSION_JAX_COMPILE_CACHE", "1") == "0":
+        return
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:   # set by the user (JAX reads JAX_COMPILATION_CACHE_DIR itself)
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "diffusion_jax", "jax"))
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides, unknown = [], []
+    for item in extra:
+        (overrides if item.startswith("--config.") else unknown).append(item)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    overrides = [o[len("--config."):] for o in overrides]
+    from diffusion_jax.host import reuse_host_memory
+    from diffusion_jax.train.faults import TrainingStopped
+
+    _show_library_messages()
+    reuse_host_memory()      # before JAX starts its CPU backend (diffusion_jax/host.py)
+    _enable_compile_cache()
+    try:
+        args.func(args, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"diffusion-jax {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingStopped as e:   # preempted (128 + signal number) or non-finite (3): checkpoints kept
+        print(f"diffusion-jax {args.command}: stopped: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

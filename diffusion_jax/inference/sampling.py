@@ -1,0 +1,137 @@
+"""From a trained network to samples: wraps the module into a `denoise_fn(x, t)` and jits a sampler end
+to end. Samplers themselves (diffusion_jax.samplers) never see a module or a config."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax import parallel
+from diffusion_jax.models.functional import make_apply_fn
+from diffusion_jax.objectives.edm import edm_denoise
+from diffusion_jax.process.sde import EDMSchedule
+from diffusion_jax.samplers import Guidance, run_sampler, sampler_options
+from diffusion_jax.samplers.registry import get_sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """What to run: a sampler name from `samplers.SAMPLERS` and its options (all static for jit).
+
+    options: sampler-specific options as (name, value) pairs, e.g. (("eta", 0.5),) for ddim or
+    (("s_churn", 40.0),) for edm; `samplers.sampler_options(name)` lists them.
+    guidance_scale: classifier-free guidance weight w for class-conditional models (1 = off), the
+    unconditional branch using the null class.
+    """
+    sampler: str = "ddim"
+    steps: int = 50
+    spacing: str = "leading"
+    clip_denoised: float | None = 1.0
+    options: tuple[tuple[str, Any], ...] = ()
+    guidance_scale: float = 1.0
+    guidance_rescale: float = 0.0
+
+    def validate(self) -> None:
+        get_sampler(self.sampler, **dict(self.options))  # unknown sampler or option -> ValueError naming it
+
+    @classmethod
+    def from_config(cls, sample, *, options: dict | None = None, guidance_scale: float = 1.0) -> "SamplerSpec":
+        """The spec a `config.SampleConfig` describes: its sampler, steps, spacing and clip_denoised, with its
+        eta and variance passed on to the samplers that take them; `options` are added on top (and win)."""
+        accepted = sampler_options(sample.sampler)
+        merged = {k: getattr(sample, k) for k in ("eta", "variance") if k in accepted}
+        merged.update(options or {})
+        return cls(sample.sampler, steps=sample.steps, spacing=sample.spacing, clip_denoised=sample.clip_denoised,
+                   options=tuple(sorted(merged.items())), guidance_scale=guidance_scale)
+
+
+def check_model_fits(spec: SamplerSpec, learn_sigma: bool, num_classes: int | None) -> None:
+    """The sampler's needs that depend on the model: learned variances, and class labels for guidance."""
+    if dict(spec.options).get("variance") == "learned" and not learn_sigma:
+        raise ValueError("sampler option variance='learned' needs a model trained with model.learn_sigma=True")
+    if spec.guidance_scale != 1.0 and num_classes is None:
+        raise ValueError("guidance needs a class-conditional model (model.num_classes); this one is unconditional")
+
+
+def network_denoise_fn(apply: Callable, params, label, *, channels: int, keep_variance: bool = False,
+                       sharding=None, schedule=None, context=None) -> Callable:
+    """The network as a sampler's denoise_fn(x (N,H,W,C), t scalar or (N,)) -> prediction (N,H,W,C), or
+    (N,H,W,2C) with the learned variance when keep_variance. label: (N,) int32 or None. context: (N, L, D)
+    embeddings for a cross-attention network (`models.UNetCond`), or None. sharding: constrain x
+    to it, so every network call runs batch-parallel over the mesh. An `sde.EDMSchedule` wraps the network in
+    EDM's preconditioning: t is sigma and the output D(x; sigma) (prediction "edm")."""
+    def denoise_fn(x, t):
+        if sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, sharding)
+        if isinstance(schedule, EDMSchedule):
+            return edm_denoise(apply, params, x, t, schedule.sigma_data, y=label, context=context)
+        out = apply(params, x, jnp.broadcast_to(t, x.shape[:1]), y=label, context=context)
+        return out if keep_variance else out[..., :channels]
+
+    return denoise_fn
+
+
+def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...], *,
+                   prediction: str = "eps", learn_sigma: bool = False, num_classes: int | None = None,
+                   mesh=None, condition: Callable | None = None) -> Callable:
+    """Returns `sample(params, key, y=None, aux=None, x_T=None) -> (images (N,H,W,C), nfe)`, compiled end to end.
+
+    schedule: a DiscreteSchedule, a continuous schedule of `sde.py` or a `vdm.VDMSchedule` (config.build_schedule).
+    y: (N,) int32 labels for a class-conditional model (None for unconditional).
+    mesh: split the N samples over its "data" axis (N must divide evenly). The noise is drawn for the
+    whole batch with counter-based (partitionable) threefry, so image i's noise depends only on (key, i): a seed gives
+    the same samples on 1 or 8 devices or hosts and, with a fixed-step sampler, the first n of N samples are the n
+    samples.
+    condition(net, y, aux) -> denoise_fn: the conditional branch the sampler runs, from net(label) -> the network's
+    denoise_fn; default net(y). aux: a pytree passed through jit to it (e.g. a guiding classifier's params,
+    `guidance.sampling`). Classifier-free guidance (spec.guidance_scale) runs on top, its unconditional branch
+    being the network with the null class. x_T: a (N,H,W,C) float32 start to use instead of the one drawn from `key`
+    (e.g. the same start for several samplers, `solver_error`).
+    """
+    spec.validate()
+    sharding = None
+    if mesh is not None:
+        parallel.check_divisible(shape[0], mesh, "the number of samples", hint="fewer devices")
+        sharding = parallel.batch_sharding(mesh)
+    options = dict(spec.options)
+    check_model_fits(spec, learn_sigma, num_classes)
+    apply = make_apply_fn(graphdef)
+    guidance = Guidance(spec.guidance_scale, spec.guidance_rescale)
+
+    def sample(params, key, y=None, aux=None, x_T=None):
+        def net(label):
+            return network_denoise_fn(apply, params, label, channels=shape[-1],
+                                      keep_variance=options.get("variance") == "learned", sharding=sharding,
+                                      schedule=schedule)
+
+        uncond = None
+        if guidance.active:
+            uncond = net(jnp.full(shape[:1], num_classes, jnp.int32))
+        cond = net(y) if condition is None else condition(net, y, aux)
+        x, info = run_sampler(spec.sampler, cond, schedule, key, shape, steps=spec.steps, prediction=prediction,
+                              spacing=spec.spacing, clip_denoised=spec.clip_denoised or None,
+                              guidance=guidance if guidance.active else None, uncond_fn=uncond, options=options,
+                              x_T=x_T)
+        return x, info["nfe"]
+
+    if sharding is None:
+        jitted = jax.jit(sample)
+    else:
+        jitted = jax.jit(sample, out_shardings=(sharding, parallel.replicated(mesh)))
+
+    def run(params, key, y=None, aux=None, x_T=None):
+        if sharding is not None:
+            params, aux = jax.device_put((params, aux), parallel.replicated(mesh))
+            y = None if y is None else jax.device_put(y, sharding)
+            x_T = None if x_T is None else jax.device_put(x_T, sharding)
+        x, nfe = jitted(params, key, y, aux, x_T)
+        return x, int(nfe)
+
+    return run
+
+
+def class_labels(num: int, num_classes: int | None):
+    """Labels 0, 1, ..., num_classes-1, 0, 1, ... for a grid (None when unconditional)."""
+    return None if num_classes is None else jnp.arange(num, dtype=jnp.int32) % num_classes

@@ -1,0 +1,119 @@
+"""The cross-attention U-Net (`unet_cond.UNetCond`, diffusers' UNet2DConditionModel layout) as a backbone of the
+training loop (`model.name = "unet_cond"`), configured in the same words as `unet.UNetConfig`:
+
+    block i (resolution image_size / 2^i)  block_out_channels[i] = channels * channel_mult[i]
+                                           CrossAttn{Down,Up}Block2D if that resolution is in
+                                           attention_resolutions, else {Down,Up}Block2D; mid: UNetMidBlock2DCrossAttn
+    num_res_blocks, num_heads, num_groups  layers_per_block, num_attention_heads, norm_num_groups
+    num_classes                            num_class_embeds = num_classes + 1 (the last one is the null class of
+                                           classifier-free guidance, as for `UNet`)
+    context_dim                            cross_attention_dim: the transformers attend to a (B, L, context_dim)
+                                           context (latent text-to-image); None: their second attention attends to
+                                           the feature map (diffusers' double_self_attention), no context taken
+
+Called like every backbone: net(x, t, y=None, context=None, *, train=False, dropout_key=None); y=None on a
+class-conditional network is the null class.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from diffusion_jax.models.unet_cond import UNetCond, UNetCondConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetCondBackboneConfig:
+    """`model` section of `model.name="unet_cond"`; errors name keys as `model.<field>`."""
+
+    name: str = "unet_cond"
+    image_size: int = 32
+    in_channels: int = 3
+    out_channels: int | None = None         # None -> in_channels, doubled when learn_sigma
+    channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16, 8)   # feature-map sizes with a spatial transformer
+    num_heads: int = 4
+    transformer_layers: int = 1              # BasicTransformerBlocks per spatial transformer
+    dropout: float = 0.0
+    num_groups: int = 32
+    num_classes: int | None = None           # class-conditional; label == num_classes is the null class
+    context_dim: int | None = None           # cross-attention on a (B, L, context_dim) context
+    learn_sigma: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("channel_mult", "attention_resolutions"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def resolved_out_channels(self) -> int:
+        if self.out_channels is not None:
+            return self.out_channels
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        return tuple(self.image_size // 2 ** i for i in range(len(self.channel_mult)))
+
+    def diffusers_config(self) -> UNetCondConfig:
+        """The UNetCondConfig (diffusers' names) that this section describes (module docstring)."""
+        attn = [r in self.attention_resolutions for r in self.resolutions]
+        return UNetCondConfig(
+            in_channels=self.in_channels, out_channels=self.resolved_out_channels, sample_size=self.image_size,
+            block_out_channels=tuple(self.channels * m for m in self.channel_mult),
+            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+            mid_block_type="UNetMidBlock2DCrossAttn", layers_per_block=self.num_res_blocks,
+            num_attention_heads=self.num_heads, transformer_layers_per_block=self.transformer_layers,
+            cross_attention_dim=self.context_dim, norm_num_groups=self.num_groups, dropout=self.dropout,
+            num_class_embeds=None if self.num_classes is None else self.num_classes + 1, dtype=self.dtype)
+
+    def validate(self) -> None:
+        if self.name != "unet_cond":
+            raise ValueError(f"model.name={self.name!r} does not name this config (unet_cond)")
+        for key in ("image_size", "in_channels", "channels", "num_res_blocks", "num_heads", "transformer_layers",
+                    "num_groups"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{key}={value!r} must be a positive int")
+        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
+            raise ValueError(f"model.channel_mult={self.channel_mult!r} must be a non-empty tuple of positive ints")
+        if self.image_size % 2 ** (len(self.channel_mult) - 1):
+            raise ValueError(f"model.image_size={self.image_size} must be divisible by 2^(levels - 1) = "
+                             f"{2 ** (len(self.channel_mult) - 1)} (model.channel_mult={self.channel_mult})")
+        unknown = sorted(set(self.attention_resolutions) - set(self.resolutions))
+        if unknown:
+            raise ValueError(f"model.attention_resolutions={self.attention_resolutions}: {unknown} is not a "
+                             f"feature-map size of this U-Net {self.resolutions}")
+        for c in (self.channels * m for m in self.channel_mult):
+            if c % self.num_groups:
+                raise ValueError(f"model.num_groups={self.num_groups} must divide every block's width (got {c}; "
+                                 f"model.channels={self.channels}, model.channel_mult={self.channel_mult})")
+            if c % self.num_heads:
+                raise ValueError(f"model.num_heads={self.num_heads} must divide every block's width (got {c})")
+        for key in ("num_classes", "context_dim", "out_channels"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"model.{key}={value!r} must be None or a positive int")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        self.diffusers_config().validate()
+
+
+class UNetCondBackbone(nnx.Module):
+    """UNetCond of `config.diffusers_config()`, taking y=None on a class-conditional network as the null class."""
+
+    def __init__(self, config: UNetCondBackboneConfig, *, rngs: nnx.Rngs):
+        config.validate()
+        self.num_classes = config.num_classes
+        self.net = UNetCond(config.diffusers_config(), rngs=rngs)
+
+    def __call__(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None):
+        if self.num_classes is not None and y is None:
+            y = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
+        return self.net(x, t, y, context, train=train, dropout_key=dropout_key)

@@ -1,0 +1,68 @@
+"""Which loss a schedule is trained with, as one function of (apply_fn, params, batch, key):
+
+    schedule.kind   schedule object                 loss
+    discrete        schedules.DiscreteSchedule      losses.diffusion_loss   (DDPM / improved DDPM, any weighting)
+    vp, subvp, ve   sde.VPSDE / SubVPSDE / VESDE    dsm.dsm_loss            (Song et al. 2021, continuous time)
+    edm             sde.EDMSchedule                 edm.edm_loss            (Karras et al. 2022)
+    vdm             vdm.VDMSchedule                 vdm.vdm_loss            (Kingma et al. 2021; a learned gamma's
+                                                                             params are params["gamma"])
+
+and what the samplers are told the network predicts (`sampler_prediction`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from diffusion_jax.objectives.discrete import LossConfig, diffusion_loss
+from diffusion_jax.objectives.dsm import DSMConfig, dsm_loss
+from diffusion_jax.objectives.edm import EDMLossConfig, edm_loss
+from diffusion_jax.objectives.vdm import VDMLossConfig, VDMSchedule, gamma_params_of, vdm_loss
+from diffusion_jax.process.discrete import DiscreteSchedule
+from diffusion_jax.process.sde import EDMSchedule
+
+
+def continuous_config(kind: str, cfg: LossConfig):
+    """The EDMLossConfig (kind "edm"), VDMLossConfig ("vdm") or DSMConfig (vp / subvp / ve) of config.loss."""
+    if kind == "vdm":
+        if cfg.weighting != "simple" or cfg.importance_sampling:
+            raise ValueError("schedule.kind='vdm' trains VDM's continuous VLB, whose weighting is fixed: leave "
+                             f"loss.weighting='simple' and loss.importance_sampling=False (got {cfg.weighting!r}, "
+                             f"{cfg.importance_sampling})")
+        return VDMLossConfig(prediction=cfg.prediction, cond_drop_prob=cfg.cond_drop_prob)
+    if kind == "edm":
+        if cfg.prediction != "edm":
+            raise ValueError(f"schedule.kind='edm' trains EDM's preconditioned network: set loss.prediction='edm', "
+                             f"got {cfg.prediction!r}")
+        return EDMLossConfig(p_mean=cfg.p_mean, p_std=cfg.p_std, cond_drop_prob=cfg.cond_drop_prob)
+    weighting = "sigma2" if cfg.weighting == "simple" else cfg.weighting
+    return DSMConfig(prediction=cfg.prediction, weighting=weighting, importance_sampling=cfg.importance_sampling,
+                     eps=cfg.eps, cond_drop_prob=cfg.cond_drop_prob)
+
+
+def validate_loss(cfg: LossConfig, learn_sigma: bool, kind: str = "discrete") -> None:
+    """config.loss for a schedule of `kind`: the discrete fields, or the continuous objective it becomes."""
+    if kind == "discrete":
+        return cfg.validate(learn_sigma)
+    if learn_sigma or cfg.loss_type != "mse":
+        raise ValueError(f"schedule.kind={kind!r} trains with an MSE objective: set loss.loss_type='mse' "
+                         "and model.learn_sigma=False")
+    continuous_config(kind, cfg).validate()
+
+
+def make_objective(schedule, cfg: LossConfig, *, learn_sigma: bool = False,
+                   num_classes: int | None = None) -> Callable:
+    """objective(apply_fn, params, batch, key, train=True) -> (scalar loss, metrics dict with "loss")."""
+    if isinstance(schedule, DiscreteSchedule):
+        return lambda apply_fn, params, batch, key, train=True: diffusion_loss(
+            apply_fn, schedule, cfg, params, batch, key, learn_sigma=learn_sigma, num_classes=num_classes,
+            train=train)
+    if isinstance(schedule, VDMSchedule):
+        sub = dataclasses.replace(continuous_config("vdm", cfg), time_scale=schedule.time_scale)
+        return lambda apply_fn, params, batch, key, train=True: vdm_loss(
+            apply_fn, schedule.gamma, sub, params, gamma_params_of(params), batch, key, num_classes=num_classes,
+            train=train)
+    loss = edm_loss if isinstance(schedule, EDMSchedule) else dsm_loss
+    sub = continuous_config("edm" if isinstance(schedule, EDMSchedule) else "sde", cfg)
+    return lambda apply_fn, params, batch, key, train=True: loss(
+        apply_fn, schedule, sub, params, batch, key, num_classes=num_classes, train=train)

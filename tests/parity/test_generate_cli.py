@@ -1,0 +1,134 @@
+"""`diffusion-jax convert` of a Stable Diffusion folder and `diffusion-jax generate` on it, in process: a tiny random
+diffusers StableDiffusionPipeline (built locally, no downloads) is converted, then txt2img / img2img / inpaint run
+through the command line; bad flags give errors that name them."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusion_jax.cli.main import main
+from diffusion_jax.cli.pipelines import default_out, detect_layout
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.torch
+
+# the tiny random diffusers SD 1.x folder of test_stable_diffusion (16x16 images, 8x8x4 latents): (folder, pipeline)
+from test_stable_diffusion import sd_folder  # noqa: E402, F401  (a module-scoped fixture)
+
+FAST = ["--sampler", "dpmpp_2m", "--steps", "2", "--guidance", "3"]
+
+
+_LOADED = {}
+
+
+@pytest.fixture(autouse=True)
+def fast_generate(monkeypatch):
+    """Speed only, the command line runs as it is otherwise: generate's pipelines compile without XLA's expensive
+    CPU passes (about 2x faster to compile here; stable_diffusion.generate has no compiler_options argument, so its
+    make_pipeline is wrapped), and a folder already loaded in this module is not loaded again (loading traces three
+    models with nnx.eval_shape: seconds per call)."""
+    import functools
+
+    from diffusion_jax.inference.pipelines import latent, stable_diffusion
+
+    options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    monkeypatch.setattr(stable_diffusion, "make_pipeline",
+                        functools.partial(latent.make_pipeline, compiler_options=options))
+    load = stable_diffusion.load_text_to_image
+
+    def load_once(folder):
+        key = os.path.abspath(folder)
+        if key not in _LOADED:
+            _LOADED[key] = load(folder)
+        return _LOADED[key]
+
+    monkeypatch.setattr(stable_diffusion, "load_text_to_image", load_once)
+
+
+@pytest.fixture(scope="module")
+def converted(sd_folder, tmp_path_factory):  # noqa: F811 (the imported fixture)
+    """(the diffusers folder, its conversion by `diffusion-jax convert`)."""
+    target = str(tmp_path_factory.mktemp("conv") / "sd")
+    assert main(["convert", "--from", sd_folder[0], "--to", target]) == 0
+    return sd_folder[0], target
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_convert_writes_the_converted_form_and_refuses_to_overwrite(converted, capsys):
+    source, converted = converted
+    assert detect_layout(source) == "stable_diffusion"
+    assert sorted(os.listdir(converted)) == ["params", "pipeline.json", "tokenizer"]
+    assert main(["convert", "--from", source, "--to", converted]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and converted in err
+    assert main(["convert", "--from", source, "--to", converted + "2", "--data", "folder"]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def test_txt2img_writes_grid_and_images_and_reproduces(converted, tmp_path, capsys):
+    converted = converted[1]
+    prompts = ["--prompt", "a photo of a cat", "--prompt", "an ankle boot"]
+    assert main(["generate", "--workdir", converted, *prompts, *FAST, "--seed", "1", "--out",
+                 str(tmp_path / "a.png")]) == 0
+    out = capsys.readouterr().out
+    assert "NFE" in out and str(tmp_path / "a.png") in out
+    grid = Image.open(tmp_path / "a.png")
+    assert grid.size[0] >= 48 and grid.mode == "RGB"   # 16x16 tiles, upscaled in the grid
+    first, second = _pixels(tmp_path / "a_000.png"), _pixels(tmp_path / "a_001.png")
+    assert first.shape == second.shape == (16, 16, 3) and not np.array_equal(first, second)
+
+    # the same seed again, to the default place: WORKDIR/generated/<prompt>..., the same pixels
+    assert main(["generate", "--workdir", converted, *prompts, *FAST, "--seed", "1"]) == 0
+    again = default_out(converted, ["a photo of a cat", "an ankle boot"], "txt2img", 1)
+    assert again == os.path.join(converted, "generated", "a-photo-of-a-cat-2prompts_txt2img_seed1.png")
+    assert again in capsys.readouterr().out
+    np.testing.assert_array_equal(_pixels(again[:-4] + "_000.png"), first)
+    np.testing.assert_array_equal(_pixels(again[:-4] + "_001.png"), second)
+
+
+def test_img2img_and_inpaint_run_from_files(converted, tmp_path, capsys):
+    converted = converted[1]
+    image = tmp_path / "in.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(image)
+    assert main(["generate", "--workdir", converted, "--prompt", "a cat", *FAST, "--task", "img2img",
+                 "--image", str(image), "--strength", "0.6", "--num-per-prompt", "2",
+                 "--out", str(tmp_path / "i2i.png")]) == 0
+    assert "strength 0.6" in capsys.readouterr().out
+    assert _pixels(tmp_path / "i2i_001.png").shape == (16, 16, 3)
+
+    mask = np.full((16, 16), 255, np.uint8)
+    mask[4:12, 4:12] = 0                              # black = fill
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    assert main(["generate", "--workdir", converted, "--prompt", "a cat", *FAST, "--task", "inpaint",
+                 "--image", str(image), "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "ip.png")]) == 0
+    filled = _pixels(tmp_path / "ip_000.png")
+    kept = mask == 255
+    np.testing.assert_array_equal(filled[kept], _pixels(image)[kept])   # the known pixels are kept exactly
+    assert not np.array_equal(filled[~kept], _pixels(image)[~kept])
+
+
+def test_bad_arguments_are_named(converted, tmp_path, capsys):
+    converted = converted[1]
+    with pytest.raises(SystemExit):
+        main(["generate", "--workdir", converted])
+    assert "--prompt" in capsys.readouterr().err
+
+    def error(*argv):
+        assert main(["generate", "--workdir", converted, "--prompt", "a cat", *argv]) == 2
+        return capsys.readouterr().err
+
+    assert "--strength is for --task img2img" in error("--strength", "0.5")
+    assert "needs --image" in error("--task", "img2img")
+    assert "--mask" in error("--task", "img2img", "--image", "x.png", "--mask", "m.png")
+    assert "--num-per-prompt" in error("--num-per-prompt", "0")
+    assert "nope" in error("--option", "nope=1")
+    for folder in (str(tmp_path / "missing"), str(tmp_path)):             # absent; not a model folder
+        assert main(["generate", "--workdir", folder, "--prompt", "a cat"]) == 2
+        assert folder in capsys.readouterr().err

@@ -1,0 +1,53 @@
+"""The package's layering (pyproject [tool.importlinter]) holds, a violation of it fails, and importing the library
+never loads torch (it is imported only inside the functions that read a PyTorch-format file)."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def lint_imports(root: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("lint-imports", path=os.path.dirname(sys.executable)) or shutil.which("lint-imports")
+    if exe is None:
+        pytest.fail("lint-imports is missing: pip install -e '.[test]' (import-linter)")
+    env = dict(os.environ, PYTHONPATH=root)
+    return subprocess.run([exe, "--no-cache", "--config", os.path.join(root, "pyproject.toml")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_layers_contract_holds():
+    r = lint_imports(ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 broken" in r.stdout
+
+
+def test_layers_contract_fails_on_an_upward_import(tmp_path):
+    """A copy of the package whose forward process imports the command line: lint-imports must refuse it."""
+    shutil.copytree(os.path.join(ROOT, "diffusion_jax"), tmp_path / "diffusion_jax",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(ROOT, "pyproject.toml"), tmp_path / "pyproject.toml")
+    target = tmp_path / "diffusion_jax" / "process" / "discrete.py"
+    target.write_text(target.read_text() + "\n\ndef _violation():\n    from diffusion_jax.cli import main  # noqa\n")
+    r = lint_imports(str(tmp_path))
+    assert r.returncode != 0
+    assert "diffusion_jax.process.discrete -> diffusion_jax.cli" in r.stdout.replace("\n", " ") or \
+        "diffusion_jax.process.discrete" in r.stdout, r.stdout
+
+
+def test_importing_every_module_leaves_torch_unloaded():
+    code = ("import importlib, pkgutil, sys\n"
+            "import diffusion_jax\n"
+            "names = [m.name for m in pkgutil.walk_packages(diffusion_jax.__path__, 'diffusion_jax.')\n"
+            "         if not m.name.endswith('__main__')]\n"
+            "for n in names: importlib.import_module(n)\n"
+            "loaded = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
+            "print(len(names), loaded)\n"
+            "sys.exit(1 if loaded else 0)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert int(r.stdout.split()[0]) > 100   # every module was imported
