@@ -1,15 +1,18 @@
 """Default experiment: a class-conditional v-prediction model on sklearn's 8x8 digits (1,797 images) at their native
-resolution. Trains on 2 CPU cores in about 3 minutes:
+resolution, cosine schedule. Trains on 2 CPU cores in about 3 minutes:
 
     diffusion-jax train --config configs/digits.py --workdir workdirs/digits
     diffusion-jax sample --workdir workdirs/digits --sampler dpmpp_2m --steps 10 --num 100 --out digits.png
 
 Chosen by measurement (`python experiments/default_model_ablation.py`, docs/results.md): with eps-prediction the
 probability-flow ODE diverged on 37-100% of DDIM-20 samples (no clipping); v-prediction (Salimans & Ho 2022) gives
-none, and 2,000 steps at 8x8 cost less than 1,000 at 16x16 and agree more often with the requested class.
+none, 2,000 steps at 8x8 cost less than 1,000 at 16x16 and agree more often with the requested class, and the
+cosine schedule (Nichol & Dhariwal 2021) removes the last single-pixel overshoots of the linear one (0 of 1,000
+DDIM-20 samples outside [-1.5, 1.5], largest |x| 1.33, against 2 of 1,000 and 1.63).
 
 `configs/digits.py:debug` shrinks it to a smoke test (seconds); `configs/digits.py:x16` is the earlier default,
-the digits upsampled to 16x16 with eps-prediction and 1,000 steps (the benchmarks' "digits" U-Net).
+the digits upsampled to 16x16 with eps-prediction, the linear schedule and 1,000 steps (the benchmarks' "digits"
+U-Net).
 """
 import ml_collections
 
@@ -30,7 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         attention_resolutions=(size // 2,) if not x16 else (8,), num_heads=1, dropout=0.0,
         num_groups=8, num_classes=10, context_dim=None, learn_sigma=False, dtype="float32",
     )
-    c.schedule = dict(name="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02, zero_terminal_snr=False)
+    c.schedule = dict(name="linear" if x16 else "cosine", num_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                      zero_terminal_snr=False)
     c.loss = dict(prediction="eps" if x16 else "v", weighting="simple", snr_gamma=5.0, loss_type="mse",
                   cond_drop_prob=0.1)
     c.optim = dict(learning_rate=2e-3, warmup_steps=100, decay="cosine", weight_decay=0.0,

@@ -28,7 +28,8 @@ from diffusion_jax.models import UNetConfig
 from diffusion_jax.models.registry import config_class
 from diffusion_jax.objectives.build import validate_loss
 from diffusion_jax.objectives.discrete import LossConfig
-from diffusion_jax.objectives.vdm import LinearGamma, MonotoneGamma, VDMSchedule, gamma_params_of
+from diffusion_jax.objectives.vdm import gamma_params_of
+from diffusion_jax.process.vdm import LinearGamma, MonotoneGamma, VDMSchedule
 from diffusion_jax.process.discrete import check_schedule, make_schedule
 from diffusion_jax.process.sde import SDES
 
@@ -64,8 +65,8 @@ _SDE_FIELDS = {"vp": ("beta_min", "beta_max"), "subvp": ("beta_min", "beta_max")
 
 
 def build_schedule(sc: ScheduleConfig, params=None):
-    """The schedule object a ScheduleConfig describes: a `schedules.DiscreteSchedule`, an SDE of `sde.py` or a
-    `vdm.VDMSchedule`. params: the trained params, needed (only) by a learned VDM gamma, which is part of them."""
+    """The process a ScheduleConfig describes: a `process.discrete.DiscreteSchedule`, an SDE of `process/sde.py` or a
+    `process.vdm.VDMSchedule`. params: the trained params, needed (only) by a learned VDM gamma, which is part of them."""
     if sc.kind == "discrete":
         return make_schedule(sc.name, sc.num_timesteps, beta_start=sc.beta_start, beta_end=sc.beta_end,
                              zero_terminal_snr=sc.zero_terminal_snr)
@@ -73,7 +74,7 @@ def build_schedule(sc: ScheduleConfig, params=None):
     if sc.kind != "vdm":
         return SDES[sc.kind](**values)
     gamma = vdm_gamma(sc)
-    if isinstance(gamma, LinearGamma):
+    if sc.gamma == "linear":
         return VDMSchedule(gamma, {})
     if params is None:
         raise ValueError("schedule.gamma='learned' is part of the trained params: build the schedule from a run's "
@@ -92,7 +93,7 @@ def vdm_gamma(sc: ScheduleConfig):
 def learned_gamma(sc: ScheduleConfig):
     """The `vdm.MonotoneGamma` a run trains next to its network (schedule.gamma='learned'), else None."""
     gamma = vdm_gamma(sc)
-    return gamma if isinstance(gamma, MonotoneGamma) else None
+    return gamma if gamma is not None and sc.gamma == "learned" else None
 
 
 def _check_schedule_kind(sc: ScheduleConfig) -> None:

@@ -156,7 +156,7 @@ def model_panel(exp, graphdef, params, schedule, spec: ErrorSpec, *, scorer=None
     shape = (spec.num, m.image_size, m.image_size, m.in_channels)
     x_T = jax.random.normal(jax.random.PRNGKey(spec.seed), shape, jnp.float32)
     y = None if m.num_classes is None else balanced_labels(spec.num, m.num_classes)
-    ref_steps = getattr(schedule, "num_timesteps", 1000)   # the adaptive solver interpolates on all the levels
+    ref_steps = schedule.num_timesteps if schedule.discrete else 1000   # the adaptive solver: on all the levels
 
     @functools.lru_cache(maxsize=None)
     def compiled(name, steps, options):
@@ -218,7 +218,7 @@ def testbed_panel(spec: ErrorSpec, schedule, *, prediction: str = "eps", dim: in
 
 
 def _check_finite_start(schedule, spec: ErrorSpec) -> None:
-    alpha_T = float(schedule.alpha(schedule.num_timesteps - 1)) if hasattr(schedule, "num_timesteps") else 1.0
+    alpha_T = float(schedule.alpha(schedule.t_max)) if schedule.discrete else 1.0
     if spec.spacing in ("trailing", "linspace") and alpha_T == 0.0:
         raise ValueError("solver error: the schedule has zero terminal SNR (alpha_T = 0), so the probability-flow "
                          f"ODE starts at infinite noise and has no reference solution from x_T on spacing "

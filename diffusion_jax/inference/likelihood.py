@@ -76,7 +76,7 @@ def _sum_flat(a):
 
 def _ode_levels(schedule, t_min, t_max):
     """(level: s -> (network t, alpha, sigma), log s_0, log s_1) for the integration range [t_min, t_max]."""
-    if isinstance(schedule, DiscreteSchedule):
+    if schedule.discrete:
         T = schedule.num_timesteps
         lo, hi = (0 if t_min is None else t_min), (T - 1 if t_max is None else t_max)
         for name, v in (("t_min", lo), ("t_max", hi)):
@@ -224,8 +224,8 @@ def ddpm_vlb(denoise_fn, schedule: DiscreteSchedule, x0, key, *, prediction: str
     _choice("decoder", decoder, DECODERS)
     if clip_denoised is not None:
         _positive("clip_denoised", clip_denoised)
-    if not isinstance(schedule, DiscreteSchedule):
-        raise ValueError(f"ddpm_vlb needs a DiscreteSchedule, got {type(schedule).__name__}")
+    if not schedule.discrete:
+        raise ValueError(f"ddpm_vlb needs a discrete (DDPM) schedule, got schedule.kind={schedule.kind!r}")
     x0 = jnp.asarray(x0, jnp.float32)
     B, D, T = x0.shape[0], math.prod(x0.shape[1:]), schedule.num_timesteps
     logvar_large = jnp.log(schedule.betas).at[0].set(schedule.posterior_log_variance_clipped[0])

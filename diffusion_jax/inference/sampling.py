@@ -11,7 +11,6 @@ import jax.numpy as jnp
 from diffusion_jax import parallel
 from diffusion_jax.models.functional import make_apply_fn
 from diffusion_jax.objectives.edm import edm_denoise
-from diffusion_jax.process.sde import EDMSchedule
 from diffusion_jax.samplers import Guidance, run_sampler, sampler_options
 from diffusion_jax.samplers.registry import get_sampler
 
@@ -60,12 +59,12 @@ def network_denoise_fn(apply: Callable, params, label, *, channels: int, keep_va
     """The network as a sampler's denoise_fn(x (N,H,W,C), t scalar or (N,)) -> prediction (N,H,W,C), or
     (N,H,W,2C) with the learned variance when keep_variance. label: (N,) int32 or None. context: (N, L, D)
     embeddings for a cross-attention network (`models.UNetCond`), or None. sharding: constrain x
-    to it, so every network call runs batch-parallel over the mesh. An `sde.EDMSchedule` wraps the network in
+    to it, so every network call runs batch-parallel over the mesh. An EDM process (kind "edm") wraps the network in
     EDM's preconditioning: t is sigma and the output D(x; sigma) (prediction "edm")."""
     def denoise_fn(x, t):
         if sharding is not None:
             x = jax.lax.with_sharding_constraint(x, sharding)
-        if isinstance(schedule, EDMSchedule):
+        if schedule is not None and schedule.kind == "edm":
             return edm_denoise(apply, params, x, t, schedule.sigma_data, y=label, context=context)
         out = apply(params, x, jnp.broadcast_to(t, x.shape[:1]), y=label, context=context)
         return out if keep_variance else out[..., :channels]

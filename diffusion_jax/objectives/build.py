@@ -1,11 +1,11 @@
 """Which loss a schedule is trained with, as one function of (apply_fn, params, batch, key):
 
-    schedule.kind   schedule object                 loss
-    discrete        schedules.DiscreteSchedule      losses.diffusion_loss   (DDPM / improved DDPM, any weighting)
-    vp, subvp, ve   sde.VPSDE / SubVPSDE / VESDE    dsm.dsm_loss            (Song et al. 2021, continuous time)
-    edm             sde.EDMSchedule                 edm.edm_loss            (Karras et al. 2022)
-    vdm             vdm.VDMSchedule                 vdm.vdm_loss            (Kingma et al. 2021; a learned gamma's
-                                                                             params are params["gamma"])
+    schedule.kind   process                                loss
+    discrete        process.discrete.DiscreteSchedule      discrete.diffusion_loss  (DDPM / improved DDPM, any weighting)
+    vp, subvp, ve   process.sde.VPSDE / SubVPSDE / VESDE   dsm.dsm_loss             (Song et al. 2021, continuous time)
+    edm             process.sde.EDMSchedule                edm.edm_loss             (Karras et al. 2022)
+    vdm             process.vdm.VDMSchedule                vdm.vdm_loss             (Kingma et al. 2021; a learned
+                                                                                    gamma's params are params["gamma"])
 
 and what the samplers are told the network predicts (`sampler_prediction`).
 """
@@ -17,9 +17,7 @@ from typing import Callable
 from diffusion_jax.objectives.discrete import LossConfig, diffusion_loss
 from diffusion_jax.objectives.dsm import DSMConfig, dsm_loss
 from diffusion_jax.objectives.edm import EDMLossConfig, edm_loss
-from diffusion_jax.objectives.vdm import VDMLossConfig, VDMSchedule, gamma_params_of, vdm_loss
-from diffusion_jax.process.discrete import DiscreteSchedule
-from diffusion_jax.process.sde import EDMSchedule
+from diffusion_jax.objectives.vdm import VDMLossConfig, gamma_params_of, vdm_loss
 
 
 def continuous_config(kind: str, cfg: LossConfig):
@@ -52,17 +50,19 @@ def validate_loss(cfg: LossConfig, learn_sigma: bool, kind: str = "discrete") ->
 
 def make_objective(schedule, cfg: LossConfig, *, learn_sigma: bool = False,
                    num_classes: int | None = None) -> Callable:
-    """objective(apply_fn, params, batch, key, train=True) -> (scalar loss, metrics dict with "loss")."""
-    if isinstance(schedule, DiscreteSchedule):
+    """objective(apply_fn, params, batch, key, train=True) -> (scalar loss, metrics dict with "loss"), chosen by
+    the process's kind (module doc)."""
+    kind = schedule.kind
+    if kind == "discrete":
         return lambda apply_fn, params, batch, key, train=True: diffusion_loss(
             apply_fn, schedule, cfg, params, batch, key, learn_sigma=learn_sigma, num_classes=num_classes,
             train=train)
-    if isinstance(schedule, VDMSchedule):
+    if kind == "vdm":
         sub = dataclasses.replace(continuous_config("vdm", cfg), time_scale=schedule.time_scale)
         return lambda apply_fn, params, batch, key, train=True: vdm_loss(
             apply_fn, schedule.gamma, sub, params, gamma_params_of(params), batch, key, num_classes=num_classes,
             train=train)
-    loss = edm_loss if isinstance(schedule, EDMSchedule) else dsm_loss
-    sub = continuous_config("edm" if isinstance(schedule, EDMSchedule) else "sde", cfg)
+    loss = edm_loss if kind == "edm" else dsm_loss
+    sub = continuous_config("edm" if kind == "edm" else "sde", cfg)
     return lambda apply_fn, params, batch, key, train=True: loss(
         apply_fn, schedule, sub, params, batch, key, num_classes=num_classes, train=train)

@@ -17,13 +17,12 @@ For data x on V = 256 levels, -log p(x) <= VLB(x) = prior + reconstruction + dif
 are summed over pixels, in nats, and reported in bits per dimension (divided by D ln 2). t is drawn by VDM's
 low-discrepancy ("antithetic") sampler t_i = (u + i / B) mod 1, u ~ U(0, 1), or i.i.d. uniform.
 
-Schedules: `LinearGamma` (fixed, gamma_min + (gamma_max - gamma_min) t) and `MonotoneGamma` (learned: VDM's
-NoiseSchedule_NNet, linear layers with |weights|). Both are `schedule(gamma_params, t)`; `init(key)` gives the params
-pytree ({} for the fixed one) that `vdm_loss` takes next to the network's params.
+Schedules (`process/vdm.py`): `LinearGamma` (fixed) and `MonotoneGamma` (learned), both `schedule(gamma_params, t)`;
+`init(key)` gives the params pytree ({} for the fixed one) that `vdm_loss` takes next to the network's params.
 
 Training (schedule.kind = "vdm", schedule.gamma = linear | learned): a learned gamma lives next to the U-Net in one
 module, `VDMNetwork` (params {"net": ..., "gamma": ...}), so the optimizer, EMA and checkpoints treat it as any other
-parameter. Sampling, editing and likelihood use `VDMSchedule`, the SDE interface of `sde.py` for a gamma and its
+parameter. Sampling, editing and likelihood use `process.vdm.VDMSchedule`, the process protocol for a gamma and its
 params (VP with beta(t) = gamma'(t) sigmoid(gamma(t))).
 """
 from __future__ import annotations
@@ -32,7 +31,6 @@ import dataclasses
 import math
 from typing import Callable
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -40,75 +38,12 @@ from flax import nnx
 from diffusion_jax.objectives import param
 from diffusion_jax.objectives.discrete import read_batch
 from diffusion_jax.objectives.dsm import check_output
-
-
-# ---------------------------------------------------------------------------------------------- schedules
-@dataclasses.dataclass(frozen=True)
-class LinearGamma:
-    """Fixed gamma(t) = gamma_min + (gamma_max - gamma_min) t (VDM's NoiseSchedule_FixedLinear; their CIFAR-10
-    defaults gamma_min = -13.3, gamma_max = 5)."""
-
-    gamma_min: float = -13.3
-    gamma_max: float = 5.0
-
-    def init(self, key):
-        return {}
-
-    def __call__(self, params, t):
-        return self.gamma_min + (self.gamma_max - self.gamma_min) * jnp.asarray(t, jnp.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class MonotoneGamma:
-    """Learned monotone gamma_eta(t) (VDM's NoiseSchedule_NNet, DenseMonotone layers use |W|):
-
-        gamma~(t) = l1(t) + l3(phi(l2(2t - 1))) / n_features,   phi(h) = 2 (sigmoid(h) - 1/2),
-        l(h) = h |W| + b   (l3 without bias),
-
-    increasing in t for every parameter value (|W| >= 0, phi increasing). l1 starts at W = gamma_max - gamma_min,
-    b = gamma_min; l2, l3 at N(0, 0.01^2) weights, zero bias, so gamma starts near the linear schedule. VDM learns the
-    endpoints gamma(0), gamma(1) too; fixed_endpoints=True instead rescales to exactly [gamma_min, gamma_max]:
-    gamma(t) = gamma_min + (gamma_max - gamma_min) (gamma~(t) - gamma~(0)) / (gamma~(1) - gamma~(0)).
-    """
-
-    gamma_min: float = -13.3
-    gamma_max: float = 5.0
-    n_features: int = 1024
-    fixed_endpoints: bool = False
-
-    def init(self, key):
-        k2, k3 = jax.random.split(key)
-        f = self.n_features
-        return {"l1": {"w": jnp.full((1, 1), self.gamma_max - self.gamma_min), "b": jnp.full((1,), self.gamma_min)},
-                "l2": {"w": 0.01 * jax.random.normal(k2, (1, f)), "b": jnp.zeros((f,))},
-                "l3": {"w": 0.01 * jax.random.normal(k3, (f, 1))}}
-
-    def raw(self, params, t):
-        """gamma~(t) for t scalar or (B,) -> same shape."""
-        t = jnp.asarray(t, jnp.float32)
-        h = t.reshape(-1, 1)
-        out = h @ jnp.abs(params["l1"]["w"]) + params["l1"]["b"]
-        u = (2.0 * h - 1.0) @ jnp.abs(params["l2"]["w"]) + params["l2"]["b"]
-        u = 2.0 * (jax.nn.sigmoid(u) - 0.5)
-        out = out + (u @ jnp.abs(params["l3"]["w"])) / self.n_features
-        return out.reshape(t.shape)
-
-    def __call__(self, params, t):
-        g = self.raw(params, t)
-        if not self.fixed_endpoints:
-            return g
-        g0, g1 = self.raw(params, 0.0), self.raw(params, 1.0)
-        return self.gamma_min + (self.gamma_max - self.gamma_min) * (g - g0) / (g1 - g0)
+from diffusion_jax.process.vdm import alpha_sigma
 
 
 def gamma_and_derivative(schedule, gamma_params, t):
     """(gamma(t), gamma'(t)) for t (B,), by one forward-mode pass (each gamma(t_i) depends on t_i only)."""
     return jax.jvp(lambda s: schedule(gamma_params, s), (t,), (jnp.ones_like(t),))
-
-
-def alpha_sigma(gamma):
-    """(alpha, sigma) with alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma)."""
-    return jnp.sqrt(jax.nn.sigmoid(-gamma)), jnp.sqrt(jax.nn.sigmoid(gamma))
 
 
 def sample_times(key, n: int, antithetic: bool = True):
@@ -206,68 +141,7 @@ def vdm_loss(apply_fn: Callable, schedule, cfg: VDMLossConfig, params, gamma_par
                  "gamma_0": gamma_0, "gamma_1": gamma_1, "mse": jnp.mean((eps - eps_hat) ** 2)}
 
 
-# ------------------------------------------------------------------------------ sampling and the network
-@flax.struct.dataclass
-class VDMSchedule:
-    """The `sde.SDE` interface for a VDM gamma (LinearGamma or MonotoneGamma) with its params ({} when fixed):
-
-        alpha^2 = sigmoid(-gamma),  sigma^2 = sigmoid(gamma),  log_snr = -gamma,
-        f = d log alpha / dt = -gamma' sigma^2 / 2,   g^2 = d sigma^2/dt - 2 f sigma^2 = gamma' sigma^2.
-
-    network_time(t) = time_scale (gamma(t) - gamma_min) / (gamma_max - gamma_min), what `vdm_loss` feeds the network
-    (gamma_min / gamma_max are the config's, fixed even when the endpoints are learned). t_of_log_snr is closed form
-    for LinearGamma and 60 bisection steps on [0, 1] (gamma is increasing) for MonotoneGamma. t_min = 0: VDM
-    integrates to t = 0, where the SNR is e^{-gamma(0)}. Params must be concrete arrays (grids read floats)."""
-
-    gamma: LinearGamma | MonotoneGamma = flax.struct.field(pytree_node=False)
-    params: dict
-    time_scale: float = flax.struct.field(pytree_node=False, default=1000.0)
-    t_min: float = flax.struct.field(pytree_node=False, default=0.0)
-    t_max: float = flax.struct.field(pytree_node=False, default=1.0)
-
-    def gamma_t(self, t):
-        return self.gamma(self.params, jnp.asarray(t, jnp.float32))
-
-    def alpha(self, t):   # via log-sigmoid, so that d log alpha / dt stays accurate where alpha is near 1
-        return jnp.exp(0.5 * jax.nn.log_sigmoid(-self.gamma_t(t)))
-
-    def sigma(self, t):
-        return jnp.exp(0.5 * jax.nn.log_sigmoid(self.gamma_t(t)))
-
-    def log_snr(self, t):
-        return -self.gamma_t(t)
-
-    def t_of_log_snr(self, log_snr):
-        g = -jnp.asarray(log_snr, jnp.float32)
-        if isinstance(self.gamma, LinearGamma):
-            return (g - self.gamma.gamma_min) / (self.gamma.gamma_max - self.gamma.gamma_min)
-
-        def halve(_, bounds):
-            lo, hi = bounds
-            mid = 0.5 * (lo + hi)
-            below = self.gamma_t(mid) < g
-            return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
-
-        lo, hi = jax.lax.fori_loop(0, 60, halve, (jnp.zeros_like(g), jnp.ones_like(g)))
-        return 0.5 * (lo + hi)
-
-    def _gamma_and_slope(self, t):
-        t = jnp.asarray(t, jnp.float32)
-        return jax.jvp(self.gamma_t, (t,), (jnp.ones_like(t),))
-
-    def f(self, t):
-        g, dg = self._gamma_and_slope(t)
-        return -0.5 * dg * jax.nn.sigmoid(g)
-
-    def g2(self, t):
-        g, dg = self._gamma_and_slope(t)
-        return dg * jax.nn.sigmoid(g)
-
-    def network_time(self, t):
-        lo, hi = self.gamma.gamma_min, self.gamma.gamma_max
-        return self.time_scale * (self.gamma_t(t) - lo) / (hi - lo)
-
-
+# ------------------------------------------------------------------------------ the network with a learned gamma
 class VDMNetwork(nnx.Module):
     """A denoising network plus the params of a learned gamma, trained together: pure params {"net": <the
     network's>, "gamma": MonotoneGamma params}. Calling it calls the network (gamma is read by the loss and

@@ -16,6 +16,7 @@ A continuous-time view (t in [0, 1]) of the same schedules lives in `ContinuousS
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import math
 
 import flax.struct
@@ -100,7 +101,11 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 @flax.struct.dataclass
 class DiscreteSchedule:
-    """Tables of length T for a discrete-time diffusion (all float32, index t = 0..T-1)."""
+    """Tables of length T for a discrete-time diffusion (all float32, index t = 0..T-1). The process protocol
+    (`process/__init__.py`): kind "discrete", time = the timestep index, network time = the same index."""
+
+    kind: ClassVar[str] = "discrete"
+    discrete: ClassVar[bool] = True
 
     betas: jax.Array
     alphas_cumprod: jax.Array        # alpha_bar_t
@@ -152,6 +157,47 @@ class DiscreteSchedule:
 
     def log_snr(self, t):
         return 2.0 * (jnp.log(self.sqrt_alphas_cumprod[t]) - jnp.log(self.sqrt_one_minus_alphas_cumprod[t]))
+
+    @property
+    def t_min(self) -> int:
+        return 0
+
+    @property
+    def t_max(self) -> int:
+        return self.num_timesteps - 1
+
+    def interpolated_level(self, t):
+        """(alpha_t, sigma_t) at timesteps t (B,). Integer t: the tables. Fractional t (as diffusers' Karras-sigma
+        schedulers feed): log-SNR interpolated linearly between the neighbouring integer timesteps,
+        alpha = sqrt(sigmoid(lambda)), sigma = sqrt(sigmoid(-lambda)) (a VP schedule)."""
+        t = jnp.asarray(t)
+        if jnp.issubdtype(t.dtype, jnp.integer):
+            return self.alpha(t), self.sigma(t)
+        T = self.num_timesteps
+        t = jnp.clip(t.astype(jnp.float32), 0.0, T - 1)
+        lo = jnp.floor(t).astype(jnp.int32)
+        hi = jnp.minimum(lo + 1, T - 1)
+        f = t - lo
+        l_lo, l_hi = self.log_snr(lo), self.log_snr(hi)
+        lam = jnp.where(f == 0, l_lo, jnp.where(f == 1, l_hi, (1 - f) * l_lo + f * l_hi))   # -inf safe (ZTSNR)
+        return jnp.sqrt(jax.nn.sigmoid(lam)), jnp.sqrt(jax.nn.sigmoid(-lam))
+
+    def network_level(self, t):
+        """(alpha, sigma) float32 of the level the network means by time input t: `interpolated_level`, exact to
+        the last bit on integral t."""
+        t = jnp.asarray(t)
+        if jnp.issubdtype(t.dtype, jnp.integer):
+            return self.alpha(t), self.sigma(t)
+        alpha, sigma = self.interpolated_level(t)
+        ti = jnp.clip(jnp.round(t), 0, self.num_timesteps - 1).astype(jnp.int32)
+        on_table = t == ti
+        return jnp.where(on_table, self.alpha(ti), alpha), jnp.where(on_table, self.sigma(ti), sigma)
+
+    def truncate(self, strength: float) -> "DiscreteSchedule":
+        """The first max(1, round(strength T)) timesteps (SDEdit's restriction to [0, t_0])."""
+        t0 = max(1, round(strength * self.num_timesteps))
+        with jax.ensure_compile_time_eval():     # a schedule closed over by a jitted caller stays concrete
+            return jax.tree.map(lambda a: a[:t0], self)
 
 
 def make_schedule(name: str = "linear", num_timesteps: int = 1000, *, beta_start: float | None = None,

@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import jax.numpy as jnp
 
 
 class SDE(Protocol):
-    """The interface shared by the schedules below (what grids and SDE solvers rely on)."""
+    """The interface shared by the schedules below (what grids and SDE solvers rely on); with `kind`, `discrete`,
+    `network_level` and `truncate` it is the process protocol of `process/__init__.py`."""
 
+    kind: str
+    discrete: bool
     t_min: float
     t_max: float
 
@@ -38,6 +41,13 @@ class SDE(Protocol):
     def f(self, t): ...
     def g2(self, t): ...
     def network_time(self, t): ...
+    def network_level(self, t): ...
+    def truncate(self, strength: float): ...
+
+
+def _truncated_time(schedule, strength: float):
+    """The process restricted to [t_min, t_min + strength (t_max - t_min)] (SDEdit's [0, t_0])."""
+    return dataclasses.replace(schedule, t_max=schedule.t_min + strength * (schedule.t_max - schedule.t_min))
 
 
 def _t(t):
@@ -57,6 +67,8 @@ class VPSDE:
     trained on t in [0, 1].
     """
 
+    kind: ClassVar[str] = "vp"
+    discrete: ClassVar[bool] = False
     beta_min: float = 0.1
     beta_max: float = 20.0
     t_min: float = 1e-3
@@ -97,6 +109,13 @@ class VPSDE:
     def network_time(self, t):
         return self.time_scale * _t(t)
 
+    def network_level(self, t):
+        tc = _t(t).astype(jnp.float32) / self.time_scale
+        return self.alpha(tc).astype(jnp.float32), self.sigma(tc).astype(jnp.float32)
+
+    def truncate(self, strength: float):
+        return _truncated_time(self, strength)
+
 
 @dataclasses.dataclass(frozen=True)
 class SubVPSDE:
@@ -108,6 +127,8 @@ class SubVPSDE:
     Network time as VPSDE: t * 999 for score_sde's networks.
     """
 
+    kind: ClassVar[str] = "subvp"
+    discrete: ClassVar[bool] = False
     beta_min: float = 0.1
     beta_max: float = 20.0
     t_min: float = 1e-3
@@ -143,6 +164,13 @@ class SubVPSDE:
     def network_time(self, t):
         return self.time_scale * _t(t)
 
+    def network_level(self, t):
+        tc = _t(t).astype(jnp.float32) / self.time_scale
+        return self.alpha(tc).astype(jnp.float32), self.sigma(tc).astype(jnp.float32)
+
+    def truncate(self, strength: float):
+        return _truncated_time(self, strength)
+
 
 @dataclasses.dataclass(frozen=True)
 class VESDE:
@@ -157,6 +185,8 @@ class VESDE:
     so network_time(t) = sigma(t) (they take its log internally).
     """
 
+    kind: ClassVar[str] = "ve"
+    discrete: ClassVar[bool] = False
     sigma_min: float = 0.01
     sigma_max: float = 50.0
     t_min: float = 1e-5
@@ -183,6 +213,13 @@ class VESDE:
     def network_time(self, t):
         return self.sigma(t)
 
+    def network_level(self, t):   # network time is sigma (alpha = 1)
+        t = _t(t).astype(jnp.float32)
+        return jnp.ones(t.shape, jnp.float32), t
+
+    def truncate(self, strength: float):
+        return _truncated_time(self, strength)
+
 
 @dataclasses.dataclass(frozen=True)
 class EDMSchedule:
@@ -194,6 +231,8 @@ class EDMSchedule:
     log(sigma)/4; samplers get D, prediction "edm". sigma_data is the data std the preconditioning uses.
     """
 
+    kind: ClassVar[str] = "edm"
+    discrete: ClassVar[bool] = False
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     sigma_data: float = 0.5
@@ -226,6 +265,13 @@ class EDMSchedule:
 
     def network_time(self, t):
         return _t(t)
+
+    def network_level(self, t):   # network time is sigma (alpha = 1)
+        t = _t(t).astype(jnp.float32)
+        return jnp.ones(t.shape, jnp.float32), t
+
+    def truncate(self, strength: float):   # time = sigma: interpolate log sigma, as VE's time does
+        return dataclasses.replace(self, sigma_max=self.t_min * (self.t_max / self.t_min) ** strength)
 
 
 SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "edm": EDMSchedule}

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import validate
-from diffusion_jax.process.discrete import DiscreteSchedule
 from diffusion_jax.samplers import adaptive, dpm_solver, euler, pndm, sde_solvers, unipc
 from diffusion_jax.samplers.checks import check_key
 from diffusion_jax.samplers.ddim import ddim_sample
@@ -126,7 +125,7 @@ def run_sampler(name: str, denoise_fn, schedule, key, shape, *, steps: int, pred
     else:
         x_T = _check_x_T(x_T, shape)
     if name in DISCRETE_ONLY_SAMPLERS:
-        if not isinstance(schedule, DiscreteSchedule):
+        if not schedule.discrete:
             raise ValueError(f"sampler {name!r} needs a discrete (DDPM) schedule; use 'euler' / 'dpmpp_2m' / ...")
         if guidance is not None and guidance.active:
             if guidance.interval is not None:
@@ -136,7 +135,7 @@ def run_sampler(name: str, denoise_fn, schedule, key, shape, *, steps: int, pred
         return solver(denoise_fn, schedule, key, shape, steps=steps, prediction=prediction, spacing=spacing,
                       clip_denoised=clip_denoised, x_T=x_T)
     with jax.ensure_compile_time_eval():  # a schedule closed over by a jitted caller gives a concrete grid
-        if isinstance(schedule, DiscreteSchedule):
+        if schedule.discrete:
             grid = discrete_grid(schedule, steps, spacing, rho=rho)
         else:
             grid = continuous_grid(schedule, steps, spacing, rho=rho)
@@ -147,11 +146,11 @@ def run_sampler(name: str, denoise_fn, schedule, key, shape, *, steps: int, pred
         scale = jnp.sqrt(grid.alpha[0] ** 2 + grid.sigma[0] ** 2)
         x_T = jax.random.normal(jax.random.fold_in(key, 0), shape) * scale
     if name == "pndm":
-        if not isinstance(schedule, DiscreteSchedule) or half_grid is None:
+        if not schedule.discrete or half_grid is None:
             raise ValueError("sampler 'pndm' (PRK warm-up) needs a concrete discrete schedule (not a jit "
                              "argument); use 'plms' otherwise")
         solver = functools.partial(solver, half_grid=half_grid)
-    if name in ("euler_maruyama", "pc") and not isinstance(schedule, DiscreteSchedule) and "sde" not in options:
+    if name in ("euler_maruyama", "pc") and not schedule.discrete and "sde" not in options:
         solver = functools.partial(solver, sde=schedule)
     return solver(denoiser, grid, x_T, key)
 
@@ -197,7 +196,7 @@ def steps_for_nfe(name: str, schedule, nfe: int, *, spacing: str = "leading", op
 
     if name == "adaptive":
         raise ValueError("sampler 'adaptive' chooses its own steps; give it rtol / atol instead of an NFE")
-    hi = min(nfe, getattr(schedule, "num_timesteps", nfe))
+    hi = min(nfe, schedule.num_timesteps) if schedule.discrete else nfe
     lo = next((k for k in range(1, hi + 1) if count(k) is not None), None)
     if lo is None or count(lo) > nfe:
         raise ValueError(f"sampler {name!r} with spacing {spacing!r} cannot run in {nfe} network evaluations "

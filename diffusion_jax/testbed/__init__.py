@@ -12,12 +12,11 @@ from diffusion_jax.testbed.metrics import gaussian_w2, mean_log_likelihood, mixt
 from diffusion_jax.testbed.mixture import (
                                            GaussianMixture,
                                            alpha_sigma_denoiser,
-                                           discrete_alpha_sigma,
                                            discrete_denoise_fn,
                                            edm_denoiser,
 )
 from diffusion_jax.testbed.reference import reference_ode_solution, single_gaussian_pf_ode
 
-__all__ = ["GaussianMixture", "alpha_sigma_denoiser", "discrete_alpha_sigma", "discrete_denoise_fn", "edm_denoiser",
+__all__ = ["GaussianMixture", "alpha_sigma_denoiser", "discrete_denoise_fn", "edm_denoiser",
            "gaussian_w2", "mean_log_likelihood", "mixture_mmd2", "mixture_moments", "moment_errors",
            "reference_ode_solution", "single_gaussian_pf_ode"]

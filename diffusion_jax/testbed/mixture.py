@@ -180,33 +180,13 @@ def alpha_sigma_denoiser(mixture: GaussianMixture, prediction: str = "eps"):
     return f
 
 
-def discrete_alpha_sigma(schedule, t):
-    """(alpha_t, sigma_t) of a DiscreteSchedule at timesteps t (B,).
-
-    Integer t: the tables. Fractional t (as diffusers' Karras-sigma schedulers feed): log-SNR interpolated
-    linearly between the neighbouring integer timesteps, alpha = sqrt(sigmoid(lambda)),
-    sigma = sqrt(sigmoid(-lambda)) (a VP schedule).
-    """
-    t = jnp.asarray(t)
-    if jnp.issubdtype(t.dtype, jnp.integer):
-        return schedule.alpha(t), schedule.sigma(t)
-    T = schedule.num_timesteps
-    t = jnp.clip(t.astype(jnp.float32), 0.0, T - 1)
-    lo = jnp.floor(t).astype(jnp.int32)
-    hi = jnp.minimum(lo + 1, T - 1)
-    f = t - lo
-    l_lo, l_hi = schedule.log_snr(lo), schedule.log_snr(hi)
-    lam = jnp.where(f == 0, l_lo, jnp.where(f == 1, l_hi, (1 - f) * l_lo + f * l_hi))   # -inf safe (ZTSNR)
-    return jnp.sqrt(jax.nn.sigmoid(lam)), jnp.sqrt(jax.nn.sigmoid(-lam))
-
-
 def discrete_denoise_fn(mixture: GaussianMixture, schedule, prediction: str = "eps"):
     """denoise_fn(x, t) for the samplers: t (B,) DDPM timestep indices (int, or float: see
-    `discrete_alpha_sigma`), x (B, d) or (B, ...) with prod(...) = d. Returns the exact prediction."""
+    `DiscreteSchedule.interpolated_level`), x (B, d) or (B, ...) with prod(...) = d. Returns the exact prediction."""
     f = alpha_sigma_denoiser(mixture, prediction)
 
     def denoise_fn(x, t):
-        alpha, sigma = discrete_alpha_sigma(schedule, t)
+        alpha, sigma = schedule.interpolated_level(t)
         return f(x, alpha, sigma).astype(x.dtype)
     return denoise_fn
 

@@ -36,7 +36,6 @@ from diffusion_jax.data import Batches, load_source
 from diffusion_jax.fileio import read_json, write_json
 from diffusion_jax.inference.guidance.classifier import ClassifierSpec, make_log_prob_fn, make_model
 from diffusion_jax.models.functional import split_params
-from diffusion_jax.process.discrete import DiscreteSchedule
 from diffusion_jax.validate import check_int
 
 LEVEL_QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)   # where result.json reports held-out accuracy (fractions of [t0, t1])
@@ -80,14 +79,12 @@ class ClassifierState:
 
 def level_range(schedule) -> tuple[float, float]:
     """(t0, t1) the levels are drawn from: (0, T - 1) for a DiscreteSchedule, else (t_min, t_max)."""
-    if isinstance(schedule, DiscreteSchedule):
-        return 0.0, float(schedule.num_timesteps - 1)
     return float(schedule.t_min), float(schedule.t_max)
 
 
 def levels_at(schedule, t):
     """(alpha, sigma) at times t (B,): integer DDPM timesteps (tables) or continuous times."""
-    if isinstance(schedule, DiscreteSchedule):
+    if schedule.discrete:
         t = jnp.asarray(t).astype(jnp.int32)
     return schedule.alpha(t), schedule.sigma(t)
 
@@ -95,7 +92,7 @@ def levels_at(schedule, t):
 def sample_levels(schedule, key, batch: int):
     """(alpha, sigma), each (B,): t ~ U{0..T-1} (discrete) or U[t_min, t_max] (continuous)."""
     t0, t1 = level_range(schedule)
-    if isinstance(schedule, DiscreteSchedule):
+    if schedule.discrete:
         return levels_at(schedule, jax.random.randint(key, (batch,), 0, schedule.num_timesteps))
     return levels_at(schedule, jax.random.uniform(key, (batch,), minval=t0, maxval=t1))
 
@@ -147,7 +144,7 @@ def accuracy_by_level(log_prob, params, schedule, images, labels, *, seed: int =
     fn = jax.jit(lambda p, x, y, t, k: noised_accuracy(log_prob, p, schedule, x, y, t, k))
     rows = []
     for q in LEVEL_QUANTILES:
-        t = round(t0 + q * (t1 - t0)) if isinstance(schedule, DiscreteSchedule) else t0 + q * (t1 - t0)
+        t = round(t0 + q * (t1 - t0)) if schedule.discrete else t0 + q * (t1 - t0)
         hits = 0.0
         for i in range(0, len(images), batch):
             x, y = images[i:i + batch], labels[i:i + batch]

@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # tests/, for conftest
 from conftest import DIGITS, TINY  # noqa: E402
 
 from diffusion_jax import parallel  # noqa: E402

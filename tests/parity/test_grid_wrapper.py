@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax.objectives import vdm
+from diffusion_jax.process import vdm as pvdm
 from diffusion_jax.objectives.param import from_x0_eps
 from diffusion_jax.process import sde as sdes
 from diffusion_jax.process.discrete import ContinuousSchedule, beta_schedule, make_schedule
@@ -24,16 +24,16 @@ SDES = [sdes.VPSDE(), sdes.SubVPSDE(), sdes.VESDE(), sdes.EDMSchedule()]
 
 def curved_gamma(fixed_endpoints: bool = False):
     """A learned VDM gamma far from linear: MonotoneGamma with large random weights (it stays monotone)."""
-    gamma = vdm.MonotoneGamma(n_features=64, fixed_endpoints=fixed_endpoints)
+    gamma = pvdm.MonotoneGamma(n_features=64, fixed_endpoints=fixed_endpoints)
     p = gamma.init(jax.random.key(0))
     k2, k3 = jax.random.split(jax.random.key(1))
     p["l1"]["w"] = jnp.full((1, 1), 2.0)                 # a small linear part: the sigmoid features dominate
     p["l2"]["w"] = 6.0 * jax.random.normal(k2, (1, 64))
     p["l3"]["w"] = 20.0 * jax.random.normal(k3, (64, 1))
-    return vdm.VDMSchedule(gamma, p)
+    return pvdm.VDMSchedule(gamma, p)
 
 
-VDMS = [vdm.VDMSchedule(vdm.LinearGamma(), {}), curved_gamma()]
+VDMS = [pvdm.VDMSchedule(pvdm.LinearGamma(), {}), curved_gamma()]
 SCHEDULE_IDS = lambda s: type(getattr(s, "gamma", s)).__name__
 
 
@@ -264,11 +264,11 @@ def test_vdm_learned_gamma_changes_the_path_not_the_ode_solution():
     a linear and a strongly curved gamma with the same ends."""
     from diffusion_jax.samplers import run_sampler
 
-    lin, curved = vdm.VDMSchedule(vdm.LinearGamma(), {}), curved_gamma(fixed_endpoints=True)
+    lin, curved = pvdm.VDMSchedule(pvdm.LinearGamma(), {}), curved_gamma(fixed_endpoints=True)
 
     def network(x, t_net):           # the exact N(MU, S^2) denoiser as an eps network of VDM's time input
         gamma = -13.3 + 18.3 * t_net / 1000.0
-        return gaussian("eps", lambda _: vdm.alpha_sigma(gamma))(x, t_net)
+        return gaussian("eps", lambda _: pvdm.alpha_sigma(gamma))(x, t_net)
 
     x_T = jax.random.normal(jax.random.key(2), (64, 3))
     out = [run_sampler(name, network, s, None, x_T.shape, steps=12, spacing="logsnr", x_T=x_T)[0]

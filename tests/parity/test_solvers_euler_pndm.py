@@ -310,10 +310,9 @@ MU, C = 0.3, 0.5
 
 
 def _gaussian_denoiser(sched):
-    from diffusion_jax.testbed import discrete_alpha_sigma
 
     def fn(x, t):
-        alpha, sigma = discrete_alpha_sigma(sched, t)
+        alpha, sigma = sched.interpolated_level(t)
         alpha, sigma = alpha[:, None], sigma[:, None]
         return sigma * (x - alpha * MU) / (alpha ** 2 * C ** 2 + sigma ** 2)
     return make_denoiser(fn, "eps")

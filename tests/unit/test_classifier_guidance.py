@@ -11,7 +11,7 @@ from diffusion_jax.inference.guidance import ClassifierSpec, class_log_prob_grad
 from diffusion_jax.process.discrete import make_schedule
 from diffusion_jax.process.sde import EDMSchedule
 from diffusion_jax.samplers import run_sampler
-from diffusion_jax.testbed import GaussianMixture, alpha_sigma_denoiser, discrete_alpha_sigma, discrete_denoise_fn
+from diffusion_jax.testbed import GaussianMixture, alpha_sigma_denoiser, discrete_denoise_fn
 from diffusion_jax.train.classifier import ClassifierRecipe, init_state, load_noisy_classifier, make_train_step
 
 SCHEDULE = make_schedule("linear", 1000)
@@ -49,7 +49,7 @@ def test_guided_prediction_is_the_exact_class_conditional_one_at_w1(prediction, 
     t = t.round().astype(jnp.int32) if t_kind == "int" else t + 0.37
     uncond = discrete_denoise_fn(MIX, SCHEDULE, prediction)
     guided = classifier_guided(uncond, exact_log_posterior, y, SCHEDULE, 1.0, prediction=prediction)
-    alpha, sigma = discrete_alpha_sigma(SCHEDULE, t)
+    alpha, sigma = SCHEDULE.interpolated_level(t)
     want = exact_conditional(x, alpha, sigma, y, prediction)
     got = guided(x, t)
     scale = float(jnp.max(jnp.abs(want)))
@@ -81,7 +81,7 @@ def test_gradient_matches_finite_differences_and_guidance_is_linear_in_w():
     t = jnp.full((4,), 300, jnp.int32)
     uncond = discrete_denoise_fn(MIX, SCHEDULE, "eps")
     base = uncond(x, t)
-    a_t, s_t = discrete_alpha_sigma(SCHEDULE, t)
+    a_t, s_t = SCHEDULE.interpolated_level(t)
     d1 = classifier_guided(uncond, exact_log_posterior, y, SCHEDULE, 1.0)(x, t) - base
     d3 = classifier_guided(uncond, exact_log_posterior, y, SCHEDULE, 3.0)(x, t) - base
     np.testing.assert_allclose(np.asarray(d3), 3 * np.asarray(d1), rtol=1e-4, atol=1e-6)
@@ -103,7 +103,7 @@ def test_two_samplers_guided_at_w1_follow_the_exact_conditional_model(sampler, s
     uncond = discrete_denoise_fn(MIX, SCHEDULE, "eps")
 
     def cond(x, t):
-        a, s = discrete_alpha_sigma(SCHEDULE, jnp.broadcast_to(t, x.shape[:1]))
+        a, s = SCHEDULE.interpolated_level(jnp.broadcast_to(t, x.shape[:1]))
         return exact_conditional(x, a, s, y, "eps")
 
     def run(fn):

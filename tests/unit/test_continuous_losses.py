@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy import integrate
 
+from diffusion_jax.process import vdm as pvdm
 from diffusion_jax.objectives import dsm, edm, vdm
 from diffusion_jax.objectives.discrete import read_batch
 from diffusion_jax.process import sde as sdes
@@ -306,7 +307,7 @@ def test_vdm_linear_gamma_diffusion_loss_is_unbiased():
     """eps_hat = c z; E||eps - c z||^2 per pixel = (1 - c sigma)^2 + c^2 alpha^2 x^2, integrated over t numerically."""
     c, batch = 0.7, _levels_batch()
     m2 = float(jnp.mean(batch["image"] ** 2))
-    sched, cfg = vdm.LinearGamma(G_MIN, G_MAX), vdm.VDMLossConfig()
+    sched, cfg = pvdm.LinearGamma(G_MIN, G_MAX), vdm.VDMLossConfig()
     fn = lambda p, z, t, **kw: c * z
 
     def integrand(t):
@@ -342,7 +343,7 @@ def _random_params(tree, seed):
 
 @pytest.mark.parametrize("fixed", [False, True])
 def test_learned_gamma_is_monotone_with_requested_endpoints(fixed):
-    sched = vdm.MonotoneGamma(G_MIN, G_MAX, n_features=64, fixed_endpoints=fixed)
+    sched = pvdm.MonotoneGamma(G_MIN, G_MAX, n_features=64, fixed_endpoints=fixed)
     init = sched.init(_key(0))
     t = jnp.linspace(0.0, 1.0, 2001)
     gamma = jax.jit(lambda p, t: vdm.gamma_and_derivative(sched, p, t))
@@ -356,7 +357,7 @@ def test_learned_gamma_is_monotone_with_requested_endpoints(fixed):
 
 
 def test_vdm_loss_gradients_reach_both_param_trees():
-    sched = vdm.MonotoneGamma(G_MIN, G_MAX, n_features=16)
+    sched = pvdm.MonotoneGamma(G_MIN, G_MAX, n_features=16)
     gp = sched.init(_key(0))
     batch = _levels_batch((8, 2, 2, 1))
     fn = lambda p, z, t, **kw: p * z + 1e-3 * t[:, None, None, None]

@@ -44,7 +44,6 @@ from diffusion_jax.process.discrete import make_schedule
 from diffusion_jax.process.sde import VESDE, VPSDE, EDMSchedule
 from diffusion_jax.samplers import run_sampler
 from diffusion_jax.samplers.grid import continuous_grid, discrete_grid
-from diffusion_jax.testbed import discrete_alpha_sigma
 
 S = 4                   # 4 x 4 images
 N = 4000                # Monte Carlo samples
@@ -78,7 +77,7 @@ class Gaussian:
 
     def eps_fn(self, schedule):
         def fn(x, t):
-            a, s = discrete_alpha_sigma(schedule, t)
+            a, s = schedule.interpolated_level(t)
             return (x - a[:, None, None, None] * self.x0(x, a, s)) / s[:, None, None, None]
         return fn
 

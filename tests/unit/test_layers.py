@@ -51,3 +51,35 @@ def test_importing_every_module_leaves_torch_unloaded():
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert int(r.stdout.split()[0]) > 100   # every module was imported
+
+
+def test_no_code_outside_the_process_package_asks_a_process_its_type():
+    """Samplers, objectives, editing and likelihood read the process protocol (kind, discrete, network_level,
+    truncate, ...), never `isinstance(schedule, SomeProcess)`."""
+    import ast
+
+    package = os.path.join(ROOT, "diffusion_jax")
+    process_classes = set()
+    for name in os.listdir(os.path.join(package, "process")):
+        if name.endswith(".py"):
+            tree = ast.parse(open(os.path.join(package, "process", name)).read())
+            process_classes |= {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert {"DiscreteSchedule", "VPSDE", "EDMSchedule", "VDMSchedule"} <= process_classes
+
+    def named(node):
+        return {n.id if isinstance(n, ast.Name) else n.attr for n in ast.walk(node)
+                if isinstance(n, (ast.Name, ast.Attribute))}
+
+    offenders = []
+    for dirpath, _, files in os.walk(package):
+        if os.path.join(package, "process") in dirpath:
+            continue
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, name)
+            for node in ast.walk(ast.parse(open(path).read())):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance"
+                        and len(node.args) == 2 and named(node.args[1]) & process_classes):
+                    offenders.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    assert not offenders, offenders

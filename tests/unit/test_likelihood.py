@@ -12,7 +12,7 @@ from scipy.special import log_ndtr, logsumexp
 
 from diffusion_jax.cli.main import main
 from diffusion_jax.inference.likelihood import bits_per_dim, ddpm_vlb, dequantize, ode_log_likelihood
-from diffusion_jax.objectives import vdm
+from diffusion_jax.process import vdm as pvdm
 from diffusion_jax.process import sde as sdes
 from diffusion_jax.process.discrete import make_schedule
 from diffusion_jax.testbed import GaussianMixture, alpha_sigma_denoiser, discrete_denoise_fn, edm_denoiser
@@ -55,11 +55,11 @@ def _case(kind, mix, vp_exact):
         return run, (1.0, edm.t_min), (1.0, edm.t_max)
     if kind == "vdm":   # a learned, strongly curved gamma on [-13.3, 10] (VP's alpha(1) = 0.0067, so the N(0, I)
         # prior fits as well as VP's); the network sees VDM's time input, the normalised gamma
-        gamma = vdm.MonotoneGamma(gamma_max=10.0, n_features=16, fixed_endpoints=True)
+        gamma = pvdm.MonotoneGamma(gamma_max=10.0, n_features=16, fixed_endpoints=True)
         p = gamma.init(jax.random.key(2))
         p["l1"]["w"], p["l3"]["w"] = jnp.full((1, 1), 2.0), 20.0 * jnp.abs(p["l3"]["w"]) / 0.01
-        sched, f = vdm.VDMSchedule(gamma, p), alpha_sigma_denoiser(mix, "eps")
-        net = lambda x, t: f(x, *vdm.alpha_sigma(-13.3 + 23.3 * t / 1000.0))
+        sched, f = pvdm.VDMSchedule(gamma, p), alpha_sigma_denoiser(mix, "eps")
+        net = lambda x, t: f(x, *pvdm.alpha_sigma(-13.3 + 23.3 * t / 1000.0))
         run = jax.jit(lambda x: ode_log_likelihood(net, sched, x, prediction="eps"))
         return run, (sched.alpha(0.0), sched.sigma(0.0)), (sched.alpha(1.0), sched.sigma(1.0))
     fn = discrete_denoise_fn(mix, DDPM, "v")

@@ -12,7 +12,6 @@ from diffusion_jax.samplers import ddim_sample, ddpm_sample
 from diffusion_jax.testbed import (
     GaussianMixture,
     alpha_sigma_denoiser,
-    discrete_alpha_sigma,
     discrete_denoise_fn,
     edm_denoiser,
     gaussian_w2,
@@ -110,7 +109,7 @@ def test_samples_match_moments(mix):
 # ----------------------------------------------------------------------------------------------- adaptors
 def test_adaptors_agree_with_conversions(mix, sched):
     x, t = _x(), jnp.arange(16) * 66
-    a, s = (v[:, None] for v in discrete_alpha_sigma(sched, t))
+    a, s = (v[:, None] for v in sched.interpolated_level(t))
     preds = {p: discrete_denoise_fn(mix, sched, p)(x, t) for p in ("eps", "x0", "v", "score")}
     for p in ("x0", "v", "score"):
         np.testing.assert_allclose(convert(preds["eps"], "eps", p, x, a, s), preds[p], rtol=2e-3, atol=2e-3)
@@ -122,9 +121,9 @@ def test_adaptors_agree_with_conversions(mix, sched):
 
 def test_fractional_timesteps_interpolate_log_snr(mix, sched):
     ti = jnp.array([0, 10, 500, 998])
-    for u, v in zip(discrete_alpha_sigma(sched, ti.astype(jnp.float32)), discrete_alpha_sigma(sched, ti)):
+    for u, v in zip(sched.interpolated_level(ti.astype(jnp.float32)), sched.interpolated_level(ti)):
         np.testing.assert_allclose(u, v, rtol=1e-4)
-    a, s = discrete_alpha_sigma(sched, ti + 0.25)
+    a, s = sched.interpolated_level(ti + 0.25)
     lam = 0.75 * sched.log_snr(ti) + 0.25 * sched.log_snr(ti + 1)
     np.testing.assert_allclose(2 * (jnp.log(a) - jnp.log(s)), lam, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(a ** 2 + s ** 2, 1.0, rtol=1e-6)

@@ -66,8 +66,8 @@ def repaint(denoise_fn, schedule, key, known: Known, *, steps: int, jump_length:
     check_prediction(prediction, clip_denoised)
     if not (isinstance(eta, (int, float)) and eta >= 0):
         raise ValueError(f"sampler.eta must be a number >= 0, got {eta!r}")
-    if not hasattr(schedule, "alphas_cumprod"):
-        raise ValueError(f"RePaint runs on a discrete (DDPM) schedule, got {type(schedule).__name__}")
+    if not schedule.discrete:
+        raise ValueError(f"RePaint runs on a discrete (DDPM) schedule, got schedule.kind={schedule.kind!r}")
     timesteps = select_timesteps(schedule.num_timesteps, steps, spacing)
     levels = repaint_levels(steps, jump_length, resamplings)
     tab = respace(schedule, timesteps)

@@ -16,13 +16,10 @@ strength = 1 is plain sampling from x_T ~ N(0, (alpha^2 + sigma^2) I): the image
 """
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.process.discrete import DiscreteSchedule
-from diffusion_jax.process.sde import EDMSchedule
 from diffusion_jax.samplers import run_sampler
 from diffusion_jax.samplers.grid import continuous_grid, discrete_grid
 
@@ -35,20 +32,8 @@ def check_strength(strength) -> float:
 
 
 def truncate_schedule(schedule, strength: float):
-    """The schedule restricted to [0, t_0] (module doc)."""
-    strength = check_strength(strength)
-    if isinstance(schedule, DiscreteSchedule):
-        t0 = max(1, round(strength * schedule.num_timesteps))
-        with jax.ensure_compile_time_eval():     # a schedule closed over by a jitted caller stays concrete
-            return jax.tree.map(lambda a: a[:t0], schedule)
-    t_min, t_max = float(schedule.t_min), float(schedule.t_max)
-    if isinstance(schedule, EDMSchedule):       # time = sigma: interpolate log sigma, as VE's time does
-        return dataclasses.replace(schedule, sigma_max=t_min * (t_max / t_min) ** strength)
-    t0 = t_min + strength * (t_max - t_min)
-    if dataclasses.is_dataclass(schedule) and "t_max" in {f.name for f in dataclasses.fields(schedule)}:
-        return dataclasses.replace(schedule, t_max=t0)
-    raise ValueError(f"schedule must be a DiscreteSchedule or a diffusion_jax.process.sde schedule, got "
-                     f"{type(schedule).__name__}")
+    """The schedule restricted to [0, t_0] (module doc; each process's `truncate`)."""
+    return schedule.truncate(check_strength(strength))
 
 
 def img2img(name: str, denoise_fn, schedule, key, images, *, strength: float, steps: int, spacing: str = "leading",
@@ -63,7 +48,7 @@ def img2img(name: str, denoise_fn, schedule, key, images, *, strength: float, st
                               **run_options)
         return x, {**info, "steps": steps}
     short = truncate_schedule(schedule, strength)
-    discrete = isinstance(short, DiscreteSchedule)
+    discrete = short.discrete
     if discrete:
         steps = min(steps, short.num_timesteps) if isinstance(steps, int) else steps
     with jax.ensure_compile_time_eval():
