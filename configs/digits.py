@@ -33,8 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         attention_resolutions=(size // 2,) if not x16 else (8,), num_heads=1, dropout=0.0,
         num_groups=8, num_classes=10, context_dim=None, learn_sigma=False, dtype="float32",
     )
-    c.schedule = dict(name="linear" if x16 else "cosine", num_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                      zero_terminal_snr=False)
+    c.schedule = dict(name="linear" if x16 else "cosine", num_timesteps=1000, zero_terminal_snr=False,
+                      beta_start=1e-4 if x16 else None, beta_end=0.02 if x16 else None)   # cosine takes no betas
     c.loss = dict(prediction="eps" if x16 else "v", weighting="simple", snr_gamma=5.0, loss_type="mse",
                   cond_drop_prob=0.1)
     c.optim = dict(learning_rate=2e-3, warmup_steps=100, decay="cosine", weight_decay=0.0,

@@ -48,7 +48,13 @@ import numpy as np
 
 from diffusion_jax.objectives import param
 from diffusion_jax.objectives.discrete import model_log_variance, normal_kl, vlb_term
-from diffusion_jax.process.discrete import DiscreteSchedule, _bcast, q_posterior, q_sample
+from diffusion_jax.process import check_process
+from diffusion_jax.process.discrete import (
+    DiscreteSchedule,
+    _bcast,
+    q_posterior,
+    q_sample,
+)
 from diffusion_jax.samplers.adaptive import EVALS_PER_STEP, ODE_SOLVERS, level_fn
 from diffusion_jax.samplers.grid import Grid, concrete_or_none
 from diffusion_jax.samplers.wrapper import make_denoiser
@@ -76,6 +82,7 @@ def _sum_flat(a):
 
 def _ode_levels(schedule, t_min, t_max):
     """(level: s -> (network t, alpha, sigma), log s_0, log s_1) for the integration range [t_min, t_max]."""
+    check_process(schedule)
     if schedule.discrete:
         T = schedule.num_timesteps
         lo, hi = (0 if t_min is None else t_min), (T - 1 if t_max is None else t_max)
@@ -224,6 +231,7 @@ def ddpm_vlb(denoise_fn, schedule: DiscreteSchedule, x0, key, *, prediction: str
     _choice("decoder", decoder, DECODERS)
     if clip_denoised is not None:
         _positive("clip_denoised", clip_denoised)
+    check_process(schedule)
     if not schedule.discrete:
         raise ValueError(f"ddpm_vlb needs a discrete (DDPM) schedule, got schedule.kind={schedule.kind!r}")
     x0 = jnp.asarray(x0, jnp.float32)

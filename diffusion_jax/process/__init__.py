@@ -16,3 +16,14 @@ type (tests/unit/test_layers.py checks that no code outside this package does):
 
 Continuous processes add t_of_log_snr, the SDE's drift f(t) and diffusion g2(t), and network_time(t) (`sde.SDE`).
 """
+
+PROTOCOL = ("kind", "discrete", "t_min", "t_max", "alpha", "sigma", "log_snr", "network_level", "truncate")
+
+
+def check_process(schedule, name: str = "schedule") -> None:
+    """ValueError naming `name` unless `schedule` answers the process protocol above."""
+    missing = [m for m in PROTOCOL if not hasattr(schedule, m)]
+    if missing:
+        raise ValueError(f"{name} must be a forward process (process.discrete.DiscreteSchedule, a schedule of "
+                         f"process/sde.py or process.vdm.VDMSchedule), got {type(schedule).__name__} without "
+                         f"{', '.join(missing)}")

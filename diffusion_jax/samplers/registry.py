@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import validate
+from diffusion_jax.process import check_process
 from diffusion_jax.samplers import adaptive, dpm_solver, euler, pndm, sde_solvers, unipc
 from diffusion_jax.samplers.checks import check_key
 from diffusion_jax.samplers.ddim import ddim_sample
@@ -120,6 +121,7 @@ def run_sampler(name: str, denoise_fn, schedule, key, shape, *, steps: int, pred
     options = dict(options or {})
     solver = get_sampler(name, **options)
     shape = validate.check_shape(shape, "shape")
+    check_process(schedule)
     if x_T is None:
         check_key(key, f"sampler {name!r} without x_T")
     else:

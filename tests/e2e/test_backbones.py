@@ -20,22 +20,27 @@ def test_every_backbone_trains_two_steps_and_samples_with_cfg(name, tmp_path, ca
     workdir = str(tmp_path / name)
     overrides = [f"--config.{o}" for o in TINY if not o.startswith(("train.steps", "train.ckpt_every"))]
     code = main(["train", "--config", DIGITS + ":debug", "--workdir", workdir, "--config.model.name=" + name,
-                 "--config.train.steps=2", "--config.train.ckpt_every=2", "--no-progress", *overrides])
+                 "--config.train.steps=2", "--config.train.ckpt_every=2", "--no-progress", *overrides,
+                 "--config.optim.warmup_steps=0", "--config.optim.learning_rate=0.01",   # 2 steps that move it
+                 "--config.model.attention_resolutions=()"])   # attention in the middle block only: compiles faster
     assert code == 0, capsys.readouterr().err
     saved = json.load(open(os.path.join(workdir, "config.json")))
     assert saved["model"]["name"] == name and saved["model"]["num_classes"] == 10
     exp, graphdef, params, step = load_trained(workdir)
     assert step == 2 and type(nnx.merge(graphdef, params)) is BACKBONES[name].build
 
-    images = {}
-    for scale in ("1", "3"):
-        out = str(tmp_path / f"cfg{scale}.npz")
-        code = main(["sample", "--workdir", workdir, "--sampler", "ddim", "--steps", "3", "--num", "4",
-                     "--guidance-scale", scale, "--out", str(tmp_path / f"cfg{scale}.png"), "--npz", out])
-        assert code == 0, capsys.readouterr().err
-        images[scale] = np.load(out)["x"]
-    assert images["1"].shape == (4, 8, 8, 1) and np.isfinite(images["3"]).all()
-    assert not np.allclose(images["1"], images["3"])   # the guided run used the null class's branch
+    out = str(tmp_path / "cfg.npz")
+    code = main(["sample", "--workdir", workdir, "--sampler", "ddim", "--steps", "2", "--num", "2",
+                 "--guidance-scale", "3", "--out", str(tmp_path / "cfg.png"), "--npz", out])
+    assert code == 0, capsys.readouterr().err
+    x = np.load(out)["x"]
+    assert x.shape == (2, 8, 8, 1) and np.isfinite(x).all()
+    # Guidance mixes two different branches: the trained network answers labels and the null class differently.
+    net = nnx.merge(graphdef, params)
+    xt = np.random.default_rng(0).standard_normal((2, 8, 8, 1)).astype(np.float32)
+    t = np.array([500, 500], np.int32)
+    cond, null = net(xt, t, y=np.array([3, 7], np.int32)), net(xt, t, y=np.array([10, 10], np.int32))
+    assert float(np.abs(np.asarray(cond) - np.asarray(null)).max()) > 1e-4
 
 
 def test_unknown_backbone_and_keys_are_named(tmp_path, capsys):

@@ -207,7 +207,7 @@ def test_vlb_is_exact_for_gaussian_data_with_the_true_reverse_kernels():
     (lambda m: ode_log_likelihood(_vp_net(m), VP, jnp.zeros((2, D)), prediction="eps", num_probes=0), "num_probes"),
     (lambda m: ddpm_vlb(None, DDPM, jnp.zeros((2, D)), jax.random.key(0), variance="big"), "likelihood.variance"),
     (lambda m: ddpm_vlb(None, DDPM, jnp.zeros((2, D)), jax.random.key(0), decoder="logistic"), "likelihood.decoder"),
-    (lambda m: ddpm_vlb(None, VP, jnp.zeros((2, D)), jax.random.key(0)), "DiscreteSchedule")])
+    (lambda m: ddpm_vlb(None, VP, jnp.zeros((2, D)), jax.random.key(0)), r"discrete \(DDPM\) schedule")])
 def test_option_errors(mix, call, match):
     with pytest.raises(ValueError, match=match):
         call(mix)

@@ -130,7 +130,7 @@ def test_malformed_config_overrides_name_the_key(case):
     ("schedule", "beta_end", 1.5), ("sample", "clip_denoised", -1.0), ("sample", "eta", -0.5),
     ("train", "num_devices", -2), ("loss", "snr_gamma", "5"), ("model", "dropout", float("nan")),
     ("data", "random_flip", "yes"), ("train", "steps", 10.0), ("model", "channel_mult", [1, "2"]),
-    ("train", "batch_size", 10), ("schedule", "beta_start", 0.05)])
+    ("train", "batch_size", 10), ("schedule", "beta_start", 1.5)])
 def test_config_dict_values_are_type_and_range_checked(section, key, value):
     """Values from a config file or a workdir's config.json skip the override parser; validate still names them."""
     raw = load_config_file(DIGITS).to_dict()
