@@ -6,7 +6,7 @@ default of configs/digits.py, run with the project's own sweep, then every train
 Every row changes the earlier default, `configs/digits.py:x16` (digits upsampled to 16x16, eps-prediction, linear
 schedule, 1,000 steps), and is trained by `diffusion-jax sweep` on 2 CPU cores. Axes: prediction eps | v, schedule
 linear | cosine, zero terminal SNR, min-SNR weighting, native 8x8 (U-Net 8-4-2) vs 16x16, 1,000 vs 2,000 steps, EMA,
-and the cosine schedule at 8x8 (the default).
+and the cosine schedule at 8x8 for 2,000 and 2,500 steps (the default).
 Every cell is then sampled the same way: DDIM, 20 steps (eta = 0, trailing spacing, **no clipping**), `--num`
 samples with balanced labels from the same x_T, and scored on the 16x16 digits classifier against the held-out
 split (8x8 models' samples are upsampled bilinearly, exactly as the 16x16 data are made from the 8x8 originals).
@@ -33,7 +33,7 @@ SWEEPS = [
     ("loss.prediction=v;data.image_size=8;train.steps=1000,2000", EIGHT),
     ("loss.prediction=v;data.image_size=8;train.steps=2000;schedule.zero_terminal_snr=True", EIGHT),
     ("loss.prediction=v;data.image_size=8;train.steps=2000;train.ema_decay=0.999", EIGHT),
-    ("loss.prediction=v;data.image_size=8;train.steps=2000;schedule.name=cosine", EIGHT),
+    ("loss.prediction=v;data.image_size=8;schedule.name=cosine;train.steps=2000,2500", EIGHT),
 ]
 
 
