@@ -53,8 +53,31 @@ _CHOICES = {"time_embedding": ("positional", "fourier"), "resblock": ("ddpm", "b
             "resample_filter": RESAMPLE_FILTERS}
 
 
+class UNetShape:
+    """What every U-Net config (this one, `unet_cond_backbone.UNetCondBackboneConfig`) derives from its fields
+    image_size, in_channels, out_channels, learn_sigma, channel_mult, attention_resolutions."""
+
+    def __post_init__(self):
+        # Accept lists (e.g. from ml_collections) but keep the dataclass hashable.
+        for name in ("channel_mult", "attention_resolutions"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(value))
+
+    @property
+    def resolved_out_channels(self) -> int:
+        if self.out_channels is not None:
+            return self.out_channels
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Feature-map size of each level: image_size // 2**level."""
+        return tuple(self.image_size // 2**i for i in range(len(self.channel_mult)))
+
+
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(UNetShape):
     """Hyper-parameters of `UNet`; errors name keys as `model.<field>`."""
 
     name: str = "unet"                      # the backbone (models/registry.py)
@@ -84,24 +107,6 @@ class UNetConfig:
     resample_filter: str = "plain"          # "plain": nearest up / stride-2 conv or 2x2 mean down;
     #   "fir": StyleGAN2 upfirdn2d with the [1, 3, 3, 1] kernel
     skip_rescale: bool = False              # residual sums (ResBlocks, attention) scaled by 1/sqrt(2)
-
-    def __post_init__(self):
-        # Accept lists (e.g. from ml_collections) but keep the dataclass hashable.
-        for name in ("channel_mult", "attention_resolutions"):
-            value = getattr(self, name)
-            if isinstance(value, (list, tuple)):
-                object.__setattr__(self, name, tuple(value))
-
-    @property
-    def resolved_out_channels(self) -> int:
-        if self.out_channels is not None:
-            return self.out_channels
-        return self.in_channels * (2 if self.learn_sigma else 1)
-
-    @property
-    def resolutions(self) -> tuple[int, ...]:
-        """Feature-map size of each level: image_size // 2**level."""
-        return tuple(self.image_size // 2**i for i in range(len(self.channel_mult)))
 
     def validate(self) -> None:
         """Raise ValueError naming the offending key (e.g. `model.image_size`)."""

@@ -21,11 +21,12 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_jax.models.unet import UNetShape
 from diffusion_jax.models.unet_cond import UNetCond, UNetCondConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetCondBackboneConfig:
+class UNetCondBackboneConfig(UNetShape):
     """`model` section of `model.name="unet_cond"`; errors name keys as `model.<field>`."""
 
     name: str = "unet_cond"
@@ -44,21 +45,6 @@ class UNetCondBackboneConfig:
     context_dim: int | None = None           # cross-attention on a (B, L, context_dim) context
     learn_sigma: bool = False
     dtype: str = "float32"
-
-    def __post_init__(self):
-        for name in ("channel_mult", "attention_resolutions"):
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
-
-    @property
-    def resolved_out_channels(self) -> int:
-        if self.out_channels is not None:
-            return self.out_channels
-        return self.in_channels * (2 if self.learn_sigma else 1)
-
-    @property
-    def resolutions(self) -> tuple[int, ...]:
-        return tuple(self.image_size // 2 ** i for i in range(len(self.channel_mult)))
 
     def diffusers_config(self) -> UNetCondConfig:
         """The UNetCondConfig (diffusers' names) that this section describes (module docstring)."""

@@ -54,6 +54,12 @@ def _t(t):
     return jnp.asarray(t, jnp.result_type(float))
 
 
+def _scaled_time_level(schedule, t):
+    """(alpha, sigma) float32 at network time t = time_scale x SDE time (VP, sub-VP)."""
+    tc = _t(t).astype(jnp.float32) / schedule.time_scale
+    return schedule.alpha(tc).astype(jnp.float32), schedule.sigma(tc).astype(jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class VPSDE:
     """Variance-preserving SDE (Song et al. 2021, eq. 11), the continuous limit of DDPM's linear betas:
@@ -110,8 +116,7 @@ class VPSDE:
         return self.time_scale * _t(t)
 
     def network_level(self, t):
-        tc = _t(t).astype(jnp.float32) / self.time_scale
-        return self.alpha(tc).astype(jnp.float32), self.sigma(tc).astype(jnp.float32)
+        return _scaled_time_level(self, t)
 
     def truncate(self, strength: float):
         return _truncated_time(self, strength)
@@ -165,8 +170,7 @@ class SubVPSDE:
         return self.time_scale * _t(t)
 
     def network_level(self, t):
-        tc = _t(t).astype(jnp.float32) / self.time_scale
-        return self.alpha(tc).astype(jnp.float32), self.sigma(tc).astype(jnp.float32)
+        return _scaled_time_level(self, t)
 
     def truncate(self, strength: float):
         return _truncated_time(self, strength)
