@@ -8,16 +8,16 @@ from diffusion_jax.models.convert_vae import convert_vae, load_vae
 from diffusion_jax.models.unet import UNet, UNetConfig
 from diffusion_jax.models.unet_cond import UNetCond, UNetCondConfig
 from diffusion_jax.models.vae import (
-                                      VAE,
-                                      DiagonalGaussian,
-                                      VAEConfig,
-                                      decode,
-                                      encode,
-                                      from_diffusion_latents,
-                                      init_vae,
-                                      make_vae_fns,
-                                      to_diffusion_latents,
-                                      vae_graphdef,
+    VAE,
+    DiagonalGaussian,
+    VAEConfig,
+    decode,
+    encode,
+    from_diffusion_latents,
+    init_vae,
+    make_vae_fns,
+    to_diffusion_latents,
+    vae_graphdef,
 )
 from diffusion_jax.models.vae_loss import VAELossConfig, estimate_scaling_factor, psnr, vae_loss
 

@@ -60,34 +60,13 @@ class UNetCondBackboneConfig(UNetShape):
             num_class_embeds=None if self.num_classes is None else self.num_classes + 1, dtype=self.dtype)
 
     def validate(self) -> None:
-        if self.name != "unet_cond":
-            raise ValueError(f"model.name={self.name!r} does not name this config (unet_cond)")
-        for key in ("image_size", "in_channels", "channels", "num_res_blocks", "num_heads", "transformer_layers",
-                    "num_groups"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{key}={value!r} must be a positive int")
-        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
-            raise ValueError(f"model.channel_mult={self.channel_mult!r} must be a non-empty tuple of positive ints")
-        if self.image_size % 2 ** (len(self.channel_mult) - 1):
-            raise ValueError(f"model.image_size={self.image_size} must be divisible by 2^(levels - 1) = "
-                             f"{2 ** (len(self.channel_mult) - 1)} (model.channel_mult={self.channel_mult})")
-        unknown = sorted(set(self.attention_resolutions) - set(self.resolutions))
-        if unknown:
-            raise ValueError(f"model.attention_resolutions={self.attention_resolutions}: {unknown} is not a "
-                             f"feature-map size of this U-Net {self.resolutions}")
+        self.validate_shape("unet_cond")
+        if isinstance(self.transformer_layers, bool) or not isinstance(self.transformer_layers, int) \
+                or self.transformer_layers < 1:
+            raise ValueError(f"model.transformer_layers={self.transformer_layers!r} must be a positive int")
         for c in (self.channels * m for m in self.channel_mult):
-            if c % self.num_groups:
-                raise ValueError(f"model.num_groups={self.num_groups} must divide every block's width (got {c}; "
-                                 f"model.channels={self.channels}, model.channel_mult={self.channel_mult})")
             if c % self.num_heads:
                 raise ValueError(f"model.num_heads={self.num_heads} must divide every block's width (got {c})")
-        for key in ("num_classes", "context_dim", "out_channels"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"model.{key}={value!r} must be None or a positive int")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         self.diffusers_config().validate()
 
 

@@ -9,10 +9,10 @@ Classifier-free guidance (Ho & Salimans 2022) lives with the samplers (`samplers
 loss.cond_drop_prob).
 """
 from diffusion_jax.inference.guidance.classifier import (
-           ClassifierSpec,
-           NoisyClassifier,
-           make_log_prob_fn,
-           noise_condition,
+    ClassifierSpec,
+    NoisyClassifier,
+    make_log_prob_fn,
+    noise_condition,
 )
 from diffusion_jax.inference.guidance.wrapper import class_log_prob_grad, classifier_guided, guidance_delta
 
