@@ -37,7 +37,7 @@ from diffusion_jax.process.sde import SDES
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
     """kind "discrete": DDPM betas (name, num_timesteps, beta_*, zero_terminal_snr), trained with
-    `losses.diffusion_loss`. kind "vp" | "subvp" | "ve": score_sde's SDEs (beta_min / beta_max; sigma_min /
+    `objectives.discrete.diffusion_loss`. kind "vp" | "subvp" | "ve": score_sde's SDEs (beta_min / beta_max; sigma_min /
     sigma_max), trained with continuous-time DSM (`dsm.py`). kind "edm": Karras et al.'s sigma(t) = t
     (sigma_min / sigma_max / sigma_data), trained with EDM's loss (`edm.py`). kind "vdm": VDM's gamma(t) = -log SNR,
     gamma "linear" (fixed) or "learned" (monotone network trained with the U-Net), from gamma_min to gamma_max,
@@ -65,8 +65,9 @@ _SDE_FIELDS = {"vp": ("beta_min", "beta_max"), "subvp": ("beta_min", "beta_max")
 
 
 def build_schedule(sc: ScheduleConfig, params=None):
-    """The process a ScheduleConfig describes: a `process.discrete.DiscreteSchedule`, an SDE of `process/sde.py` or a
-    `process.vdm.VDMSchedule`. params: the trained params, needed (only) by a learned VDM gamma, which is part of them."""
+    """The process a ScheduleConfig describes: a `process.discrete.DiscreteSchedule`, an SDE of `process/sde.py` or
+    a `process.vdm.VDMSchedule`. params: the trained params, needed (only) by a learned VDM gamma, which is part of
+    them."""
     if sc.kind == "discrete":
         return make_schedule(sc.name, sc.num_timesteps, beta_start=sc.beta_start, beta_end=sc.beta_end,
                              zero_terminal_snr=sc.zero_terminal_snr)

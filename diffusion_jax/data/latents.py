@@ -3,7 +3,8 @@
 
 get(indices) -> {"image": (B, h, w, c) float32 diffusion latents (the VAE's scaled latents, roughly unit
 variance), "label": (B,) int32, "context": (B, L, D) float32 the caption's text-encoder hidden states,
-"null_context": (B, L, D) the empty caption's (what classifier-free guidance training drops to, losses.read_batch)}.
+"null_context": (B, L, D) the empty caption's (what classifier-free guidance training drops to,
+objectives.discrete.read_batch)}.
 """
 from __future__ import annotations
 

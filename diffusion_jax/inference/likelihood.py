@@ -33,7 +33,8 @@ log P(k) >= E_u log p_z(z) - D log 256 = E_u log p(x') - D log(256 / 2); hence
     bits/dim = -log p(x') / (D ln 2) + log2(L / 2)       (L = 256 levels: + 7),   an upper bound in expectation.
 
 DDPM VLB (Ho et al. 2020, eq. 5; Nichol & Dhariwal 2021, sec. 2): L = L_T + sum_{t>=1} L_{t-1} + L_0 with the
-prior term L_T = KL(q(x_T | x_0) || N(0, I)), the KL terms of `losses.vlb_term` and the decoder -log p(x_0 | x_1):
+prior term L_T = KL(q(x_T | x_0) || N(0, I)), the KL terms of `objectives.discrete.vlb_term` and the decoder
+-log p(x_0 | x_1):
 discretized Gaussian (8-bit images, a bound on -log P(k) directly in bits) or a continuous Gaussian density (a bound
 on -log p(x_0) for continuous data). Every term is a one-sample Monte-Carlo estimate (x_t ~ q(x_t | x_0)).
 """
@@ -98,7 +99,7 @@ def _ode_levels(schedule, t_min, t_max):
         alpha, sigma = schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod
         grid = Grid(t=jnp.arange(T - 1, -1, -1, dtype=jnp.float32), alpha=alpha[::-1], sigma=sigma[::-1])
         return level_fn(grid), jnp.log(sigma[lo] / alpha[lo]), jnp.log(sigma[hi] / alpha[hi])
-    needed = ("alpha", "sigma", "log_snr", "t_of_log_snr", "network_time", "t_min", "t_max")
+    needed = ("t_of_log_snr", "network_time")   # the continuous part of the protocol (check_process: the rest)
     if not all(hasattr(schedule, m) for m in needed):
         raise ValueError(f"schedule must be a DiscreteSchedule or a schedule of diffusion_jax.process.sde, got "
                          f"{type(schedule).__name__}")
@@ -128,9 +129,9 @@ def ode_log_likelihood(denoise_fn, schedule, x, *, prediction: str, key=None, tr
     """log p(x) in nats, (B,), by the PF-ODE (module doc); x (B, ...) float, D = prod(x.shape[1:]).
 
     denoise_fn(x, t) -> prediction of kind `prediction` (`samplers.wrapper`: eps, x0, v, score, edm); schedule: a
-    `diffusion_jax.process.sde` schedule (t_min, t_max in its time; default its own range) or a DiscreteSchedule (integer
-    timestep indices; default 0 and T - 1). The batch is one ODE state (one adaptive step size, as adaptive_ode);
-    vmap over a leading axis for independent solves. Returns (logp, info): info["prior"] (B,) log N(x_1) and
+    `diffusion_jax.process.sde` schedule (t_min, t_max in its time; default its own range) or a DiscreteSchedule
+    (integer timestep indices; default 0 and T - 1). The batch is one ODE state (one adaptive step size, as
+    adaptive_ode); vmap over a leading axis for independent solves. Returns (logp, info): info["prior"] (B,) log N(x_1) and
     info["delta"] (B,) = logp - prior (nats), "latent" x_1 (B, ...), "nfe" (network evaluations, each with K or D
     Jacobian-vector products: "jvps_per_eval"), "num_steps", "success" (False where max_steps was reached) and, for
     Hutchinson with num_probes > 1, "delta_stderr" (B,): the standard error of delta over the probes.

@@ -77,7 +77,8 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
                    mesh=None, condition: Callable | None = None) -> Callable:
     """Returns `sample(params, key, y=None, aux=None, x_T=None) -> (images (N,H,W,C), nfe)`, compiled end to end.
 
-    schedule: a DiscreteSchedule, a continuous schedule of `sde.py` or a `vdm.VDMSchedule` (config.build_schedule).
+    schedule: a forward process (`process/`: DiscreteSchedule, a schedule of sde.py, VDMSchedule;
+    config.build_schedule).
     y: (N,) int32 labels for a class-conditional model (None for unconditional).
     mesh: split the N samples over its "data" axis (N must divide evenly). The noise is drawn for the
     whole batch with counter-based (partitionable) threefry, so image i's noise depends only on (key, i): a seed gives

@@ -8,7 +8,7 @@ Objective (Dhariwal & Nichol 2021, sec. 4): cross-entropy of p_phi(y | x_t, t) o
     x_t = alpha_t x_0 + sigma_t eps,   eps ~ N(0, I),   (x_0, y) from the diffusion run's training data,
 
 with the level drawn per example from the run's schedule: for a discrete (DDPM) schedule t ~ U{0, ..., T-1} and
-(alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)); for a continuous one (VP, sub-VP, VE, EDM; `sde.py`)
+(alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)); for a continuous one (VP, sub-VP, VE, EDM; `process/sde.py`)
 t ~ U[t_min, t_max] and (alpha(t), sigma(t)). The classifier reads the level through its log-SNR
 (`classifier.noise_condition`), so the same network is valid wherever that log-SNR was covered in training.
 

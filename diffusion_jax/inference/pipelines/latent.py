@@ -49,7 +49,7 @@ class LatentPipeline:
       called as apply(params, z, t, context=...) with z (N, h, w, latent_channels).
     vae: the autoencoder's config (its scaling / shift factors map VAE latents to the U-Net's space).
     schedule: the U-Net's noise schedule (a DiscreteSchedule, e.g. Stable Diffusion's scaled_linear, or a
-      continuous one from `sde.py`); prediction: what the U-Net predicts ("eps", "v", "x0", "edm", ...).
+      continuous one from `process/sde.py`); prediction: what the U-Net predicts ("eps", "v", "x0", "edm", ...).
     """
 
     unet_graphdef: Any
