@@ -131,10 +131,11 @@ def ode_log_likelihood(denoise_fn, schedule, x, *, prediction: str, key=None, tr
     denoise_fn(x, t) -> prediction of kind `prediction` (`samplers.wrapper`: eps, x0, v, score, edm); schedule: a
     `diffusion_jax.process.sde` schedule (t_min, t_max in its time; default its own range) or a DiscreteSchedule
     (integer timestep indices; default 0 and T - 1). The batch is one ODE state (one adaptive step size, as
-    adaptive_ode); vmap over a leading axis for independent solves. Returns (logp, info): info["prior"] (B,) log N(x_1) and
-    info["delta"] (B,) = logp - prior (nats), "latent" x_1 (B, ...), "nfe" (network evaluations, each with K or D
-    Jacobian-vector products: "jvps_per_eval"), "num_steps", "success" (False where max_steps was reached) and, for
-    Hutchinson with num_probes > 1, "delta_stderr" (B,): the standard error of delta over the probes.
+    adaptive_ode); vmap over a leading axis for independent solves. Returns (logp, info): info["prior"] (B,)
+    log N(x_1) and info["delta"] (B,) = logp - prior (nats), "latent" x_1 (B, ...), "nfe" (network evaluations,
+    each with K or D Jacobian-vector products: "jvps_per_eval"), "num_steps", "success" (False where max_steps was
+    reached) and, for Hutchinson with num_probes > 1, "delta_stderr" (B,): the standard error of delta over the
+    probes.
     """
     _choice("trace", trace, TRACES)
     _choice("solver", solver, ODE_SOLVERS)
