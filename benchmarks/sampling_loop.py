@@ -4,7 +4,7 @@
 
 Each MODEL:BATCH item runs a `--steps`-step DDIM loop (NFE = steps) on a U-Net with random weights, ours as one
 jitted `lax.scan`, diffusers' as UNet2DModel (the same architecture, `train_step.diffusers_unet`) in a Python loop
-over DDIMScheduler.step under torch.no_grad. The sides alternate (one loop of ours, then one of diffusers',
+over DDIMScheduler.step under torch.no_grad, on the GPU when JAX has one. The sides alternate (one loop of ours, then one of diffusers',
 `--repeats` times); the ratio diffusers / ours is the median over rounds, with its range. Also reported: our
 compile seconds (trace, lower and compile of the whole loop) and XLA's buffer sizes of the compiled loop
 (arguments + temporaries; PyTorch has no equivalent on CPU). At small batches compilation removes the per-step

@@ -10,7 +10,8 @@ medians is one sample; the table gives the median ratio over rounds and its rang
 Also reported: compile seconds (first call minus a steady step), the same after `jax.clear_caches()` with the
 persistent compilation cache warm (what a second run pays), XLA's buffer sizes of the compiled step (arguments
 + temporaries; PyTorch has no equivalent on CPU), and achieved GFLOP/s (3x the forward FLOPs XLA counts, per
-second) against a measured 2048^2 float32 matmul.
+second) against a measured 2048^2 float32 matmul. When JAX runs on a GPU, PyTorch's side runs on it too
+(`torch_device`: TF32 allowed for float32 matmuls and convolutions on both sides, as XLA's default precision does).
 
     python benchmarks/train_step.py [--models cifar10,digits] [--rounds 3] [--steps 3] [--torch-threads 2]
 """
@@ -119,31 +120,56 @@ def diffusers_unet(cfg: UNetConfig):
         attention_head_dim=attn_ch // cfg.num_heads)
 
 
-def torch_side(cfg: UNetConfig, batch: int):
-    """(params, one-step function) of diffusers' UNet2DModel trained like ours; None without torch/diffusers."""
+def torch_device():
+    """PyTorch's side runs where JAX's does: the GPU when JAX has one (and torch sees it), else the CPU. On a GPU,
+    float32 matmuls may use TF32 as XLA's default precision does (cuDNN convolutions already do by default)."""
+    import torch
+
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def torch_sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def torch_side(cfg: UNetConfig, batch: int, dtype: str = "float32"):
+    """(params, one-step function, device) of diffusers' UNet2DModel trained like ours; None without torch or
+    diffusers. With dtype bfloat16 the forward and backward run under torch.autocast (parameters stay float32, as
+    ours do with `model.dtype=bfloat16`)."""
     try:
         import torch
         import diffusers  # noqa: F401
     except ImportError:
         return None
+    dev = torch_device()
     torch.manual_seed(0)
-    model = diffusers_unet(cfg).train()
+    model = diffusers_unet(cfg).train().to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.0)
-    abar = torch.tensor(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)), dtype=torch.float32)
-    x0 = torch.rand(batch, cfg.in_channels, cfg.image_size, cfg.image_size) * 2 - 1
+    abar = torch.tensor(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)), dtype=torch.float32, device=dev)
+    x0 = torch.rand(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=dev) * 2 - 1
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     def one():
-        t = torch.randint(0, 1000, (batch,))
+        t = torch.randint(0, 1000, (batch,), device=dev)
         eps = torch.randn_like(x0)
         a = abar[t].view(-1, 1, 1, 1)
-        loss = torch.mean((model(a.sqrt() * x0 + (1 - a).sqrt() * eps, t).sample - eps) ** 2)
+        with autocast:
+            loss = torch.mean((model(a.sqrt() * x0 + (1 - a).sqrt() * eps, t).sample.float() - eps) ** 2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        torch_sync(dev)
 
     one()
-    return sum(p.numel() for p in model.parameters()), one
+    return sum(p.numel() for p in model.parameters()), one, dev
 
 
 def torch_ddim_loop(cfg: UNetConfig, batch: int, steps: int):
@@ -154,16 +180,18 @@ def torch_ddim_loop(cfg: UNetConfig, batch: int, steps: int):
         from diffusers import DDIMScheduler
     except ImportError:
         return None
+    dev = torch_device()
     torch.manual_seed(0)
-    model = diffusers_unet(cfg).eval()
+    model = diffusers_unet(cfg).eval().to(dev)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
 
     def loop():
-        scheduler.set_timesteps(steps)
-        x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size)
+        scheduler.set_timesteps(steps, device=dev)
+        x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=dev)
         with torch.no_grad():
             for t in scheduler.timesteps:
                 x = scheduler.step(model(x, t).sample, t, x).prev_sample
+        torch_sync(dev)
 
     loop()
     return loop
@@ -179,8 +207,15 @@ def matmul_gflops(n: int = 2048) -> dict:
         import torch
     except ImportError:
         return out
-    t = torch.from_numpy(np.asarray(a))
-    out["torch"] = 2 * n ** 3 / _median_time(lambda: t @ t, 5) / 1e9
+    dev = torch_device()
+    t = torch.from_numpy(np.asarray(a)).to(dev)
+
+    def product():
+        t @ t
+        torch_sync(dev)
+
+    product()
+    out["torch"] = 2 * n ** 3 / _median_time(product, 5) / 1e9
     return out
 
 
@@ -192,7 +227,7 @@ def bench_model(name: str, batch: int, rounds: int, steps: int, dtype: str, use_
     jax.clear_caches()        # in-memory caches gone: the next first call reads the persistent cache
     ours.build()
     cached = ours.first_call()
-    ref = torch_side(cfg, batch) if use_torch else None
+    ref = torch_side(cfg, batch, dtype) if use_torch else None
     ours_s, torch_s = [], []
     for _ in range(rounds):
         ours_s.append(_median_time(ours.run, steps))
@@ -205,7 +240,7 @@ def bench_model(name: str, batch: int, rounds: int, steps: int, dtype: str, use_
            "img_per_s": batch / ours_med, "gflop_per_s": gflop / ours_med, "xla_buffers_mb": ours.memory_mb()}
     if ref is not None:
         ratios = [t / o for t, o in zip(torch_s, ours_s)]
-        row.update(torch_params=ref[0], torch_step_s=statistics.median(torch_s),
+        row.update(torch_params=ref[0], torch_device=str(ref[2]), torch_step_s=statistics.median(torch_s),
                    torch_img_per_s=batch / statistics.median(torch_s), torch_gflop_per_s=gflop / statistics.median(torch_s),
                    ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
     return row
