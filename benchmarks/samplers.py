@@ -36,7 +36,7 @@ from tqdm import tqdm  # noqa: E402
 from sampling_loop import (HEADER, MODELS, markdown_row, parse_loops,  # noqa: E402
                                           unet_loop_timing)
 from diffusion_jax.host import reuse_host_memory  # noqa: E402
-from diffusion_jax.samplers import ddim_sample, discrete_grid, make_denoiser  # noqa: E402
+from diffusion_jax.samplers import discrete_grid, make_denoiser, run_sampler  # noqa: E402
 from diffusion_jax.samplers.registry import get_sampler  # noqa: E402
 from diffusion_jax.process.discrete import make_schedule  # noqa: E402
 from diffusion_jax.testbed import GaussianMixture, discrete_denoise_fn, reference_ode_solution  # noqa: E402
@@ -69,8 +69,8 @@ def accuracy_table(dim: int, nfes, spacings, n: int, seed: int = 0):
     ref = reference_ode_solution(mix, x_T, float(schedule.sigma(999)), alpha_from=float(schedule.alpha(999)))
     print(f"  d={dim}: reference PF-ODE solution for {n} samples in {time.perf_counter() - t0:.1f} s", flush=True)
     err = lambda x: float(np.sqrt(np.mean((np.asarray(x, np.float64) - ref) ** 2)))
-    ddim = jax.jit(lambda x: ddim_sample(denoise_fn, schedule, None, x.shape, steps=100, spacing="trailing",
-                                         clip_denoised=None, x_T=x)[0])
+    ddim = jax.jit(lambda x: run_sampler("ddim", denoise_fn, schedule, None, x.shape, steps=100, spacing="trailing",
+                                         x_T=x)[0])
     rows, cells = {BAR: {100: (100, err(ddim(x_T)), "trailing")}}, []
     denoiser = make_denoiser(denoise_fn, "eps")
     for label, (name, options, _) in tqdm(SOLVERS.items(), desc=f"d={dim}", leave=False):

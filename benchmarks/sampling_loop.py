@@ -52,7 +52,7 @@ def unet_loop_timing(name: str, batch: int, steps: int, repeats: int) -> dict:
     from train_step import torch_ddim_loop
     from diffusion_jax.models import UNet
     from diffusion_jax.models.functional import make_apply_fn, split_params
-    from diffusion_jax.samplers import ddim_sample
+    from diffusion_jax.samplers import run_sampler
     from diffusion_jax.process.discrete import make_schedule
 
     cfg = unet_config(name)
@@ -60,7 +60,8 @@ def unet_loop_timing(name: str, batch: int, steps: int, repeats: int) -> dict:
     apply = make_apply_fn(graphdef)
     schedule = make_schedule("linear", 1000)
     shape = (batch, cfg.image_size, cfg.image_size, cfg.in_channels)
-    loop = jax.jit(lambda p, key: ddim_sample(lambda x, t: apply(p, x, t), schedule, key, shape, steps=steps)[0])
+    loop = jax.jit(lambda p, key: run_sampler("ddim", lambda x, t: apply(p, x, t), schedule, key, shape, steps=steps,
+                                              clip_denoised=1.0)[0])
     t0 = time.perf_counter()
     run = loop.lower(params, jax.random.PRNGKey(0)).compile()
     out = {"model": name, "batch": batch, "steps": steps, "compile_s": time.perf_counter() - t0}

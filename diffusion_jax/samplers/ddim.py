@@ -1,50 +1,59 @@
-"""DDIM sampling (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models").
+"""DDIM (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models") on the levels of a `Grid`.
 
-With alpha_bar_t the cumulative product (the paper's alpha_t), the generalized reverse step is (eq. 12)
+With the paper's alpha_t written alpha_i^2 here (x_i = alpha_i x0 + sigma_i eps), the generalized reverse step from
+level i to level i + 1 is (eq. 12)
 
-    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma_t^2) eps_hat + sigma_t z,
-    x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)                                   (eq. 9)
+    x_{i+1} = alpha_{i+1} x0_hat + sqrt(sigma_{i+1}^2 - s_i^2) eps_hat + s_i z,
+    x0_hat = (x_i - sigma_i eps_hat) / alpha_i                                                  (eq. 9)
 
-    sigma_t(eta) = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)        (eq. 16)
+    s_i(eta)^2 = eta^2 sigma_{i+1}^2 (1 - (alpha_i sigma_{i+1})^2 / (alpha_{i+1} sigma_i)^2)                (eq. 16)
 
-eta = 0 is the deterministic DDIM (an Euler step of the probability-flow ODE in sigma/alpha), eta = 1 is
-ancestral DDPM sampling on the respaced schedule. The last step goes to abar_prev = 1 and returns x0_hat.
+the posterior variance of q(x_{i+1} | x_i, x0) times eta^2. On a VP schedule (alpha^2 + sigma^2 = 1) this is eq. 16's
+(1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev); written in (alpha, sigma) it holds for any Gaussian process
+(VE, sub-VP, EDM). eta = 0 is the deterministic DDIM, an Euler step of the probability-flow ODE in sigma / alpha;
+eta = 1 is ancestral sampling on the grid's levels. A grid ending at the clean level (sigma = 0, diffusers'
+set_alpha_to_one) returns x0_hat of the last step.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.samplers.spacing import check_prediction, initial_noise, respace, select_timesteps
-from diffusion_jax.samplers.wrapper import predict_x0_eps
+from diffusion_jax.samplers.checks import check_bool, check_key, check_number
+from diffusion_jax.samplers.euler import check_grid, with_trajectory
 
 
-def ddim_sample(denoise_fn, schedule, key, shape, *, steps: int, eta: float = 0.0, prediction: str = "eps",
-                spacing: str = "leading", clip_denoised: float | None = 1.0, x_T=None):
-    """Sample `shape` with DDIM. Returns (x_0, {"nfe": steps, "timesteps": np.ndarray}).
+def posterior_variance(alpha, sigma, alpha_next, sigma_next):
+    """Var q(x_{i+1} | x_i, x0) of a Gaussian process: sigma_{i+1}^2 (1 - (alpha_i sigma_{i+1} / (alpha_{i+1}
+    sigma_i))^2), clamped at 0 against rounding. On a VP schedule: (1 - abar_prev) / (1 - abar_t) beta_t."""
+    ratio = alpha * sigma_next / (alpha_next * sigma)
+    return jnp.maximum(sigma_next ** 2 * (1.0 - ratio ** 2), 0.0)
 
-    denoise_fn(x, t) gets t as (B,) int32 training timesteps and returns a prediction of kind `prediction`.
-    Noise: x_T from fold_in(key, 0) unless given; step i draws z from fold_in(key, i + 1) (eta > 0 only).
+
+def ddim(denoiser, grid, x_T, key=None, *, eta: float = 0.0, return_trajectory: bool = False):
+    """DDIM over the K steps of `grid` from x_T. Returns (x_0, {"nfe": K, "trajectory" if asked}).
+
+    eta > 0 adds noise (eq. 16) drawn from jax.random.fold_in(key, i) at step i.
     """
-    timesteps = select_timesteps(schedule.num_timesteps, steps, spacing)
-    if not eta >= 0:
-        raise ValueError(f"sampler.eta must be >= 0, got {eta!r}")
-    check_prediction(prediction, clip_denoised)
-    shape = tuple(shape)
-    tab = respace(schedule, timesteps)
-    sigma_eta = eta * jnp.sqrt(tab.posterior_variance)                                # eq. 16
-    # sqrt(1 - abar_prev - sigma_t^2); clamped at 0, which only bites for eta > 1.
-    c_dir = jnp.sqrt(jnp.maximum(tab.sigma_prev ** 2 - sigma_eta ** 2, 0.0))
+    x_T = check_grid(grid, x_T)
+    eta = check_number("eta", eta)
+    check_bool(return_trajectory=return_trajectory)
+    if eta > 0:
+        check_key(key, "ddim with eta > 0")
+    a, s = grid.alpha, grid.sigma
+    s_eta = eta * jnp.sqrt(posterior_variance(a[:-1], s[:-1], a[1:], s[1:]))                  # eq. 16
+    c_dir = jnp.sqrt(jnp.maximum(s[1:] ** 2 - s_eta ** 2, 0.0))   # sqrt(1 - abar_prev - s^2); 0 only for eta > 1
+    K = grid.num_steps
+    xs = (jnp.arange(K), grid.t[:-1], a[:-1], s[:-1], a[1:], c_dir, s_eta)
 
     def step(x, inp):
-        i, t, alpha, sigma, alpha_prev, c, s = inp
-        out = denoise_fn(x, jnp.full((shape[0],), t, jnp.int32))
-        x0, eps = predict_x0_eps(out, x, alpha, sigma, prediction, clip_denoised)
-        x_prev = alpha_prev * x0 + c * eps                                            # eq. 12
+        i, t, alpha, sigma, alpha_next, c, noise = inp
+        x0, eps = denoiser(x, t, alpha, sigma)
+        x_next = alpha_next * x0 + c * eps                                                      # eq. 12
         if eta > 0:
-            x_prev = x_prev + s * jax.random.normal(jax.random.fold_in(key, i + 1), shape, x.dtype)
-        return x_prev.astype(x.dtype), None
+            x_next = x_next + noise * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        x_next = x_next.astype(x.dtype)
+        return x_next, (x_next if return_trajectory else None)
 
-    xs = (jnp.arange(len(timesteps)), tab.t, tab.alpha, tab.sigma, tab.alpha_prev, c_dir, sigma_eta)
-    x, _ = jax.lax.scan(step, initial_noise(key, shape, x_T), xs)
-    return x, {"nfe": len(timesteps), "timesteps": timesteps}
+    x, traj = jax.lax.scan(step, x_T, xs)
+    return x, {"nfe": K, **with_trajectory(x_T, traj, return_trajectory)}

@@ -47,6 +47,15 @@ def transfer(x, e, a, b):
     return alpha_b * (x - sigma_a * e) / alpha_a + sigma_b * e
 
 
+def prk_options(process, grid: Grid | None) -> dict:
+    """The registry's `from_process` for 'pndm': {"half_grid": prk_half_grid(process, grid)}. The half levels need a
+    discrete process and a concrete grid (not a jit argument)."""
+    if not process.discrete or grid is None:
+        raise ValueError("sampler 'pndm' (PRK warm-up) needs a concrete discrete schedule (not a jit argument); "
+                         "use 'plms' otherwise")
+    return {"half_grid": prk_half_grid(process, grid)}
+
+
 def prk_half_grid(schedule, grid: Grid, num: int = 3) -> Grid:
     """The half levels t_h = t_i - floor((t_i - t_{i+1}) / 2) of the first `num` steps of an integer-timestep grid on a
     discrete schedule (anything with `alphas_cumprod` (T,)): diffusers' t - (T // N) // 2 for its spacings."""

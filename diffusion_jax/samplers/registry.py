@@ -2,9 +2,11 @@
 
     x, info = run_sampler("dpmpp_2m", denoise_fn, schedule, key, shape, steps=20, spacing="karras")
 
-`run_sampler` builds the noise-level `Grid` from the schedule, the `Denoiser` from the network's
-parameterization (with classifier-free guidance when asked), draws x_T from fold_in(key, 0), and calls
-the solver with `key` for its own noise. DDPM and DDIM keep their own discrete-timestep loops.
+Every sampler is one convention: `solver(denoiser, grid, x_T, key, **options) -> (x_0, info)`. `run_sampler`
+builds the noise-level `Grid` from the process, the `Denoiser` from the network's parameterization (with
+classifier-free guidance when asked), draws x_T from fold_in(key, 0) and gives the solver fold_in(key, 1) for its
+own noise. A solver that needs more of the process than its grid declares it in its registry line (`from_process`:
+PNDM's half levels, the reverse SDE of Euler-Maruyama and predictor-corrector); `run_sampler` has no name cases.
 """
 from __future__ import annotations
 
@@ -18,12 +20,10 @@ import jax.numpy as jnp
 
 from diffusion_jax import validate
 from diffusion_jax.process import check_process
-from diffusion_jax.samplers import adaptive, dpm_solver, euler, pndm, sde_solvers, unipc
+from diffusion_jax.samplers import adaptive, ddim, ddpm, dpm_solver, euler, pndm, sde_solvers, unipc
 from diffusion_jax.samplers.checks import check_key
-from diffusion_jax.samplers.ddim import ddim_sample
-from diffusion_jax.samplers.ddpm import ddpm_sample
 from diffusion_jax.samplers.grid import continuous_grid, discrete_grid
-from diffusion_jax.samplers.wrapper import Guidance, guide, make_denoiser
+from diffusion_jax.samplers.wrapper import Guidance, make_denoiser
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,21 +32,23 @@ class Entry:
     fixed: dict            # options the name fixes (e.g. order=2)
     stochastic: bool
     about: str
+    from_process: Callable | None = None   # (process, grid) -> options the solver takes from the process
 
 
-def _e(fn, about, stochastic=False, **fixed):
-    return Entry(fn, fixed, stochastic, about)
+def _e(fn, about, stochastic=False, from_process=None, **fixed):
+    return Entry(fn, fixed, stochastic, about, from_process)
 
 
 SAMPLERS: dict[str, Entry] = {
-    "ddpm": _e(ddpm_sample, "DDPM ancestral (Ho et al. 2020), fixed_small / fixed_large / learned variance", True),
-    "ddim": _e(ddim_sample, "DDIM (Song et al. 2021), eta = 0 deterministic", False),
+    "ddpm": _e(ddpm.ddpm, "DDPM ancestral (Ho et al. 2020), fixed_small / fixed_large / learned variance", True),
+    "ddim": _e(ddim.ddim, "DDIM (Song et al. 2021), eta = 0 deterministic, eta > 0 stochastic"),
     "euler": _e(euler.euler, "Euler on the probability-flow ODE (EDM coordinates)"),
     "heun": _e(euler.heun, "Heun, EDM Algorithm 1 (2nd order)"),
     "edm": _e(euler.edm_sampler, "EDM stochastic sampler, Algorithm 2 (s_churn, s_tmin, s_tmax, s_noise)", True),
     "euler_ancestral": _e(euler.euler_ancestral, "Euler ancestral (k-diffusion / diffusers)", True),
     "plms": _e(pndm.plms, "PLMS: pseudo linear multistep (Liu et al. 2022)"),
-    "pndm": _e(pndm.pndm, "PNDM with the pseudo Runge-Kutta warm-up (Liu et al. 2022)", warmup="prk"),
+    "pndm": _e(pndm.pndm, "PNDM with the pseudo Runge-Kutta warm-up (Liu et al. 2022)",
+               from_process=pndm.prk_options, warmup="prk"),
     "dpm_solver_1": _e(dpm_solver.dpm_solver_singlestep, "DPM-Solver-1 (Lu et al. 2022a)", order=1,
                        algorithm="dpmsolver"),
     "dpm_solver_2": _e(dpm_solver.dpm_solver_singlestep, "DPM-Solver-2 singlestep", order=2, algorithm="dpmsolver"),
@@ -58,11 +60,12 @@ SAMPLERS: dict[str, Entry] = {
                        algorithm="sde-dpmsolver++"),
     "unipc_bh1": _e(unipc.unipc, "UniPC with B(h) = h (Zhao et al. 2023)", variant="bh1"),
     "unipc_bh2": _e(unipc.unipc, "UniPC with B(h) = e^h - 1", variant="bh2"),
-    "euler_maruyama": _e(sde_solvers.euler_maruyama, "Euler-Maruyama on the reverse SDE (Song et al. 2021)", True),
-    "pc": _e(sde_solvers.predictor_corrector, "score_sde predictor-corrector (Langevin corrector)", True),
+    "euler_maruyama": _e(sde_solvers.euler_maruyama, "Euler-Maruyama on the reverse SDE (Song et al. 2021)", True,
+                         from_process=sde_solvers.sde_options),
+    "pc": _e(sde_solvers.predictor_corrector, "score_sde predictor-corrector (Langevin corrector)", True,
+             from_process=sde_solvers.sde_options),
     "adaptive": _e(adaptive.adaptive_ode, "adaptive PF-ODE (diffrax Tsit5 / Dopri5, rtol / atol)"),
 }
-DISCRETE_ONLY_SAMPLERS = ("ddpm", "ddim")   # their own loops over DDPM timesteps
 _BUILT_IN = {"denoiser", "grid", "x_T", "key", "denoise_fn", "schedule", "shape", "steps", "prediction",
              "spacing", "clip_denoised", "return_trajectory", "half_grid"}
 
@@ -119,42 +122,27 @@ def run_sampler(name: str, denoise_fn, schedule, key, shape, *, steps: int, pred
     if options is not None and not isinstance(options, dict):
         raise TypeError(f"options must be a dict of sampler options (name -> value), got {type(options).__name__}")
     options = dict(options or {})
-    solver = get_sampler(name, **options)
+    entry, solver = get_entry(name), get_sampler(name, **options)
     shape = validate.check_shape(shape, "shape")
     check_process(schedule)
     if x_T is None:
         check_key(key, f"sampler {name!r} without x_T")
     else:
         x_T = _check_x_T(x_T, shape)
-    if name in DISCRETE_ONLY_SAMPLERS:
-        if not schedule.discrete:
-            raise ValueError(f"sampler {name!r} needs a discrete (DDPM) schedule; use 'euler' / 'dpmpp_2m' / ...")
-        if guidance is not None and guidance.active:
-            if guidance.interval is not None:
-                raise ValueError(f"sampler {name!r} does not support guidance.interval; use a grid sampler")
-            cond = denoise_fn
-            denoise_fn = lambda x, t: guide(cond(x, t), uncond_fn(x, t), guidance.scale, guidance.rescale)
-        return solver(denoise_fn, schedule, key, shape, steps=steps, prediction=prediction, spacing=spacing,
-                      clip_denoised=clip_denoised, x_T=x_T)
     with jax.ensure_compile_time_eval():  # a schedule closed over by a jitted caller gives a concrete grid
         if schedule.discrete:
             grid = discrete_grid(schedule, steps, spacing, rho=rho)
         else:
             grid = continuous_grid(schedule, steps, spacing, rho=rho)
-        half_grid = pndm.prk_half_grid(schedule, grid) if name == "pndm" and not _traced(grid) else None
+        if entry.from_process is not None:
+            derived = entry.from_process(schedule, None if _traced(grid) else grid)
+            solver = functools.partial(solver, **{k: v for k, v in derived.items() if k not in options})
     denoiser = make_denoiser(denoise_fn, prediction, clip_denoised=clip_denoised, guidance=guidance,
-                             uncond_fn=uncond_fn)
+                             uncond_fn=uncond_fn, learned_variance=options.get("variance") == "learned")
     if x_T is None:  # N(0, (alpha^2 + sigma^2) I): unit variance for VP, ~sigma_max^2 for VE / EDM (alpha = 1)
         scale = jnp.sqrt(grid.alpha[0] ** 2 + grid.sigma[0] ** 2)
         x_T = jax.random.normal(jax.random.fold_in(key, 0), shape) * scale
-    if name == "pndm":
-        if not schedule.discrete or half_grid is None:
-            raise ValueError("sampler 'pndm' (PRK warm-up) needs a concrete discrete schedule (not a jit "
-                             "argument); use 'plms' otherwise")
-        solver = functools.partial(solver, half_grid=half_grid)
-    if name in ("euler_maruyama", "pc") and not schedule.discrete and "sde" not in options:
-        solver = functools.partial(solver, sde=schedule)
-    return solver(denoiser, grid, x_T, key)
+    return solver(denoiser, grid, x_T, None if key is None else jax.random.fold_in(key, 1))
 
 
 def count_nfe(name: str, schedule, steps: int, *, spacing: str = "leading", options: dict | None = None) -> int | None:

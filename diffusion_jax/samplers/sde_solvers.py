@@ -63,6 +63,12 @@ def _check(grid, x_T, key, predictor, corrector, snr, n_corrector_steps, denoise
         check_key(key, f"predictor={predictor!r} / corrector={corrector!r}")
 
 
+def sde_options(process, grid) -> dict:
+    """The registry's `from_process` for 'euler_maruyama' and 'pc': a continuous process is the reverse SDE's
+    drift and diffusion (`sde`); a discrete one gives none, and the steps come from the grid's levels alone."""
+    return {} if process.discrete else {"sde": process}
+
+
 def step_coefficients(grid, predictor: str, sde=None):
     """Per-step (K,) arrays (c_x, c_s, std, a^2) with the predictor x_mean = c_x x + c_s score, + std z (module doc)."""
     al, sg = grid.alpha, grid.sigma

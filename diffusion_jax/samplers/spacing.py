@@ -87,12 +87,3 @@ def check_prediction(prediction: str, clip_denoised) -> None:
         raise ValueError(f"sampler.prediction={prediction!r} is unknown; choose from {PREDICTIONS}")
     if clip_denoised is not None and not clip_denoised > 0:
         raise ValueError(f"sampler.clip_denoised must be None or > 0, got {clip_denoised!r}")
-
-
-def initial_noise(key, shape, x_T):
-    """x_T ~ N(0, I) from fold_in(key, 0), or the given x_T (checked against `shape`)."""
-    if x_T is None:
-        return jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
-    if tuple(x_T.shape) != tuple(shape):
-        raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
-    return jnp.asarray(x_T, jnp.float32)

@@ -92,10 +92,13 @@ def batched_pair(net, y, y_null):
 
 
 def make_denoiser(denoise_fn, prediction: str, *, clip_denoised: float | None = None,
-                  guidance: Guidance | None = None, uncond_fn=None, pair_fn=None) -> Denoiser:
+                  guidance: Guidance | None = None, uncond_fn=None, pair_fn=None,
+                  learned_variance: bool = False) -> Denoiser:
     """The denoiser(x, t, alpha, sigma) -> (x0_hat, eps_hat) of a network `denoise_fn(x, t)` (see module doc).
 
     With guidance.scale != 1 exactly one of uncond_fn(x, t) / pair_fn(x, t) -> (cond, uncond) is required.
+    learned_variance: the network returns 2 C channels, [prediction, v] (improved DDPM); the denoiser returns
+    (x0_hat, eps_hat, v), guiding the prediction half only and keeping the conditional v.
     Never call it at a clean level (sigma = 0): eps_hat would divide by zero.
     """
     if prediction not in WRAPPER_PREDICTIONS:
@@ -116,9 +119,19 @@ def make_denoiser(denoise_fn, prediction: str, *, clip_denoised: float | None = 
     def cond_only(x, t):
         return denoise_fn(x, t)
 
+    def split(out, x):
+        """[prediction, v] of a learned-variance output, C = x's channels each."""
+        if out.shape[-1] != 2 * x.shape[-1]:
+            raise ValueError(f"learned_variance needs the network's 2*{x.shape[-1]} output channels [prediction, v], "
+                             f"got {out.shape[-1]}")
+        return jnp.split(out, 2, axis=-1)
+
     def cond_and_uncond(x, t):
         cond, uncond = pair_fn(x, t) if pair_fn is not None else (denoise_fn(x, t), uncond_fn(x, t))
-        return guide(cond, uncond, guidance.scale, guidance.rescale)
+        if not learned_variance:
+            return guide(cond, uncond, guidance.scale, guidance.rescale)
+        (cond, v), (uncond, _) = split(cond, x), split(uncond, x)
+        return jnp.concatenate([guide(cond, uncond, guidance.scale, guidance.rescale), v], axis=-1)
 
     def denoiser(x, t, alpha, sigma):
         xn, tn = net_inputs(x, t, alpha, sigma)
@@ -130,7 +143,10 @@ def make_denoiser(denoise_fn, prediction: str, *, clip_denoised: float | None = 
             lo, hi = guidance.interval
             s = sigma / alpha
             out = jax.lax.cond((s >= lo) & (s <= hi), cond_and_uncond, cond_only, xn, tn)
-        return predict_x0_eps(out, x, alpha, sigma, prediction, clip_denoised)
+        if not learned_variance:
+            return predict_x0_eps(out, x, alpha, sigma, prediction, clip_denoised)
+        out, v = split(out, x)
+        return (*predict_x0_eps(out, x, alpha, sigma, prediction, clip_denoised), v)
 
     return denoiser
 

@@ -3,7 +3,7 @@ so samplers run with no training and are measured against exact answers (PF-ODE 
 
     mix = GaussianMixture.random(jax.random.key(0), num_components=8, dim=64)
     denoise_fn = discrete_denoise_fn(mix, make_schedule("linear", 1000), "eps")
-    x, info = ddim_sample(denoise_fn, schedule, key, (256, 64), steps=50, clip_denoised=None)
+    x, info = run_sampler("ddim", denoise_fn, schedule, key, (256, 64), steps=50)
     mixture_mmd2(mix, x, bandwidth=1.0), gaussian_w2(mix, x)
 
 `reference_ode_solution` needs diffrax (imported on first use).

@@ -8,7 +8,8 @@ import scipy.linalg
 
 from diffusion_jax.objectives.param import convert
 from diffusion_jax.process.discrete import make_schedule
-from diffusion_jax.samplers import ddim_sample, ddpm_sample
+from diffusion_jax.process import sde as sdes
+from diffusion_jax.samplers import run_sampler
 from diffusion_jax.testbed import (
     GaussianMixture,
     alpha_sigma_denoiser,
@@ -159,8 +160,8 @@ def test_ddim_converges_to_reference(mix, sched):
 
     def ddim(steps, prediction="eps"):
         fn = discrete_denoise_fn(mix, sched, prediction)
-        run = jax.jit(lambda x: ddim_sample(fn, sched, KEY, x.shape, steps=steps, spacing="trailing",
-                                            prediction=prediction, clip_denoised=None, x_T=x)[0])
+        run = jax.jit(lambda x: run_sampler("ddim", fn, sched, KEY, x.shape, steps=steps, spacing="trailing",
+                                            prediction=prediction, x_T=x)[0])
         return np.asarray(run(x_T), np.float64)
 
     err = {n: np.sqrt(np.mean((ddim(n) - ref) ** 2)) for n in (100, 1000)}
@@ -171,10 +172,27 @@ def test_ddim_converges_to_reference(mix, sched):
 
 def test_ddpm_samples_the_mixture(mix, sched):
     fn = discrete_denoise_fn(mix, sched, "eps")
-    x, _ = jax.jit(lambda k: ddpm_sample(fn, sched, k, (2000, D), clip_denoised=None))(KEY)
+    x, _ = jax.jit(lambda k: run_sampler("ddpm", fn, sched, k, (2000, D), steps=1000))(KEY)
     mmd2, se = mixture_mmd2(mix, x, 0.5, return_stderr=True)
     assert abs(mmd2) < 4.5 * se, (mmd2, se)
     assert moment_errors(mix, x)["occupancy_tv"] < 0.05
+
+
+@pytest.mark.parametrize("name,options", [("ddpm", {}), ("ddim", {"eta": 1.0}), ("ddim", {})])
+def test_ddpm_ddim_sample_the_mixture_on_continuous_processes(mix, name, options):
+    """DDPM's posterior step and DDIM's eq. 12 written in (alpha, sigma) hold for any Gaussian process: on a
+    continuous VP SDE and on EDM's VE levels, 200 steps of each sample the mixture (a sign error in the posterior
+    mean or variance moves the MMD by tens of standard errors)."""
+    f = alpha_sigma_denoiser(mix, "eps")
+    vp, edm = sdes.VPSDE(t_min=1e-3), sdes.EDMSchedule()
+    cases = (("VP", vp, "uniform", lambda x, t: f(x, vp.alpha(t / vp.time_scale), vp.sigma(t / vp.time_scale))),
+             ("EDM", edm, "karras", lambda x, s: f(x, 1.0, s)))          # EDM's network time is sigma itself
+    for label, process, spacing, den in cases:
+        x, info = jax.jit(lambda k: run_sampler(name, den, process, k, (2000, D), steps=200, spacing=spacing,
+                                                options=options))(KEY)
+        assert info["nfe"] == 200
+        mmd2, se = mixture_mmd2(mix, x, 0.5, return_stderr=True)
+        assert abs(mmd2) < 4.5 * se, (label, name, options, mmd2, se)
 
 
 # ----------------------------------------------------------------------------------------------- metrics
