@@ -33,9 +33,8 @@ def continuous_config(kind: str, cfg: LossConfig):
             raise ValueError(f"schedule.kind='edm' trains EDM's preconditioned network: set loss.prediction='edm', "
                              f"got {cfg.prediction!r}")
         return EDMLossConfig(p_mean=cfg.p_mean, p_std=cfg.p_std, cond_drop_prob=cfg.cond_drop_prob)
-    weighting = "sigma2" if cfg.weighting == "simple" else cfg.weighting
-    return DSMConfig(prediction=cfg.prediction, weighting=weighting, importance_sampling=cfg.importance_sampling,
-                     eps=cfg.eps, cond_drop_prob=cfg.cond_drop_prob)
+    return DSMConfig(prediction=cfg.prediction, weighting=cfg.weighting, importance_sampling=cfg.importance_sampling,
+                     eps=cfg.eps, cond_drop_prob=cfg.cond_drop_prob, snr_gamma=cfg.snr_gamma)
 
 
 def validate_loss(cfg: LossConfig, learn_sigma: bool, kind: str = "discrete") -> None:

@@ -1,16 +1,8 @@
 """Training losses for discrete-time diffusion models.
 
-Every weighting is written, as in Hang et al. 2023 ("Efficient diffusion training via Min-SNR weighting"),
-as a weight lambda(t) on the x0-space error ||x0 - x0_hat||^2. A network of kind k (eps | x0 | v | score)
-is trained on its own target, whose squared error is c_k(SNR) times the x0 error (`param.mse_to_x0_mse_factor`),
-so the loss on the network's target is weighted by lambda(t) / c_k(SNR):
-
-    simple    plain MSE on the network's own target (Ho et al. 2020 L_simple when k = eps)
-    const     lambda = 1           (x0-MSE)
-    snr       lambda = SNR         (eps-MSE, whatever k is)
-    max_snr   lambda = max(SNR, gamma)   (truncated SNR; Salimans & Ho 2022 use gamma = 1)
-    min_snr   lambda = min(SNR, gamma)   (Hang et al. 2023, gamma = 5)
-    v         lambda = SNR + 1     (v-MSE)
+The MSE loss is the network's own target at uniform timesteps, weighted by a weighting of `weighting.py` (one
+vocabulary for every objective: w(lambda) on the eps error, as a function of the log-SNR): simple, const, snr,
+max_snr, min_snr (Hang et al. 2023) or v.
 
 loss_type="hybrid" adds the variational bound with a frozen mean for a learned variance (Nichol & Dhariwal
 2021, L_hybrid = L_simple + lambda L_vlb with their factor T/1000); loss_type="vlb" trains on L_vlb alone.
@@ -25,20 +17,20 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.objectives import param
+from diffusion_jax.objectives import weighting as weightings
 from diffusion_jax.process.discrete import DiscreteSchedule, _bcast, q_posterior, q_sample
 from diffusion_jax.validate import check_images, check_labels
 
-WEIGHTINGS = ("simple", "const", "snr", "max_snr", "min_snr", "v")
 LOSS_TYPES = ("mse", "hybrid", "vlb")
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """The loss of config.loss. Discrete schedules use all but the continuous-time fields; schedule.kind
-    vp / subvp / ve train with DSM (`dsm.py`: prediction eps | score | x0 | v, weighting simple (= sigma2, the
-    eps-MSE) | likelihood, importance_sampling, eps); kind edm with EDM's loss (prediction "edm", p_mean, p_std)."""
+    vp / subvp / ve train with DSM (`dsm.py`: prediction eps | score | x0 | v, any weighting of `weighting.py`,
+    importance_sampling, eps); kind edm with EDM's loss (prediction "edm", p_mean, p_std)."""
     prediction: str = "eps"          # what the network predicts: eps | x0 | v (| score: DSM; edm: EDM)
-    weighting: str = "simple"        # see WEIGHTINGS (DSM: simple | likelihood)
+    weighting: str = "simple"        # objectives.weighting.WEIGHTINGS (likelihood: continuous time only)
     snr_gamma: float = 5.0           # gamma of min_snr / max_snr
     loss_type: str = "mse"           # mse | hybrid | vlb (continuous time: mse)
     cond_drop_prob: float = 0.0      # label dropout for classifier-free guidance (Ho & Salimans 2022)
@@ -51,8 +43,7 @@ class LossConfig:
         """The discrete-time (DDPM) fields; `objectives.build.validate_loss` checks the continuous kinds."""
         if self.prediction not in ("eps", "x0", "v"):
             raise ValueError(f"loss.prediction={self.prediction!r} is unknown; choose from ('eps', 'x0', 'v')")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"loss.weighting={self.weighting!r} is unknown; choose from {WEIGHTINGS}")
+        weightings.check_weighting(self.weighting, continuous=False)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss.loss_type={self.loss_type!r} is unknown; choose from {LOSS_TYPES}")
         if self.loss_type == "hybrid" and not learn_sigma:
@@ -61,29 +52,6 @@ class LossConfig:
             raise ValueError(f"loss.cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
         if self.snr_gamma <= 0:
             raise ValueError(f"loss.snr_gamma must be > 0, got {self.snr_gamma}")
-
-
-def x0_weight(weighting: str, snr, gamma: float = 5.0):
-    """lambda(t) on the x0-space squared error (see module docstring)."""
-    if weighting == "const":
-        return jnp.ones_like(snr)
-    if weighting == "snr":
-        return snr
-    if weighting == "max_snr":
-        return jnp.maximum(snr, gamma)
-    if weighting == "min_snr":
-        return jnp.minimum(snr, gamma)
-    if weighting == "v":
-        return snr + 1.0
-    raise ValueError(f"loss.weighting={weighting!r} is unknown; choose from {WEIGHTINGS}")
-
-
-def target_weight(weighting: str, prediction: str, snr, gamma: float = 5.0):
-    """Weight on the MSE of the network's own target: lambda(t) / c_k(SNR); 1 for 'simple'."""
-    if weighting == "simple":
-        return jnp.ones_like(snr)
-    snr = jnp.maximum(snr, 1e-8)  # zero-terminal-SNR schedules reach SNR = 0 at t = T-1
-    return x0_weight(weighting, snr, gamma) / param.mse_to_x0_mse_factor(prediction, snr)
 
 
 def mean_flat(x):
@@ -199,7 +167,8 @@ def diffusion_loss(apply_fn: Callable, schedule: DiscreteSchedule, cfg: LossConf
     alpha, sigma = _bcast(schedule.alpha(t), x0), _bcast(schedule.sigma(t), x0)
     target = param.from_x0_eps(cfg.prediction, x0, eps, alpha, sigma)
     mse = mean_flat((out - target) ** 2)
-    w = target_weight(cfg.weighting, cfg.prediction, schedule.snr(t), cfg.snr_gamma)
+    log_snr = jnp.log(jnp.maximum(schedule.snr(t), 1e-8))   # zero-terminal-SNR schedules reach SNR = 0 at T - 1
+    w = weightings.target_weight(cfg.weighting, cfg.prediction, log_snr, gamma=cfg.snr_gamma)
     metrics = {"mse": jnp.mean(mse)}
 
     if cfg.loss_type == "mse":

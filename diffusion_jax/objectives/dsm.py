@@ -9,11 +9,14 @@ written on the noise, sigma^2 ||s_theta + z / sigma||^2 = ||eps_hat - z||^2 with
 
     J = E_t [ lambda(t) / sigma(t)^2 ] ||eps_hat - z||^2          (per pixel: averaged over the data dimensions)
 
-    weighting "sigma2"      lambda = sigma^2   (score_sde's default; the eps-MSE at uniform t)
-    weighting "likelihood"  lambda = g^2       (Song, Durkan, Murray & Ermon 2021, "Maximum Likelihood Training of
-                            Score-Based Diffusion Models", Thm. 1: KL(p_0 || p_theta^SDE) <= J_SM(theta; g^2) +
-                            KL(p_T || pi), and 1/2 (T - eps) J(g^2), summed over dimensions, is J_SM up to a
-                            theta-free constant)
+so score_sde's lambda(t) / sigma^2 is the w(log_snr) of `weighting.py`, the one vocabulary of every objective:
+
+    weighting "snr"         lambda = sigma^2, w = 1   (score_sde's default; the eps-MSE at uniform t)
+    weighting "likelihood"  lambda = g^2, w = g^2 / sigma^2 = -d log_snr / dt  (Song, Durkan, Murray & Ermon 2021,
+                            "Maximum Likelihood Training of Score-Based Diffusion Models", Thm. 1: KL(p_0 || p_theta^SDE)
+                            <= J_SM(theta; g^2) + KL(p_T || pi), and 1/2 (T - eps) J(g^2), summed over dimensions, is
+                            J_SM up to a theta-free constant)
+    simple, const, max_snr, min_snr, v   as for discrete schedules (simple: the MSE of the network's own target)
 
 Importance sampling for the likelihood weighting (their sec. 5): sample t with density p(t) = g^2 / (sigma^2 Z) and
 weight by lambda / (p (T - eps)) = Z / (T - eps), which keeps the mean of J. Since d sigma^2/dt = 2 f sigma^2 + g^2 and
@@ -27,7 +30,8 @@ B(t) = log1p(expm1(B(eps)) e^u), the inverse of score_flow's `likelihood_importa
 by bisection.)
 
 The network apply_fn(params, x_t, sde.network_time(t), ...) predicts `prediction` (eps | score | x0 | v; v for VP
-only), converted to eps_hat with `param.to_x0_eps`. `check_output` is shared with edm.py and vdm.py
+only), converted to eps_hat with `param.to_x0_eps`; the loss is w ||eps_hat - z||^2, the same as the weighted MSE of
+the network's own target. `check_output` is shared with edm.py and vdm.py
 (`losses.read_batch` with every loss).
 """
 from __future__ import annotations
@@ -39,10 +43,9 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.objectives import param
+from diffusion_jax.objectives import weighting as weightings
 from diffusion_jax.objectives.discrete import mean_flat, read_batch
 from diffusion_jax.process.sde import SDE
-
-DSM_WEIGHTINGS = ("sigma2", "likelihood")
 
 
 # ------------------------------------------------------------------------------------ shared batch handling
@@ -75,16 +78,16 @@ def sample_importance_time(sde: SDE, key, shape, eps: float = 1e-5):
 @dataclasses.dataclass(frozen=True)
 class DSMConfig:
     prediction: str = "score"          # what the network predicts: eps | score | x0 | v (VP only)
-    weighting: str = "sigma2"          # sigma2 (lambda = sigma^2) | likelihood (lambda = g^2)
+    weighting: str = "snr"             # objectives.weighting.WEIGHTINGS (snr: lambda = sigma^2; likelihood: g^2)
     importance_sampling: bool = False  # likelihood weighting only: t ~ g^2 / sigma^2 (module docstring)
+    snr_gamma: float = 5.0             # gamma of min_snr / max_snr
     eps: float = 1e-5                  # t ~ U(eps, T) (score_sde's training eps)
     cond_drop_prob: float = 0.0        # label dropout for classifier-free guidance
 
     def validate(self) -> None:
         if self.prediction not in param.PREDICTIONS:
             raise ValueError(f"loss.prediction={self.prediction!r} is unknown; choose from {param.PREDICTIONS}")
-        if self.weighting not in DSM_WEIGHTINGS:
-            raise ValueError(f"loss.weighting={self.weighting!r} is unknown; choose from {DSM_WEIGHTINGS}")
+        weightings.check_weighting(self.weighting, continuous=True)
         if self.importance_sampling and self.weighting != "likelihood":
             raise ValueError("loss.importance_sampling=True needs loss.weighting='likelihood'")
         if not self.eps > 0:
@@ -101,7 +104,9 @@ def sample_time_and_weight(sde: SDE, cfg: DSMConfig, key, shape):
         t = sample_importance_time(sde, key, shape, cfg.eps)
         return t, jnp.full(shape, likelihood_cdf(sde, sde.t_max, cfg.eps) / (sde.t_max - cfg.eps))
     t = jax.random.uniform(key, shape, minval=cfg.eps, maxval=sde.t_max)
-    w = jnp.ones(shape) if cfg.weighting == "sigma2" else sde.g2(t) / sde.sigma(t) ** 2
+    likelihood = cfg.weighting == "likelihood"     # g^2 / sigma^2 = -d log_snr / dt (module doc)
+    w = weightings.eps_weight(cfg.weighting, sde.log_snr(t), prediction=cfg.prediction, gamma=cfg.snr_gamma,
+                              neg_dlogsnr_dt=sde.g2(t) / sde.sigma(t) ** 2 if likelihood else None)
     return t, w
 
 

@@ -257,7 +257,7 @@ def _dsm_reference(s0, c, weighting, eps):
     v = alpha^2 s0^2 + sigma^2, E||eps_hat - z||^2 = 1 + (c^2 - 2c) sigma^2 / v."""
     def integrand(t):
         a, s2, g2 = _vp_np(t)
-        lam_over_s2 = 1.0 if weighting == "sigma2" else g2 / s2
+        lam_over_s2 = 1.0 if weighting == "snr" else g2 / s2
         return lam_over_s2 * (1 + (c * c - 2 * c) * s2 / (a * a * s0 ** 2 + s2))
     return integrate.quad(integrand, eps, 1.0, points=[1e-4, 1e-3, 1e-2, 1e-1], limit=200)[0] / (1 - eps)
 
@@ -269,9 +269,9 @@ def test_dsm_exact_score_gives_irreducible_value():
         fn = _exact_score_vp(s0)
         if pred == "eps":     # eps_hat = -sigma score
             fn = (lambda f: lambda p, x, t, **kw: -sde.sigma(t / 999.0)[:, None, None, None] * f(p, x, t))(fn)
-        cfg = dsm.DSMConfig(prediction=pred, weighting="sigma2")
+        cfg = dsm.DSMConfig(prediction=pred, weighting="snr")
         got, se = _mc(lambda k: dsm.dsm_loss(fn, sde, cfg, None, batch, k)[0])
-        want = _dsm_reference(s0, 1.0, "sigma2", cfg.eps)         # = E_t[alpha^2 s0^2 / v]
+        want = _dsm_reference(s0, 1.0, "snr", cfg.eps)         # = E_t[alpha^2 s0^2 / v]
         assert abs(got - want) < 4 * se + 1e-3, (pred, got, want, se)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from diffusion_jax.objectives import discrete as losses
 from diffusion_jax.objectives import param
+from diffusion_jax.objectives import weighting
 from diffusion_jax.objectives.discrete import LossConfig, diffusion_loss
 from diffusion_jax.process.discrete import make_schedule
 
@@ -57,12 +58,48 @@ def test_mse_factor_is_exact(sample, kind):
 
 def test_min_snr_weights_match_hang_et_al():
     snr = jnp.array([0.1, 1.0, 5.0, 20.0])
+    log_snr = jnp.log(snr)
     # Paper, Sec. 3.4: eps-prediction weight min(SNR, gamma) / SNR; v-prediction min(SNR, gamma) / (SNR + 1).
-    np.testing.assert_allclose(losses.target_weight("min_snr", "eps", snr, 5.0), jnp.minimum(snr, 5) / snr)
-    np.testing.assert_allclose(losses.target_weight("min_snr", "v", snr, 5.0), jnp.minimum(snr, 5) / (snr + 1))
-    np.testing.assert_allclose(losses.target_weight("snr", "eps", snr), 1.0)
-    np.testing.assert_allclose(losses.target_weight("simple", "v", snr), 1.0)
-    np.testing.assert_allclose(losses.target_weight("const", "x0", snr), 1.0)
+    np.testing.assert_allclose(weighting.target_weight("min_snr", "eps", log_snr, gamma=5.0), jnp.minimum(snr, 5) / snr,
+                               rtol=1e-6)
+    np.testing.assert_allclose(weighting.target_weight("min_snr", "v", log_snr, gamma=5.0),
+                               jnp.minimum(snr, 5) / (snr + 1), rtol=1e-6)
+    np.testing.assert_allclose(weighting.target_weight("snr", "eps", log_snr), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(weighting.target_weight("simple", "v", log_snr), 1.0)
+    np.testing.assert_allclose(weighting.target_weight("const", "x0", log_snr), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["simple", "const", "snr", "max_snr", "min_snr", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_one_weighting_vocabulary_for_every_target(name, prediction):
+    """w(lambda) on the eps error is what the weighting names: the weighted MSE of any target equals w times the eps
+    MSE of the same error (Kingma & Gao 2023). Checked on a random x0 error at fixed x_t, with the target's error
+    computed from x0_hat, not from c_k."""
+    rng = np.random.default_rng(0)
+    alpha = np.array([0.995, 0.9, 0.6, 0.2, 0.05], np.float32)
+    sigma = np.sqrt(1 - alpha ** 2)
+    shape = (5, 4, 4, 1)
+    x0, eps = rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32)
+    a, s = alpha[:, None, None, None], sigma[:, None, None, None]
+    xt = a * x0 + s * eps
+    x0_hat = x0 + 0.1 * rng.standard_normal(shape, np.float32)
+    eps_hat = param.eps_from_x0(xt, x0_hat, a, s)
+    target = lambda x0_, eps_: param.from_x0_eps(prediction, x0_, eps_, a, s)
+    mse_target = losses.mean_flat((target(x0, eps) - target(x0_hat, eps_hat)) ** 2)
+    mse_eps = losses.mean_flat((eps - eps_hat) ** 2)
+    log_snr = jnp.log(alpha ** 2 / sigma ** 2)
+    w_target = weighting.target_weight(name, prediction, log_snr, gamma=5.0)
+    w_eps = weighting.eps_weight(name, log_snr, prediction=prediction, gamma=5.0)
+    np.testing.assert_allclose(w_target * mse_target, w_eps * mse_eps, rtol=2e-3)
+
+
+def test_likelihood_weighting_needs_continuous_time():
+    with pytest.raises(ValueError, match="continuous-time process"):
+        LossConfig(weighting="likelihood").validate(learn_sigma=False)
+    with pytest.raises(ValueError, match="continuous-time process"):
+        weighting.eps_weight("likelihood", jnp.zeros(3))
+    with pytest.raises(ValueError, match="loss.weighting='sigma2' is unknown"):
+        weighting.check_weighting("sigma2", continuous=True)
 
 
 def test_normal_kl_and_decoder_likelihood():
