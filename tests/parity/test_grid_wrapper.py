@@ -13,9 +13,9 @@ from diffusion_jax.process import vdm as pvdm
 from diffusion_jax.objectives.param import from_x0_eps
 from diffusion_jax.process import sde as sdes
 from diffusion_jax.process.discrete import ContinuousSchedule, beta_schedule, make_schedule
-from diffusion_jax.samplers import ddim_sample, respace, select_timesteps
+from diffusion_jax.samplers import respace, run_sampler, select_timesteps
 from diffusion_jax.samplers.grid import SPACINGS, Grid, continuous_grid, discrete_grid
-from diffusion_jax.samplers.wrapper import Guidance, batched_pair, guide, make_denoiser, ode_derivative, predict_x0_eps
+from diffusion_jax.samplers.wrapper import Guidance, batched_pair, guide, make_denoiser, ode_derivative
 
 T = 1000
 MU, S = 0.3, 0.5
@@ -133,8 +133,8 @@ def test_grid_levels_final_and_properties(sched):
     assert g.lam[-1] == jnp.inf and g.log_snr[-1] == jnp.inf and g.sigma_ve[-1] == 0
     np.testing.assert_allclose(g.log_snr[:-1], sched.log_snr(g.t[:-1].astype(jnp.int32)), rtol=1e-5)
     np.testing.assert_allclose(g.lam, g.log_snr / 2)
-    # integer grids hold the schedule's tables: what the DDIM / DDPM samplers use (respace recomputes them in
-    # float32, equal to the last bit)
+    # integer grids hold the schedule's tables: the respaced chain of DDPM / DDIM and RePaint (respace recomputes
+    # them in float32, equal to the last bit)
     tab = respace(sched, select_timesteps(T, 10, "leading"))
     np.testing.assert_allclose(g.alpha[:-1], tab.alpha, rtol=1.2e-7)
     np.testing.assert_allclose(g.alpha[1:], tab.alpha_prev, rtol=1.2e-7)
@@ -325,13 +325,11 @@ def test_every_parameterization_gives_the_same_denoiser(sched):
                 np.testing.assert_allclose(sg * eps, sg * eps_ref, atol=3e-6 * scale, err_msg=f"{name} {i} {kind}")
 
 
-def test_clipping_and_ddim_helper():
+def test_clipping_rederives_eps():
     x, a, sg = jnp.array([[3.0, -0.2]]), 0.8, 0.6
     x0, eps = make_denoiser(lambda x, t: x, "x0", clip_denoised=1.0)(x, 5.0, a, sg)
     np.testing.assert_allclose(x0, [[1.0, -0.2]])
     np.testing.assert_allclose(a * x0 + sg * eps, x, rtol=1e-6)       # eps re-derived from the clipped x0
-    from diffusion_jax.samplers import ddim
-    assert ddim.predict_x0_eps is predict_x0_eps
 
 
 def _cond(x, t):
@@ -435,6 +433,6 @@ def test_euler_in_ve_coordinates_on_a_grid_is_ddim(sched):
         y, _ = jax.lax.scan(step, x_T / grid.alpha[0], jnp.arange(grid.num_steps))
         return grid.alpha[-1] * y
 
-    ref, _ = ddim_sample(net, sched, jax.random.key(0), x_T.shape, steps=20, clip_denoised=None, x_T=x_T)
+    ref, _ = run_sampler("ddim", net, sched, jax.random.key(0), x_T.shape, steps=20, x_T=x_T)
     np.testing.assert_allclose(euler(grid, x_T), ref, rtol=1e-4, atol=1e-4)
     assert isinstance(grid, Grid)

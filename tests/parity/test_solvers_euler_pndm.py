@@ -17,7 +17,7 @@ import pytest
 
 from diffusion_jax.process import sde as sdes
 from diffusion_jax.process.discrete import beta_schedule, make_schedule
-from diffusion_jax.samplers import ddim_sample
+from diffusion_jax.samplers.ddim import ddim
 from diffusion_jax.samplers.euler import edm_sampler, euler, euler_ancestral, heun, interpolated_level
 from diffusion_jax.samplers.grid import Grid, continuous_grid, discrete_grid
 from diffusion_jax.samplers.inversion import ddim_inversion
@@ -256,7 +256,7 @@ def test_ddim_inversion_roundtrip():
 
     @functools.lru_cache(maxsize=None)
     def sample(steps):
-        return jax.jit(lambda x: ddim_sample(fn, sched, KEY, x.shape, steps=steps, clip_denoised=None, x_T=x)[0])
+        return jax.jit(lambda x: ddim(den, discrete_grid(sched, steps, "leading"), x)[0])
 
     def roundtrip(steps, model_time="next"):
         grid = discrete_grid(sched, steps, "leading")
