@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from conftest import ROOT
+from harness import need
 
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
 
@@ -20,7 +21,7 @@ def bench(name: str):
 @pytest.mark.slow    # about a minute: three compiles of the digits train step
 @pytest.mark.torch
 def test_train_step_bench_times_both_sides_of_the_same_network(tmp_path):
-    pytest.importorskip("diffusers")
+    need("diffusers")
     main = bench("train_step").main
 
     rows = main(["--models", "digits", "--batch", "8", "--rounds", "2", "--steps", "1", "--out", str(tmp_path)])
@@ -43,7 +44,7 @@ def test_unknown_model_is_named():
 @pytest.mark.slow    # about 35 s: one compile of a 3-step DDIM loop of the digits model, and diffusers' loop
 @pytest.mark.torch
 def test_sampling_bench_alternates_both_sides(tmp_path):
-    pytest.importorskip("diffusers")
+    need("diffusers")
     bench("sampling_loop").main(["--loops", "digits:2", "--steps", "3", "--repeats", "3", "--out", str(tmp_path)])
     with open(os.path.join(tmp_path, "sampling.csv")) as f:
         (row,) = list(csv.DictReader(f))
@@ -66,7 +67,7 @@ def test_sampling_bench_names_a_bad_loop(loops, message):
 
 @pytest.mark.torch
 def test_conv_layer_bench_times_both_sides(tmp_path):
-    pytest.importorskip("torch")
+    need("torch")
     convs = bench("convs")
     row = convs.time_layer(batch=2, size=4, cin=8, cout=8, repeats=2)
     assert min(row[k] for k in ("ours_fwd_ms", "ours_dx_ms", "ours_dw_ms", "torch_fwd_ms")) > 0

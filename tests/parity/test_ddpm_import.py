@@ -6,6 +6,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from harness import CHEAP_COMPILE, assert_trees_equal, diffusers_loop, nchw, need, nhwc, random_torch_model, to_torch
 
 from diffusion_jax.cli.main import main
 from diffusion_jax.cli.pipelines import detect_layout
@@ -16,24 +17,19 @@ from diffusion_jax.samplers import run_sampler
 from diffusion_jax.train.checkpoint import load_trained
 from diffusion_jax.train.ddpm_import import convert_unet2d
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+_, diffusers = need("torch", "diffusers")
 pytestmark = pytest.mark.torch
-CHEAP = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}   # compiles faster
 
 
 @pytest.fixture(scope="module")
 def ddpm_folders(tmp_path_factory):
     """(google-layout folder, DDPMPipeline folder, the diffusers UNet, the DDPMScheduler) of one tiny random model."""
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
+    unet = random_torch_model(  # every tensor perturbed, so that zero biases / unit norm scales are exercised too
+        diffusers.UNet2DModel, seed=0, perturb=0.1,
         sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=4, attention_head_dim=16, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
-        norm_eps=1e-6).eval()
-    with torch.no_grad():  # perturb every tensor so that zero biases / unit norm scales are exercised too
-        for p in unet.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+        norm_eps=1e-6)
     scheduler = diffusers.DDPMScheduler(beta_schedule="linear", variance_type="fixed_large", clip_sample=True)
     root = tmp_path_factory.mktemp("ddpm")
     google = root / "google"
@@ -57,11 +53,9 @@ def _ddim_reference(unet, scheduler, x_T, steps, spacing, clip):
     ddim = diffusers.DDIMScheduler.from_config(scheduler.config, clip_sample=bool(clip), clip_sample_range=clip or 1.0,
                                                timestep_spacing=spacing, steps_offset=0)
     ddim.set_timesteps(steps)
-    x = torch.from_numpy(x_T)
-    with torch.no_grad():
-        for t in ddim.timesteps:
-            x = ddim.step(unet(x, t).sample, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
-    return x.numpy(), ddim.timesteps.numpy()
+    x = diffusers_loop(ddim, lambda x, t: unet(x, t).sample, to_torch(x_T),
+                       step_kwargs=lambda i, t: dict(eta=0.0, use_clipped_model_output=True))[-1]
+    return x, ddim.timesteps.numpy()
 
 
 def test_converted_workdir_gives_diffusers_ddim_samples(ddpm_folders, google_workdir, tmp_path, capsys):
@@ -86,17 +80,17 @@ def test_converted_workdir_gives_diffusers_ddim_samples(ddpm_folders, google_wor
         want, timesteps = _ddim_reference(unet, scheduler, x_T, 5, spacing, clip)
         assert timesteps.tolist() == ([800, 600, 400, 200, 0] if spacing == "leading" else [999, 799, 599, 399, 199])
 
-        @functools.partial(jax.jit, compiler_options=CHEAP)
+        @functools.partial(jax.jit, compiler_options=CHEAP_COMPILE)
         def ddim(params, x_T):
             denoise = network_denoise_fn(apply, params, None, channels=3)
             return run_sampler("ddim", denoise, schedule, jax.random.PRNGKey(0), x_T.shape, steps=5,
                                spacing=spacing, clip_denoised=clip, options={"eta": 0.0}, x_T=x_T)
 
-        got, info = ddim(params, x_T.transpose(0, 2, 3, 1))
+        got, info = ddim(params, nhwc(x_T))
         assert int(info["nfe"]) == 5
         scale = max(1.0, float(np.abs(want).max()))
         assert np.abs(want).max() > 0.5 and (clip is None or np.mean(np.abs(want) < 0.999) > 0.1)  # not all clipped
-        np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2) / scale, want / scale, atol=1e-5 if clip
+        np.testing.assert_allclose(nchw(got) / scale, want / scale, atol=1e-5 if clip
                                    is None else 1e-4, rtol=1e-4)
 
     # the command line samples from it as from a trained run
@@ -117,7 +111,7 @@ def test_pipeline_layout_through_the_cli(ddpm_folders, google_workdir, tmp_path,
     exp_a, _, params_a, _ = load_trained(a)
     exp_b, _, params_b, _ = load_trained(b)
     assert exp_a.data.name == "tfds:cifar10" and exp_a.model == exp_b.model and exp_a.schedule == exp_b.schedule
-    jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+    assert_trees_equal(params_a, params_b)
 
     # a non-empty target is refused (the library: FileExistsError; the command: exit 2 naming it)
     with pytest.raises(FileExistsError, match="not an empty folder"):

@@ -5,14 +5,13 @@ import os
 
 import numpy as np
 import pytest
+from harness import CHEAP_COMPILE, need
 from PIL import Image
 
 from diffusion_jax.cli.main import main
 from diffusion_jax.cli.pipelines import default_out, detect_layout
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+torch, diffusers, transformers = need("torch", "diffusers", "transformers")
 pytestmark = pytest.mark.torch
 
 # the tiny random diffusers SD 1.x folder of test_stable_diffusion (16x16 images, 8x8x4 latents): (folder, pipeline)
@@ -34,9 +33,8 @@ def fast_generate(monkeypatch):
 
     from diffusion_jax.inference.pipelines import latent, stable_diffusion
 
-    options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
     monkeypatch.setattr(stable_diffusion, "make_pipeline",
-                        functools.partial(latent.make_pipeline, compiler_options=options))
+                        functools.partial(latent.make_pipeline, compiler_options=CHEAP_COMPILE))
     load = stable_diffusion.load_text_to_image
 
     def load_once(folder):

@@ -8,17 +8,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from harness import MU, S, diffusers_scheduler, gaussian_x0_eps, need, to_torch
 
 from diffusion_jax.process import vdm as pvdm
 from diffusion_jax.objectives.param import from_x0_eps
 from diffusion_jax.process import sde as sdes
-from diffusion_jax.process.discrete import ContinuousSchedule, beta_schedule, make_schedule
+from diffusion_jax.process.discrete import ContinuousSchedule, make_schedule
 from diffusion_jax.samplers import respace, run_sampler, select_timesteps
 from diffusion_jax.samplers.grid import SPACINGS, Grid, continuous_grid, discrete_grid
 from diffusion_jax.samplers.wrapper import Guidance, batched_pair, guide, make_denoiser, ode_derivative
 
 T = 1000
-MU, S = 0.3, 0.5
 SDES = [sdes.VPSDE(), sdes.SubVPSDE(), sdes.VESDE(), sdes.EDMSchedule()]
 
 
@@ -47,12 +47,7 @@ def _ref(cls, name, steps, exact=True, **kw):
     """diffusers' (sigmas, timesteps) after set_timesteps(steps) on our betas. exact=True replaces its float32
     alphas_cumprod by the float64 product, so that only the algorithms are compared (with float32 cumprod its
     sigma_min = sqrt(1 - abar_0)/... carries a ~1e-4 relative error from 1 - abar_0 ~ 1e-4 in float32)."""
-    betas = beta_schedule(name, T)
-    ref = cls(trained_betas=betas, **kw)
-    if exact:
-        import torch
-        ref.alphas_cumprod = torch.from_numpy(np.cumprod(1 - betas))
-    ref.set_timesteps(steps)
+    ref = diffusers_scheduler(cls, name, num_timesteps=T, float64_alphas=exact, steps=steps, **kw)
     return ref.sigmas.numpy().astype(np.float64), ref.timesteps.numpy().astype(np.float64)
 
 
@@ -65,7 +60,7 @@ def _ours(grid):
 @pytest.mark.parametrize("name", ["linear", "scaled_linear"])
 @pytest.mark.parametrize("steps", [10, 50])
 def test_euler_discrete_grids_match_diffusers(name, steps):
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = need("diffusers")
     sched = make_schedule(name, T)
     for spacing in ("leading", "trailing", "linspace"):
         sig, ts = _ref(diffusers.EulerDiscreteScheduler, name, steps, timestep_spacing=spacing)
@@ -93,7 +88,7 @@ def test_euler_discrete_grids_match_diffusers(name, steps):
 @pytest.mark.torch
 @pytest.mark.parametrize("steps", [10, 25])
 def test_dpm_solver_grids_match_diffusers(sched, steps):
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = need("diffusers")
     cls = diffusers.DPMSolverMultistepScheduler
     # Default (timestep_spacing="linspace"): round(linspace(0, T-1, K+1)) without its last point t = 0, then sigma
     # = 0. That is our linspace with final="last" (K+1 levels ending at t = 0, DPM-Solver's t_0) whose last level
@@ -116,7 +111,7 @@ def test_dpm_solver_grids_match_diffusers(sched, steps):
 
 @pytest.mark.torch
 def test_edm_karras_grid_matches_diffusers():
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = need("diffusers")
     ref = diffusers.EDMEulerScheduler()        # sigma_min=0.002, sigma_max=80, rho=7, final sigma 0
     ref.set_timesteps(18)
     g = continuous_grid(sdes.EDMSchedule(), 18, "karras")
@@ -286,10 +281,9 @@ def gaussian(prediction, level):
 
     def net(x, t):
         a, sg = (v[:, None] for v in level(t))
-        var = a ** 2 * S ** 2 + sg ** 2
-        x0 = MU + a * S ** 2 / var * (x - a * MU)
-        eps = sg * (x - a * MU) / var
-        return -(x - a * MU) / var if prediction == "score" else from_x0_eps(prediction, x0, eps, a, sg)
+        if prediction == "score":
+            return -(x - a * MU) / (a ** 2 * S ** 2 + sg ** 2)
+        return from_x0_eps(prediction, *gaussian_x0_eps(x, a, sg), a, sg)
     return net
 
 
@@ -315,8 +309,7 @@ def test_every_parameterization_gives_the_same_denoiser(sched):
         for i in range(grid.num_steps):          # every level but the clean end
             t, a, sg = grid.t[i], grid.alpha[i], grid.sigma[i]
             x = a * (MU + S * x_unit) + sg * jax.random.normal(jax.random.key(i), x_unit.shape)
-            var = a ** 2 * S ** 2 + sg ** 2
-            x0_ref, eps_ref = MU + a * S ** 2 / var * (x - a * MU), sg * (x - a * MU) / var
+            x0_ref, eps_ref = gaussian_x0_eps(x, a, sg)
             scale = 1.0 + float(jnp.abs(x).max())
             for kind in kinds:
                 x0, eps = make_denoiser(gaussian(kind, level), kind)(x, t, a, sg)
@@ -381,11 +374,11 @@ def test_rescale_worked_example_and_diffusers():
     np.testing.assert_allclose(guide(cond, jnp.zeros_like(cond), 3.0, 1.0), cond)
     np.testing.assert_allclose(guide(cond, jnp.zeros_like(cond), 3.0, 0.0), 3 * cond)
     # against diffusers' rescale_noise_cfg (Stable Diffusion pipelines' guidance_rescale)
-    import torch
+    need("diffusers")
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
     c, u = (np.random.default_rng(k).normal(size=(2, 4, 8, 8)).astype(np.float32) for k in (0, 1))
     cfg = u + 7.5 * (c - u)
-    ref = rescale_noise_cfg(torch.from_numpy(cfg), torch.from_numpy(c), guidance_rescale=0.7).numpy()
+    ref = rescale_noise_cfg(to_torch(cfg), to_torch(c), guidance_rescale=0.7).numpy()
     # diffusers takes std over dims 1.. of NCHW, we over 1.. of NHWC: the same set of elements per example
     np.testing.assert_allclose(guide(jnp.asarray(c), jnp.asarray(u), 7.5, 0.7), ref, rtol=1e-5, atol=1e-5)
 

@@ -1,6 +1,7 @@
 """FID InceptionV3: parity with a PyTorch replica of pytorch-fid's network (random weights), loading errors."""
 import numpy as np
 import pytest
+from harness import need, nhwc, rel_err, to_torch, torch_state_dict
 
 from diffusion_jax.eval.metrics import inception as inc
 
@@ -127,7 +128,7 @@ def _torch_replica():
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(torch replica in eval mode, InceptionFeatures loaded from its saved state_dict)."""
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     torch.manual_seed(0)
     net = _torch_replica()
     with torch.no_grad():  # BN running stats = statistics of random inputs (keeps activations O(1)),
@@ -143,10 +144,6 @@ def pair(tmp_path_factory):
     return net, inc.load_inception(str(path), batch_size=4)
 
 
-def _rel_err(a, b):
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 @pytest.mark.torch
 def test_matches_pytorch_replica(pair):
     import torch
@@ -155,12 +152,12 @@ def test_matches_pytorch_replica(pair):
     rng = np.random.default_rng(0)
     for shape in [(2, 32, 32, 3), (2, 16, 16, 1)]:  # RGB upsampled, grayscale repeated; one compile (B=2)
         x = rng.uniform(-1, 1, shape).astype(np.float32)
-        xt = torch.from_numpy(np.repeat(x, 3 // shape[-1], axis=-1)).permute(0, 3, 1, 2)
+        xt = to_torch(np.repeat(x, 3 // shape[-1], axis=-1), nchw_from_nhwc=True)
         with torch.no_grad():
             pool3, logits = (t.double().numpy() for t in net(xt))
         feats, probs = ext.features(x), ext.probs(x)
         assert feats.shape == (2, 2048) and feats.dtype == np.float64 and probs.shape == (2, 1008)
-        err_f, err_p = _rel_err(feats, pool3), _rel_err(probs, torch.softmax(torch.from_numpy(logits), -1).numpy())
+        err_f, err_p = rel_err(feats, pool3), rel_err(probs, torch.softmax(torch.from_numpy(logits), -1).numpy())
         print(f"{shape}: max rel err pool3 {err_f:.2e}, probs {err_p:.2e}")
         assert err_f < RTOL and err_p < RTOL
         assert np.abs(pool3).max() > 1e-2  # the features are not trivially zero
@@ -173,14 +170,14 @@ def test_matches_pytorch_replica(pair):
 
 @pytest.mark.torch
 def test_resize_matches_torch_bilinear():
-    torch = pytest.importorskip("torch")
+    need("torch")
     import torch.nn.functional as F
 
     rng = np.random.default_rng(1)
     for h, w in [(32, 32), (400, 512), (299, 299)]:  # up, down (no antialias), identity
         x = rng.uniform(-1, 1, (1, h, w, 3)).astype(np.float32)
-        ref = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=(299, 299), mode="bilinear",
-                            align_corners=False).permute(0, 2, 3, 1).numpy()
+        ref = nhwc(F.interpolate(to_torch(x, nchw_from_nhwc=True), size=(299, 299), mode="bilinear",
+                                 align_corners=False))
         np.testing.assert_allclose(np.asarray(inc.preprocess(x)), ref, atol=1e-5)
 
 
@@ -205,12 +202,8 @@ def _zero_state_dict():
     from flax import nnx
 
     _, abstract = nnx.split(nnx.eval_shape(inc.InceptionV3), nnx.Param)
-    sd = {}
-    for path, var in nnx.to_flat_state(abstract):
-        s = var.shape
-        s = (s[3], s[2], s[0], s[1]) if len(s) == 4 else s[::-1]
-        sd[inc._torch_key(path)] = np.zeros(s, np.float32)
-    return sd
+    return torch_state_dict(nnx.to_pure_dict(abstract), inc._torch_key, transposed=lambda keys: True,
+                            make=lambda shape: np.zeros(shape, np.float32))
 
 
 def test_convert_reports_bad_shape_and_keys():
@@ -226,7 +219,7 @@ def test_convert_reports_bad_shape_and_keys():
 
 @pytest.mark.torch
 def test_pth_with_wrong_shape_names_the_key(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     sd = {k: torch.from_numpy(v) for k, v in _zero_state_dict().items()}
     sd["fc.weight"] = torch.zeros(1000, 2048)
     torch.save(sd, tmp_path / "w.pth")

@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from harness import DIFFUSERS_PREDICTION, MU, S, diffusers_loop, float64_alphas_cumprod, gaussian_x0_eps, need, to_torch
 
 from diffusion_jax.objectives.param import from_x0_eps
 from diffusion_jax.process.discrete import beta_schedule, make_schedule
 from diffusion_jax.samplers import discrete_grid, respace, run_sampler, select_timesteps
 
-MU, S = 0.3, 0.5
 Z = 4.5        # two-sided tail ~7e-6 per check; keys are fixed, so the outcome is deterministic anyway
 KEY = jax.random.key(0)
 
@@ -38,7 +38,7 @@ def gaussian_denoiser(schedule, prediction):
     def fn(x, t):
         t = t.astype(jnp.int32)                                   # integer grid: DDPM timesteps
         a, sg = schedule.alpha(t)[:, None], schedule.sigma(t)[:, None]
-        x0 = MU + a * S ** 2 / (a ** 2 * S ** 2 + sg ** 2) * (x - a * MU)
+        x0 = gaussian_x0_eps(x, a, sg)[0]
         return from_x0_eps(prediction, x0, (x - a * x0) / sg, a, sg)
     return fn
 
@@ -46,7 +46,7 @@ def gaussian_denoiser(schedule, prediction):
 # ---------------------------------------------------------------------------------------------- spacing
 @pytest.mark.torch
 def test_select_timesteps_matches_diffusers():
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = need("diffusers")
     for T, steps in [(1000, 1), (1000, 10), (1000, 50), (1000, 61), (1000, 1000), (100, 7), (100, 29), (4000, 333)]:
         for spacing in ("leading", "trailing", "linspace"):
             ref = diffusers.DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
@@ -94,25 +94,29 @@ def _run_diffusers(ref, schedule, steps, prediction, step_kw, learned=False):
     x_T from fold_in(KEY, 0), step i's noise from fold_in(fold_in(KEY, 1), i)).
     step_kw(z) -> extra kwargs of ref.step; `ref.noise` holds z for a patched randn_tensor."""
     import torch
-    ref.alphas_cumprod = torch.tensor(np.cumprod(1 - beta_schedule("linear", 1000)))   # float64 reference
+    float64_alphas_cumprod(ref, "linear")                       # float64 reference
     ref.final_alpha_cumprod = ref.one = torch.tensor(1.0, dtype=torch.float64)
     ref.set_timesteps(steps)
-    as_torch = lambda a: torch.tensor(np.asarray(a, np.float64))
+    as_torch = lambda a: to_torch(a, dtype=np.float64)
     model_abar = as_torch(schedule.alphas_cumprod)              # the model sees the same (float32) table
-    x = as_torch(jax.random.normal(jax.random.fold_in(KEY, 0), (B, C)))
-    for i, t in enumerate(ref.timesteps):
+
+    def model(x, t):
         out = _model(x, t, model_abar[t], torch.tanh, prediction, learned, *map(as_torch, (W, W2, BIAS)))
-        out = torch.cat(out, 1) if learned else out
+        return torch.cat(out, 1) if learned else out
+
+    def step_kwargs(i, t):
         ref.noise = as_torch(jax.random.normal(jax.random.fold_in(jax.random.fold_in(KEY, 1), i), (B, C)))
-        x = ref.step(out, t, x, **step_kw(ref.noise)).prev_sample
-    return x.numpy(), ref.timesteps.numpy()
+        return step_kw(ref.noise)
+
+    x_T = as_torch(jax.random.normal(jax.random.fold_in(KEY, 0), (B, C)))
+    return diffusers_loop(ref, model, x_T, step_kwargs=step_kwargs)[-1], ref.timesteps.numpy()
 
 
 @pytest.mark.torch
 @pytest.mark.parametrize("prediction,eta", [("eps", 0.0), ("v", 0.0), ("eps", 1.0), ("v", 0.5)])
 def test_ddim_matches_diffusers(sched, prediction, eta):
-    diffusers = pytest.importorskip("diffusers")
-    ref = diffusers.DDIMScheduler(prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction])
+    diffusers = need("diffusers")
+    ref = diffusers.DDIMScheduler(prediction_type=DIFFUSERS_PREDICTION[prediction])
     want, ts = _run_diffusers(ref, sched, 10, prediction, lambda z: dict(
         eta=eta, use_clipped_model_output=True, variance_noise=z if eta > 0 else None))
     got, info = jax.jit(lambda k: ddim(_model_jax(sched, prediction), sched, k, (B, C), steps=10, eta=eta,
@@ -127,9 +131,9 @@ def test_ddim_matches_diffusers(sched, prediction, eta):
     ("eps", "fixed_small", 10), ("v", "fixed_small", 10), ("eps", "fixed_large", 10), ("v", "fixed_large", 10),
     ("eps", "learned", 10), ("eps", "fixed_small", 1000)])
 def test_ddpm_matches_diffusers(sched, monkeypatch, prediction, variance, steps):
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = need("diffusers")
     from diffusers.schedulers import scheduling_ddpm
-    ref = diffusers.DDPMScheduler(prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction],
+    ref = diffusers.DDPMScheduler(prediction_type=DIFFUSERS_PREDICTION[prediction],
                                   variance_type="learned_range" if variance == "learned" else variance)
     monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *a, **k: ref.noise)   # our z_i, step by step
     want, ts = _run_diffusers(ref, sched, steps, prediction, lambda z: {}, learned=variance == "learned")

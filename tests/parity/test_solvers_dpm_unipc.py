@@ -5,8 +5,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from harness import (
+    assert_levels_close,
+    convergence_slope,
+    diffusers_loop,
+    diffusers_scheduler,
+    mixture_network,
+    mixture_trajectory,
+    need,
+    patch_randn,
+    to_torch,
+    torch_model,
+    ve_grid,
+)
 
-from diffusion_jax.process.discrete import beta_schedule, make_schedule
+from diffusion_jax.process.discrete import make_schedule
 from diffusion_jax.samplers.dpm_solver import dpm_solver_multistep, dpm_solver_singlestep
 from diffusion_jax.samplers.grid import Grid, discrete_grid
 from diffusion_jax.samplers.unipc import unipc
@@ -23,62 +36,33 @@ T, B, D = 1000, 4, 8
 MIX = GaussianMixture.random(jax.random.key(0), 4, D)
 X_T = jax.random.normal(jax.random.key(1), (B, D))
 KEY = jax.random.key(2)
+SCHED = {name: make_schedule(name, T) for name in ("linear", "scaled_linear")}
 PARITY_RTOL = 2e-5   # per level: max |ours - diffusers| / max |diffusers| (both float32; see test_parity_tolerance)
 
 
 # ------------------------------------------------------------------------------------------ diffusers parity
-def _grid_of(ref):
-    """The levels diffusers steps through (its float32 sigma_ve -> alpha = 1/sqrt(1 + s^2), as it computes them)."""
-    import torch
-    s = ref.sigmas.to(torch.float32)
-    a = 1 / ((s ** 2 + 1) ** 0.5)
-    t = np.append(ref.timesteps.numpy().astype(np.float32), -1.0)
-    return Grid(t=jnp.asarray(t, jnp.float32), alpha=jnp.asarray(a.numpy()), sigma=jnp.asarray((s * a).numpy()))
-
-
-@functools.lru_cache(maxsize=None)
-def _problem(name, pred):
-    sched = make_schedule(name, T)
-    return sched, jax.jit(discrete_denoise_fn(MIX, sched, pred))
-
-
 def _run_diffusers(ref, name, pred, monkeypatch, module):
-    """Whole trajectory of diffusers' scheduler on the exact mixture predictor; step i's noise = ours (fold_in)."""
-    import torch
-    net = _problem(name, pred)[1]
-    noises = iter([torch.from_numpy(np.asarray(jax.random.normal(jax.random.fold_in(KEY, i), X_T.shape)))
-                   for i in range(len(ref.timesteps))])
+    """Whole trajectory (K + 1, B, D) of diffusers' scheduler on the exact mixture network; step i's noise = ours
+    (fold_in(KEY, i))."""
     if module is not None:
-        monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: next(noises))
-    x = torch.from_numpy(np.asarray(X_T))
-    traj = [x.numpy()]
-    for t in ref.timesteps:
-        out = net(jnp.asarray(x.numpy()), jnp.full((B,), float(t), jnp.float32))
-        x = ref.step(torch.from_numpy(np.asarray(out)), t, x).prev_sample
-        traj.append(x.numpy())
-    return np.stack(traj)
+        patch_randn(monkeypatch, module, KEY, max_calls=len(ref.timesteps))
+    model = torch_model(functools.partial(mixture_network(pred), MIX, SCHED[name]))
+    return np.stack(diffusers_loop(ref, model, to_torch(X_T)))
 
 
-@functools.lru_cache(maxsize=None)
-def _runner(solver, pred, opts):
-    """Jitted solver with the schedule as an argument (one compilation per solver options and K)."""
-    def run(sched, grid, x_T, key):
-        den = make_denoiser(discrete_denoise_fn(MIX, sched, pred), pred)
-        return solver(den, grid, x_T, key, return_trajectory=True, **dict(opts))[1]["trajectory"]
-    return jax.jit(run)
+def _ours(solver, pred, opts, name, grid):
+    """Our trajectory (K + 1, B, D) from X_T (one compilation per solver options and K)."""
+    return np.asarray(mixture_trajectory(solver, pred, **opts)(MIX, SCHED[name], grid, X_T, KEY, {}))
 
 
 def _check_parity(cls, module, solver, cfg, opts, cases, monkeypatch):
     for name, pred, steps, spacing in cases:
-        dpred = {"eps": "epsilon", "v": "v_prediction"}[pred]
-        ref = cls(trained_betas=beta_schedule(name, T), prediction_type=dpred, **cfg, **spacing)
-        ref.set_timesteps(steps)
-        sched = _problem(name, pred)[0]
+        ref = diffusers_scheduler(cls, name, pred, steps=steps, **cfg, **spacing)
         want = _run_diffusers(ref, name, pred, monkeypatch, module)
-        got = np.asarray(_runner(solver, pred, tuple(sorted(opts.items())))(sched, _grid_of(ref), X_T, KEY))
+        # the levels diffusers steps through: its float32 sigma_ve -> alpha = 1/sqrt(1 + s^2), as it computes them
+        got = _ours(solver, pred, opts, name, ve_grid(ref.sigmas, ref.timesteps, torch_float32=True))
         assert got.shape == want.shape == (steps + 1, B, D)
-        err = np.abs(got - want).max(axis=(1, 2)) / np.abs(want).max(axis=(1, 2))
-        assert err.max() < PARITY_RTOL, (name, pred, steps, spacing, err)
+        assert_levels_close(got, want, PARITY_RTOL, f"{name} {pred} {steps} {spacing}", strict=True)
 
 
 CASES_MULTI = [("linear", "eps", 12, {}), ("scaled_linear", "eps", 16, {"timestep_spacing": "trailing"}),
@@ -97,7 +81,7 @@ CASES_UNIPC = [("linear", "eps", 12, {}), ("scaled_linear", "eps", 12, {"use_kar
     ({"solver_order": 3, "algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
      {"order": 3, "algorithm": "dpmsolver", "diffusers_3m": True})])
 def test_multistep_matches_diffusers(cfg, opts, monkeypatch):
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = need("diffusers")
     from diffusers.schedulers import scheduling_dpmsolver_multistep as module
     _check_parity(diffusers.DPMSolverMultistepScheduler, module, dpm_solver_multistep, cfg, opts, CASES_MULTI,
                   monkeypatch)
@@ -110,7 +94,7 @@ def test_multistep_matches_diffusers(cfg, opts, monkeypatch):
     ({"solver_order": 2, "algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
      {"order": 2, "algorithm": "dpmsolver"})])
 def test_singlestep_matches_diffusers(cfg, opts, monkeypatch):
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = need("diffusers")
     from diffusers.schedulers import scheduling_dpmsolver_singlestep as module
     _check_parity(diffusers.DPMSolverSinglestepScheduler, module, dpm_solver_singlestep, cfg, opts, CASES_SINGLE,
                   monkeypatch)
@@ -125,21 +109,18 @@ def test_singlestep_matches_diffusers(cfg, opts, monkeypatch):
      {"order": 3, "variant": "bh1", "disable_corrector": (0, 3)}),
     ({"solver_order": 2, "predict_x0": False, "final_sigmas_type": "sigma_min"}, {"order": 2, "predict_x0": False})])
 def test_unipc_matches_diffusers(cfg, opts, monkeypatch):
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = need("diffusers")
     _check_parity(diffusers.UniPCMultistepScheduler, None, unipc, cfg, opts, CASES_UNIPC, monkeypatch)
 
 
 @pytest.mark.torch
 def test_discrete_grid_end_to_end_matches_diffusers():
     """Our own grid (discrete_grid "trailing") and make_denoiser path vs diffusers with float64 alphas_cumprod."""
-    diffusers = pytest.importorskip("diffusers")
-    import torch
-    sched = _problem("linear", "eps")[0]
-    ref = diffusers.DPMSolverMultistepScheduler(trained_betas=beta_schedule("linear", T), timestep_spacing="trailing")
-    ref.alphas_cumprod = torch.from_numpy(np.cumprod(1 - beta_schedule("linear", T)))
-    ref.set_timesteps(12)
+    diffusers = need("diffusers")
+    ref = diffusers_scheduler(diffusers.DPMSolverMultistepScheduler, "linear", float64_alphas=True, steps=12,
+                              timestep_spacing="trailing")
     want = _run_diffusers(ref, "linear", "eps", None, None)
-    got = _runner(dpm_solver_multistep, "eps", (("order", 2),))(sched, discrete_grid(sched, 12, "trailing"), X_T, KEY)
+    got = _ours(dpm_solver_multistep, "eps", {"order": 2}, "linear", discrete_grid(SCHED["linear"], 12, "trailing"))
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=PARITY_RTOL * np.abs(want).max())
 
 
@@ -149,10 +130,6 @@ def _lam_grid(K, lo, hi, dtype=jnp.float64):
     lam = np.linspace(lo, hi, K + 1)
     a, s = np.sqrt(1 / (1 + np.exp(-2 * lam))), np.sqrt(1 / (1 + np.exp(2 * lam)))
     return Grid(t=jnp.asarray(lam, dtype), alpha=jnp.asarray(a, dtype), sigma=jnp.asarray(s, dtype))
-
-
-def _slope(steps, errs):
-    return -np.polyfit(np.log(steps), np.log(errs), 1)[0]
 
 
 @pytest.mark.parametrize("solver, opts, order", [
@@ -185,8 +162,8 @@ def test_exponential_integrator_order_on_a_polynomial(solver, opts, order):
             # diffusers' 3M: its D2 is half the second difference e3 expects, so it is second order
             x_d = [solver(den, _lam_grid(K, lo, hi), x_T, diffusers_3m=True, lower_order_final=False, **opts)[0]
                    for K in steps]
-            assert _slope(steps, [abs(float(v[0, 0]) - exact) for v in x_d]) < 2.3
-    assert _slope(steps, errs) > order - 0.2, errs
+            assert convergence_slope(steps, [abs(float(v[0, 0]) - exact) for v in x_d]) < 2.3
+    assert convergence_slope(steps, errs) > order - 0.2, errs
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +194,7 @@ def test_convergence_order_on_the_testbed(solver, opts, order, testbed_ode):
         errs = [np.sqrt(np.mean((np.asarray(solver(den, _lam_grid(K, -3.0, 3.0), jnp.asarray(x_T), **kw, **opts)[0])
                                  - ref) ** 2)) for K in steps]
     # measured: 2M 1.87, 3M 2.94, singlestep-3 2.6 (-> 3 slowly), UniPC-3 4.3 (UniC adds one order)
-    assert _slope(steps, errs) > order - 0.5, errs
+    assert convergence_slope(steps, errs) > order - 0.5, errs
 
 
 # ----------------------------------------------------------------------------------------- SDE sampling

@@ -14,12 +14,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from harness import (
+    assert_levels_close,
+    convergence_slope,
+    diffusers_loop,
+    diffusers_scheduler,
+    gaussian_x0_eps,
+    mixture_network,
+    mixture_trajectory,
+    need,
+    patch_randn,
+    to_torch,
+    torch_model,
+    ve_grid,
+    vp_grid,
+)
 
 from diffusion_jax.process import sde as sdes
-from diffusion_jax.process.discrete import beta_schedule, make_schedule
+from diffusion_jax.process.discrete import make_schedule
 from diffusion_jax.samplers.ddim import ddim
 from diffusion_jax.samplers.euler import edm_sampler, euler, euler_ancestral, heun, interpolated_level
-from diffusion_jax.samplers.grid import Grid, continuous_grid, discrete_grid
+from diffusion_jax.samplers.grid import continuous_grid, discrete_grid
 from diffusion_jax.samplers.inversion import ddim_inversion
 from diffusion_jax.samplers.pndm import plms, pndm, prk_half_grid
 from diffusion_jax.samplers.wrapper import make_denoiser
@@ -37,64 +52,18 @@ MIX = GaussianMixture.random(jax.random.key(0), num_components=6, dim=D)
 SCHED = {name: make_schedule(name, T) for name in ("linear", "scaled_linear")}
 X_T = jax.random.normal(jax.random.key(1), (B, D))
 KEY = jax.random.key(7)
-DIFFUSERS_PRED = {"eps": "epsilon", "v": "v_prediction"}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-@functools.lru_cache(maxsize=None)
-def _model(pred):
-    """The exact network denoise_fn(x, t) for (mixture, schedule) given as arguments: one compilation each pred."""
-    return jax.jit(lambda mix, sched, x, t: discrete_denoise_fn(mix, sched, pred)(x, t))
-
-
-@functools.lru_cache(maxsize=None)
-def _solver(fn, pred, **kw):
-    """jit(solver) with the schedule, grid, x, key, half grid as arguments, returning the trajectory."""
-    def run(mix, sched, grid, x, key, half):
-        den = make_denoiser(lambda x, t: discrete_denoise_fn(mix, sched, pred)(x, t), pred)
-        extra = {"half_grid": half} if half is not None else {}
-        return fn(den, grid, x, key, return_trajectory=True, **kw, **extra)[1]["trajectory"]
-    return jax.jit(run)
-
-
 def _ours(fn, pred, name, grid, x, key=None, half=None, **kw):
-    return np.asarray(_solver(fn, pred, **kw)(MIX, SCHED[name], grid, x, key, half))
+    """Our trajectory (K + 1, N, D) of solver fn from x on the exact mixture network (one compilation per solver)."""
+    extra = {"half_grid": half} if half is not None else {}
+    return np.asarray(mixture_trajectory(fn, pred, **kw)(MIX, SCHED[name], grid, x, key, extra))
 
 
 def _torch_model(pred, name):
-    import torch
-
-    model = _model(pred)
-    return lambda x, t: torch.from_numpy(np.array(model(MIX, SCHED[name], jnp.asarray(x.numpy()),
-                                                        jnp.full((x.shape[0],), float(t), jnp.float32))))
-
-
-def _f32(v):
-    return jnp.asarray(np.asarray(v, np.float64), jnp.float32)
-
-
-def _ve_grid(sigmas, timesteps):
-    """Our Grid for a diffusers sigma-scheduler: levels s (K+1, last 0), t (K,) plus the clean placeholder."""
-    s = np.asarray(sigmas, np.float64)
-    a = 1.0 / np.sqrt(1.0 + s ** 2)
-    return Grid(t=_f32(np.append(np.asarray(timesteps, np.float64), -1.0)), alpha=_f32(a), sigma=_f32(s * a))
-
-
-def _vp_grid(abar, ts, abar_final):
-    a = np.append(np.sqrt(abar[ts]), np.sqrt(abar_final))
-    return Grid(t=_f32(np.append(ts, -1)), alpha=_f32(a), sigma=_f32(np.sqrt(1.0 - a ** 2)))
-
-
-def _assert_close(ours, ref, rtol, what):
-    """|ours - ref| <= rtol * max|ref| at every level (max over the batch): a relative trajectory error."""
-    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
-    scale = np.abs(ref).reshape(len(ref), -1).max(1)
-    err = np.abs(ours - ref).reshape(len(ref), -1).max(1) / scale
-    assert err.max() <= rtol, f"{what}: max relative error {err.max():.2e} at level {err.argmax()} > {rtol:.0e}"
-
-
-def _scheduler(cls, name, pred="eps", **kw):
-    return cls(trained_betas=beta_schedule(name, T), prediction_type=DIFFUSERS_PRED[pred], **kw)
+    """The same exact mixture network for diffusers' loop (one compilation per pred)."""
+    return torch_model(functools.partial(mixture_network(pred), MIX, SCHED[name]))
 
 
 # ------------------------------------------------------------------------------------ parity with diffusers
@@ -106,57 +75,42 @@ def _scheduler(cls, name, pred="eps", **kw):
 @pytest.mark.parametrize("name", ["linear", "scaled_linear"])
 @pytest.mark.parametrize("pred", ["eps", "v"])
 def test_euler_and_heun_match_diffusers(name, pred):
-    diffusers = pytest.importorskip("diffusers")
-    import torch
+    diffusers = need("diffusers")
 
     model, K = _torch_model(pred, name), 12
     configs = [{"timestep_spacing": s} for s in ("leading", "trailing", "linspace")] + [{"use_karras_sigmas": True}]
     for cls, fn in ((diffusers.EulerDiscreteScheduler, euler), (diffusers.HeunDiscreteScheduler, heun)):
         for kw in configs:
-            sch = _scheduler(cls, name, pred, **kw)
-            sch.set_timesteps(K)
+            sch = diffusers_scheduler(cls, name, pred, steps=K, **kw)
             s, ts = sch.sigmas.numpy(), sch.timesteps.numpy()
             if fn is heun:      # diffusers repeats every level after the first: [s0, s1, s1, ..., s_{K-1}, s_{K-1}, 0]
                 s, ts = np.concatenate([s[:1], s[1::2]]), np.concatenate([ts[:1], ts[1::2]])
-            grid = _ve_grid(s, ts)
-            y = torch.from_numpy(np.asarray(X_T) / np.asarray(grid.alpha[0]))
-            ref = [y.numpy()]
-            for j, t in enumerate(sch.timesteps):
-                y = sch.step(model(sch.scale_model_input(y, t), t), t, y).prev_sample
-                if fn is euler or sch.state_in_first_order or j == len(sch.timesteps) - 1:   # skip Heun predictors
-                    ref.append(y.numpy())
+            grid = ve_grid(s, ts)
+            y = to_torch(np.asarray(X_T) / np.asarray(grid.alpha[0]))
+            # skip Heun's predictors: keep the states after its corrector (and the last, a plain Euler step)
+            keep = None if fn is euler else lambda j, sch=sch: sch.state_in_first_order or j == len(sch.timesteps) - 1
+            ref = diffusers_loop(sch, model, y, scale_input=True, keep=keep)
             ours = _ours(fn, pred, name, grid, X_T) / np.asarray(grid.alpha)[:, None, None]
-            _assert_close(ours, np.stack(ref), 1e-5, f"{fn.__name__} {kw}")
+            assert_levels_close(ours, np.stack(ref), 1e-5, f"{fn.__name__} {kw}")
 
 
 @pytest.mark.torch
 @pytest.mark.parametrize("name", ["linear", "scaled_linear"])
 @pytest.mark.parametrize("pred", ["eps", "v"])
 def test_euler_ancestral_matches_diffusers(name, pred, monkeypatch):
-    diffusers = pytest.importorskip("diffusers")
-    import torch
+    diffusers = need("diffusers")
     from diffusers.schedulers import scheduling_euler_ancestral_discrete as module
 
-    calls = []
-
-    def same_noise(shape, dtype=None, device=None, generator=None):    # step i draws from fold_in(KEY, i), as ours
-        calls.append(None)
-        return torch.from_numpy(np.array(jax.random.normal(jax.random.fold_in(KEY, len(calls) - 1), tuple(shape))))
-
-    monkeypatch.setattr(module, "randn_tensor", same_noise)
     model, K = _torch_model(pred, name), 12
     for spacing in ("leading", "trailing", "linspace"):
-        calls.clear()
-        sch = _scheduler(diffusers.EulerAncestralDiscreteScheduler, name, pred, timestep_spacing=spacing)
-        sch.set_timesteps(K)
-        grid = _ve_grid(sch.sigmas.numpy(), sch.timesteps.numpy())
-        y = torch.from_numpy(np.asarray(X_T) / np.asarray(grid.alpha[0]))
-        ref = [y.numpy()]
-        for t in sch.timesteps:
-            y = sch.step(model(sch.scale_model_input(y, t), t), t, y).prev_sample
-            ref.append(y.numpy())
+        patch_randn(monkeypatch, module, KEY)    # step i draws from fold_in(KEY, i), as ours
+        sch = diffusers_scheduler(diffusers.EulerAncestralDiscreteScheduler, name, pred, steps=K,
+                                  timestep_spacing=spacing)
+        grid = ve_grid(sch.sigmas.numpy(), sch.timesteps.numpy())
+        y = to_torch(np.asarray(X_T) / np.asarray(grid.alpha[0]))
+        ref = diffusers_loop(sch, model, y, scale_input=True)
         ours = _ours(euler_ancestral, pred, name, grid, X_T, KEY) / np.asarray(grid.alpha)[:, None, None]
-        _assert_close(ours, np.stack(ref), 5e-5, f"euler_ancestral {spacing}")
+        assert_levels_close(ours, np.stack(ref), 5e-5, f"euler_ancestral {spacing}")
 
 
 @pytest.mark.torch
@@ -164,56 +118,42 @@ def test_euler_ancestral_matches_diffusers(name, pred, monkeypatch):
 def test_pndm_matches_diffusers(name):
     """PLMS (skip_prk_steps=True) and full PNDM (PRK warm-up). diffusers steps by T // N: only leading (any
     steps_offset) and trailing keep the visited timesteps on that stride (its linspace does not), so those two."""
-    diffusers = pytest.importorskip("diffusers")
-    import torch
+    diffusers = need("diffusers")
 
     model, K = _torch_model("eps", name), 10
     for spacing, offset in (("leading", 0), ("leading", 1), ("trailing", 0)):
         for prk in (False, True):
-            sch = _scheduler(diffusers.PNDMScheduler, name, timestep_spacing=spacing, steps_offset=offset,
-                             skip_prk_steps=not prk)
-            sch.set_timesteps(K)
+            sch = diffusers_scheduler(diffusers.PNDMScheduler, name, "eps", steps=K, timestep_spacing=spacing,
+                                      steps_offset=offset, skip_prk_steps=not prk)
             abar = sch.alphas_cumprod.numpy().astype(np.float64)
             ts = np.sort(np.asarray(sch._timesteps, np.int64))[::-1]
-            grid = _vp_grid(abar, ts, float(sch.final_alpha_cumprod))     # final level abar_0 (set_alpha_to_one=False)
-            x, outs = torch.from_numpy(np.asarray(X_T)), []
-            for t in sch.timesteps:
-                x = sch.step(model(x, t), t, x).prev_sample
-                outs.append(x.numpy())
+            grid = vp_grid(abar, ts, float(sch.final_alpha_cumprod))     # final level abar_0 (set_alpha_to_one=False)
+            outs = diffusers_loop(sch, model, to_torch(X_T))[1:]
             # PLMS: output 0 is the first step's predictor; PRK: every 4th output of the 12 warm-up calls is a level
             levels = outs[3:12:4] + outs[12:] if prk else outs[1:]
             half = prk_half_grid(type("S", (), {"alphas_cumprod": abar}), grid) if prk else None
             ours = _ours(pndm, "eps", name, grid, X_T, half=half, warmup="prk" if prk else "plms")
-            _assert_close(ours, np.stack([np.asarray(X_T)] + levels), 5e-5, f"pndm prk={prk} {spacing}+{offset}")
+            assert_levels_close(ours, np.stack([np.asarray(X_T)] + levels), 5e-5, f"pndm prk={prk} {spacing}+{offset}")
 
 
 @pytest.mark.torch
 @pytest.mark.parametrize("name", ["linear", "scaled_linear"])
 @pytest.mark.parametrize("pred", ["eps", "v"])
 def test_ddim_inversion_matches_diffusers(name, pred):
-    diffusers = pytest.importorskip("diffusers")
-    import torch
+    diffusers = need("diffusers")
 
     model, K = _torch_model(pred, name), 20
     x0 = MIX.sample(jax.random.key(5), B)
     for spacing in ("leading", "trailing"):
-        sch = _scheduler(diffusers.DDIMInverseScheduler, name, pred, timestep_spacing=spacing, clip_sample=False)
-        sch.set_timesteps(K)
+        sch = diffusers_scheduler(diffusers.DDIMInverseScheduler, name, pred, steps=K, timestep_spacing=spacing,
+                                  clip_sample=False)
         ts = sch.timesteps.numpy()[::-1]
-        grid = _vp_grid(sch.alphas_cumprod.numpy().astype(np.float64), ts, 1.0)   # set_alpha_to_one: clean start
-        x = torch.from_numpy(np.asarray(x0))
-        ref = [x.numpy()]
-        for t in sch.timesteps:
-            x = sch.step(model(x, t), t, x).prev_sample
-            ref.append(x.numpy())
-        _assert_close(_ours(ddim_inversion, pred, name, grid, x0), np.stack(ref), 1e-5, f"inversion {spacing}")
+        grid = vp_grid(sch.alphas_cumprod.numpy().astype(np.float64), ts, 1.0)   # set_alpha_to_one: clean start
+        ref = diffusers_loop(sch, model, to_torch(x0))
+        assert_levels_close(_ours(ddim_inversion, pred, name, grid, x0), np.stack(ref), 1e-5, f"inversion {spacing}")
 
 
 # ---------------------------------------------------------------------------------------- convergence
-def _slope(steps, errs):
-    return -np.polyfit(np.log(steps), np.log(errs), 1)[0]
-
-
 def test_convergence_orders():
     """Terminal RMS error against the float64 PF-ODE reference (Dopri8, rtol 1e-8) on the linear VP schedule, Karras
     steps (rho = 7) ending at sigma_min (final="last": a jump to sigma = 0 has a fixed size, whatever K, and its
@@ -238,7 +178,7 @@ def test_convergence_orders():
         run = jax.jit(lambda grid, x, fn=fn: fn(den, grid, x)[0])
         errs[fn.__name__] = np.array([np.sqrt(np.mean((np.asarray(run(padded(n), x_T), np.float64) - ref) ** 2))
                                       for n in steps])
-    slope = {k: _slope(steps[1:], e[1:]) for k, e in errs.items()}
+    slope = {k: convergence_slope(steps[1:], e[1:]) for k, e in errs.items()}
     assert abs(slope["euler"] - 1.0) < 0.2, (slope, errs)
     assert abs(slope["heun"] - 2.0) < 0.25, (slope, errs)
     # PLMS: Adams-Bashforth weights for equal steps on Karras' unequal ones; at least second order here (~2.6)
@@ -304,17 +244,13 @@ def test_churn_on_a_vp_grid_and_its_default_level():
 
 
 # ------------------------------------------------------------------------------ jit, vmap, NFE, errors
-# Structural checks use the exact denoiser of N(MU, C^2 I) data (compiles ~5x faster than the mixture's):
-# E[eps | x] = sigma (x - alpha MU) / (alpha^2 C^2 + sigma^2).
-MU, C = 0.3, 0.5
-
-
+# Structural checks use the exact denoiser of N(MU, S^2 I) data (compiles ~5x faster than the mixture's):
+# E[eps | x] = sigma (x - alpha MU) / (alpha^2 S^2 + sigma^2).
 def _gaussian_denoiser(sched):
 
     def fn(x, t):
         alpha, sigma = sched.interpolated_level(t)
-        alpha, sigma = alpha[:, None], sigma[:, None]
-        return sigma * (x - alpha * MU) / (alpha ** 2 * C ** 2 + sigma ** 2)
+        return gaussian_x0_eps(x, alpha[:, None], sigma[:, None])[1]
     return make_denoiser(fn, "eps")
 
 

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from harness import need, nhwc, to_torch
 
 from diffusion_jax.inference.pipelines.stable_diffusion import (
     convert,
@@ -15,9 +16,7 @@ from diffusion_jax.inference.pipelines.stable_diffusion import (
 from diffusion_jax.inference.sampling import SamplerSpec
 from diffusion_jax.models.text.clip_tokenizer import CLIPTokenizer
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+torch, diffusers, transformers = need("torch", "diffusers", "transformers")
 pytestmark = pytest.mark.torch
 
 PROMPTS = ["a photo of a cat", "an ankle boot"]
@@ -77,18 +76,18 @@ def test_diffusers_folder_gives_diffusers_images(sd_folder, tmp_path):
     latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
     with torch.no_grad():
         ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config, timestep_spacing="trailing")
-        want = ref(PROMPTS, num_inference_steps=5, guidance_scale=4.0, latents=torch.from_numpy(latents),
+        want = ref(PROMPTS, num_inference_steps=5, guidance_scale=4.0, latents=to_torch(latents),
                    output_type="np").images
     # "trailing": diffusers rewrites steps_offset=0 to 1 on load, which shifts its "leading" timesteps by one
     spec = SamplerSpec("ddim", 5, spacing="trailing", clip_denoised=None, guidance_scale=4.0)
-    got, nfe = generate(model, PROMPTS, spec, latents=latents.transpose(0, 2, 3, 1))
+    got, nfe = generate(model, PROMPTS, spec, latents=nhwc(latents))
     assert nfe == 5
     np.testing.assert_allclose(got * 0.5 + 0.5, want, atol=2e-4)
 
     # The converted folder loads without torch's formats and gives the same images.
     convert(folder, str(tmp_path / "converted"))
     again, _ = generate(load_text_to_image(str(tmp_path / "converted")), PROMPTS, spec,
-                        latents=latents.transpose(0, 2, 3, 1))
+                        latents=nhwc(latents))
     np.testing.assert_allclose(again, got, atol=1e-6)
     with pytest.raises(FileExistsError, match="not empty"):
         convert(folder, str(tmp_path / "converted"))

@@ -8,6 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from harness import assert_tokenizer_matches, assert_trees_equal, need, rel_err, torch_state_dict
 
 from diffusion_jax.models.functional import abstract_params
 from diffusion_jax.models.text import (
@@ -38,11 +39,6 @@ TEXTS = [
     "hyphen-ated words/slashes_and_underscores", "email@example.com #hashtag $100 50%", "",
     "<|startoftext|>raw special<|endoftext|> tokens", "ALL CAPS SHOUTING", "long " * 120 + "end",
 ]
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 # ---------------------------------------------------------------- CLIP tokenizer
@@ -83,13 +79,9 @@ def test_clip_tokenizer_missing_file():
 
 @pytest.mark.torch
 def test_clip_tokenizer_matches_transformers(clip_tok, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = need("transformers")
     clip_tok.save_vocab(str(tmp_path))
-    hf = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
-    ref = hf(TEXTS, padding="max_length", max_length=77, truncation=True, return_tensors="np")
-    ours = clip_tok(TEXTS, max_length=77)
-    np.testing.assert_array_equal(ours["input_ids"], ref["input_ids"])
-    np.testing.assert_array_equal(ours["attention_mask"], ref["attention_mask"])
+    assert_tokenizer_matches(clip_tok, transformers.CLIPTokenizer.from_pretrained(str(tmp_path)), TEXTS, 77)
 
 
 # ---------------------------------------------------------------- CLIP text model parity
@@ -104,8 +96,7 @@ CLIP_CASES = {
 @pytest.fixture(scope="module", params=list(CLIP_CASES))
 def clip_pair(request, tmp_path_factory):
     """(torch CLIPTextModel, our LoadedModel via save_pretrained -> load_clip_text, jitted apply)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch, transformers = need("torch", "transformers")
     kw = CLIP_CASES[request.param]
     torch.manual_seed(0)
     config = transformers.CLIPTextConfig(**TINY_CLIP, **kw)
@@ -163,8 +154,7 @@ def test_clip_config_from_hf_rejects_unsupported():
 
 @pytest.fixture(scope="module")
 def bert_pair(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch, transformers = need("torch", "transformers")
     torch.manual_seed(0)
     model = transformers.BertModel(transformers.BertConfig(**TINY_BERT)).eval()
     path = str(tmp_path_factory.mktemp("bert"))
@@ -202,7 +192,7 @@ def test_bert_from_prefixed_pytorch_bin(bert_pair, tmp_path):
     torch.save(sd, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
     again = load_bert(str(tmp_path))
-    jax.tree.map(np.testing.assert_array_equal, again.params, loaded.params)
+    assert_trees_equal(again.params, loaded.params)
 
 
 # ---------------------------------------------------------------- real MiniLM
@@ -238,14 +228,9 @@ def test_minilm_encode_shapes(minilm):
 
 @pytest.mark.torch
 def test_minilm_matches_transformers(minilm):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch, transformers = need("torch", "transformers")
     path, tok, model, encode = minilm
-    hf_tok = transformers.AutoTokenizer.from_pretrained(path)
-    ref_batch = hf_tok(SENTENCES, padding="max_length", max_length=24, truncation=True, return_tensors="np")
-    batch = tok(SENTENCES, max_length=24)
-    np.testing.assert_array_equal(batch["input_ids"], ref_batch["input_ids"])
-    np.testing.assert_array_equal(batch["attention_mask"], ref_batch["attention_mask"])
+    batch = assert_tokenizer_matches(tok, transformers.AutoTokenizer.from_pretrained(path), SENTENCES, 24)
     hf = transformers.BertModel.from_pretrained(path).eval()
     with torch.no_grad():
         h = hf(torch.as_tensor(batch["input_ids"]), attention_mask=torch.as_tensor(batch["attention_mask"]))[0]
@@ -269,13 +254,7 @@ def test_minilm_missing_package(monkeypatch):
 def _fake_state_dict(config: BertConfig) -> dict:
     """A transformers-named BERT state_dict of zeros with the right shapes, built from our abstract params."""
     _, abstract = abstract_params(lambda rngs: BertModel(config, rngs=rngs))
-    leaves, _ = jax.tree_util.tree_flatten_with_path(abstract)
-    sd = {}
-    for path, leaf in leaves:
-        ours = tuple(p.key for p in path)
-        shape = tuple(leaf.shape)[::-1] if ours[-1] == "kernel" else tuple(leaf.shape)
-        sd[convert_mod.bert_key(ours)] = np.zeros(shape, np.float32)
-    return sd
+    return torch_state_dict(abstract, convert_mod.bert_key, make=lambda shape: np.zeros(shape, np.float32))
 
 
 def test_convert_errors_name_keys_and_shapes():
@@ -324,14 +303,11 @@ def test_safetensors_bf16_and_clip_layout(tmp_path):
            "text_config": dict(TINY_CLIP, vocab_size=1000, eos_token_id=999, num_hidden_layers=1)}
     config = CLIPTextConfig.from_hf(cfg)
     _, abstract = abstract_params(lambda rngs: CLIPTextModel(config, rngs=rngs))
-    leaves, _ = jax.tree_util.tree_flatten_with_path(abstract)
-    sd = {}
-    for path, leaf in leaves:
-        ours = tuple(p.key for p in path)
+
+    def name(ours):
         key = convert_mod.clip_key(ours)
-        key = key if key.startswith("text_projection") else "text_model." + key
-        shape = tuple(leaf.shape)[::-1] if ours[-1] == "kernel" else tuple(leaf.shape)
-        sd[key] = jnp.ones(shape, jnp.bfloat16)
+        return key if key.startswith("text_projection") else "text_model." + key
+    sd = torch_state_dict(abstract, name, make=lambda shape: jnp.ones(shape, jnp.bfloat16))
     sd["vision_model.embeddings.patch_embedding.weight"] = jnp.ones((4, 3, 2, 2), jnp.bfloat16)
     sd["logit_scale"] = jnp.ones((), jnp.float32)
     save_file(sd, os.path.join(tmp_path, "model.safetensors"))

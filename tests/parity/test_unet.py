@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import random_params
 from flax import nnx
+from harness import meta_model, need, random_torch_model, run_nhwc, torch_param_count
 
 from diffusion_jax.models import UNet, UNetConfig, convert_diffusers_unet, unet_config_from_diffusers
 
@@ -68,27 +69,21 @@ def test_ddpm_cifar10_parameter_count():
 
 @pytest.mark.torch
 def test_ddpm_cifar10_parameter_count_matches_diffusers():
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    with torch.device("meta"):  # shapes only, no 36M-parameter init
-        ref = diffusers.UNet2DModel(**DDPM_CIFAR10_DIFFUSERS)
-    assert sum(p.numel() for p in ref.parameters()) == DDPM_CIFAR10_PARAMS
+    _, diffusers = need("torch", "diffusers")
+    ref = meta_model(diffusers.UNet2DModel, **DDPM_CIFAR10_DIFFUSERS)  # shapes only, no 36M-parameter init
+    assert torch_param_count(ref) == DDPM_CIFAR10_PARAMS
 
 
 @pytest.mark.torch
 def test_parity_with_diffusers():
     """Random diffusers UNet2DModel -> convert -> same outputs (NCHW <-> NHWC)."""
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    ref = diffusers.UNet2DModel(
+    _, diffusers = need("torch", "diffusers")
+    ref = random_torch_model(  # every tensor perturbed, so norm scales / zero biases are exercised too
+        diffusers.UNet2DModel, seed=0, perturb=0.1,
         sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8, attention_head_dim=32, num_class_embeds=4,
-        flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6).eval()
-    with torch.no_grad():  # perturb every tensor so norm scales / zero biases are exercised too
-        for p in ref.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+        flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6)
     config = unet_config_from_diffusers(ref.config)
     assert (config.num_heads, config.attention_resolutions, config.num_classes) == (2, (8,), 4)
     params = convert_diffusers_unet(ref.state_dict(), config)
@@ -98,9 +93,7 @@ def test_parity_with_diffusers():
     t = np.array([3.0, 517.5], np.float32)
     y = np.array([0, 3], np.int64)
     ours = jax.jit(lambda p, x, t, y: nnx.merge(graphdef, p)(x, t, y))(params, x, t, y)
-    with torch.no_grad():
-        out = ref(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
-                  class_labels=torch.from_numpy(y)).sample.numpy().transpose(0, 2, 3, 1)
+    out = run_nhwc(ref, x, t, class_labels=y)
     np.testing.assert_allclose(np.asarray(ours), out, atol=1e-4, rtol=1e-4)
     # The appended null-class row is zero: y=None equals "no class embedding".
     assert np.all(np.asarray(params["class_embed"]["embedding"][...][-1]) == 0)

@@ -2,7 +2,6 @@
 
 Parity with diffusers' UNet2DConditionModel uses randomly initialised models built locally (no downloads).
 """
-import functools
 import json
 import os
 
@@ -11,6 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from harness import (
+    assert_rel_close,
+    assert_trees_equal,
+    fast_jit,
+    meta_model,
+    need,
+    random_torch_model,
+    run_nhwc,
+    torch_param_count,
+)
 
 from diffusion_jax.models import functional
 from diffusion_jax.models.convert_unet_cond import convert_unet_cond, load_unet_cond, unet_cond_graphdef
@@ -36,8 +45,6 @@ TINY_B = dict(TINY_A, use_linear_projection=True, attention_head_dim=(2, 4), tra
               down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
 RTOL = 1e-4  # parity tolerance, relative to the largest magnitude of the reference output
-# XLA's CPU backend at optimisation level 0 compiles these tiny models several times faster.
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def test_sd15_config_resolves_heads_as_diffusers():
@@ -93,27 +100,18 @@ def test_call_convention_errors(abstract):
 # ---------------------------------------------------------------- parity with diffusers (PyTorch)
 
 
-def _reference(torch, diffusers, cfg, seed):
-    torch.manual_seed(seed)
-    ref = diffusers.UNet2DConditionModel(**cfg).eval()
-    with torch.no_grad():  # perturb every tensor so norm scales / zero biases are exercised too
-        for p in ref.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return ref
-
-
 @pytest.fixture(scope="module")
 def models():
     """{name: (diffusers model, our config, converted params, jitted apply)} for TINY_A and TINY_B."""
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
+    torch, diffusers = need("torch", "diffusers")
     torch.set_num_threads(1)
     out = {}
     for seed, (name, cfg) in enumerate((("A", TINY_A), ("B", TINY_B))):
-        ref = _reference(torch, diffusers, cfg, seed)
+        # every tensor perturbed, so norm scales / zero biases are exercised too
+        ref = random_torch_model(diffusers.UNet2DConditionModel, seed, perturb=0.1, **cfg)
         config = UNetCondConfig.from_diffusers(ref.config)
         params = convert_unet_cond(ref.state_dict(), config)
-        out[name] = (ref, config, params, jit(functional.make_apply_fn(unet_cond_graphdef(config))))
+        out[name] = (ref, config, params, fast_jit(functional.make_apply_fn(unet_cond_graphdef(config))))
     return out
 
 
@@ -130,19 +128,13 @@ def _inputs(config, shape, seed=1):
 @pytest.mark.parametrize("name, shape", [("A", (16, 16)), ("A", (15, 10)), ("B", (16, 16))])
 def test_parity_with_diffusers(models, name, shape):
     """Same inputs -> same outputs (NCHW <-> NHWC); (15, 10) exercises diffusers' odd-size upsampling."""
-    import torch
-
     ref, config, params, apply = models[name]
     x, t, y, ctx = _inputs(config, shape)
     ours = np.asarray(apply(params, x, t, None if y is None else jnp.asarray(y), ctx))
-    with torch.no_grad():
-        theirs = ref(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(ctx),
-                     class_labels=None if y is None else torch.from_numpy(y)).sample.numpy().transpose(0, 2, 3, 1)
+    theirs = run_nhwc(ref, x, t, ctx, class_labels=y)
     assert ours.shape == theirs.shape == (2, *shape, config.out_channels)
-    err = np.abs(ours - theirs).max()
-    scale = np.abs(theirs).max()
-    print(f"UNet2DConditionModel parity {name} {shape}: max abs err {err:.2e}, relative {err / scale:.2e}")
-    assert err <= RTOL * scale
+    rel = assert_rel_close(ours, theirs, RTOL, f"UNet2DConditionModel parity {name} {shape}")
+    print(f"UNet2DConditionModel parity {name} {shape}: relative error {rel:.2e}")
 
 
 @pytest.mark.torch
@@ -150,7 +142,7 @@ def test_gradients_flow(models):
     _, config, params, _ = models["A"]
     apply = functional.make_apply_fn(unet_cond_graphdef(config))
     x, t, _, ctx = _inputs(config, (8, 8))
-    grads = jit(jax.grad(lambda p: jnp.mean(apply(p, x, t, None, ctx) ** 2)))(params)
+    grads = fast_jit(jax.grad(lambda p: jnp.mean(apply(p, x, t, None, ctx) ** 2)))(params)
     leaves = jax.tree.leaves(grads)
     assert len(leaves) == len(jax.tree.leaves(params)) and all(np.isfinite(g).all() for g in leaves)
     for blocks in (params, grads):
@@ -183,7 +175,7 @@ def test_load_from_folder(models, tmp_path):
     assert (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     loaded_config, loaded = load_unet_cond(tmp_path / "pipe")  # a pipeline folder: finds unet/
     assert loaded_config == config
-    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    assert_trees_equal(loaded, params)
     with open(tmp_path / "pipe" / "unet" / "config.json") as f:
         assert UNetCondConfig.from_diffusers(json.load(f), dtype="bfloat16").dtype == "bfloat16"
 
@@ -202,9 +194,7 @@ def test_load_errors_name_the_path(tmp_path):
 
 @pytest.mark.torch
 def test_sd15_parameter_count_matches_diffusers():
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    with torch.device("meta"):  # shapes only
-        ref = diffusers.UNet2DConditionModel(**{k: v for k, v in SD15.items() if not k.startswith("_")})
-    assert sum(p.numel() for p in ref.parameters()) == SD15_PARAMS
+    _, diffusers = need("torch", "diffusers")
+    ref = meta_model(diffusers.UNet2DConditionModel, **{k: v for k, v in SD15.items() if not k.startswith("_")})
+    assert torch_param_count(ref) == SD15_PARAMS
     assert UNetCondConfig.from_diffusers(ref.config) == UNetCondConfig()

@@ -3,7 +3,6 @@
 Parity with diffusers' AutoencoderKL uses a randomly initialised model built locally (no downloads).
 """
 import dataclasses
-import functools
 import json
 import math
 import re
@@ -15,6 +14,17 @@ import optax
 import pytest
 from conftest import numpy_fill
 from flax import nnx
+from harness import (
+    FAST_COMPILE,
+    assert_rel_close,
+    assert_trees_equal,
+    need,
+    nhwc,
+    random_torch_model,
+    to_torch,
+    torch_state_dict,
+)
+from harness import fast_jit as jit
 
 from diffusion_jax.models.convert_vae import convert_vae, diffusers_key, load_vae
 from diffusion_jax.models.vae import (
@@ -42,9 +52,6 @@ TINY_DIFFUSERS = dict(in_channels=3, out_channels=3, down_block_types=["DownEnco
                       up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
                       latent_channels=4, norm_num_groups=4, sample_size=16)
 RTOL = 1e-4  # parity tolerance, relative to the largest magnitude of the reference output
-# XLA's CPU backend at optimisation level 0 compiles these tiny models ~3x faster; they run as fast.
-FAST = {"xla_backend_optimization_level": 0}
-jit = functools.partial(jax.jit, compiler_options=FAST)
 
 
 def numpy_params(config: VAEConfig, seed: int = 0) -> dict:
@@ -54,20 +61,14 @@ def numpy_params(config: VAEConfig, seed: int = 0) -> dict:
 
 
 def to_state_dict(params) -> dict:
-    """Our params back to a diffusers-named numpy state_dict (inverse of convert_vae)."""
-    sd = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        keys = tuple(getattr(p, "key", getattr(p, "idx", None)) for p in path)
-        v = np.asarray(leaf)
-        if keys[-1] == "kernel":
-            v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
-        sd[diffusers_key(keys)] = np.ascontiguousarray(v)  # safetensors writes the raw buffer
-    return sd
+    """Our params back to a diffusers-named numpy state_dict (inverse of convert_vae); contiguous arrays, as
+    safetensors writes the raw buffer."""
+    return torch_state_dict(params, diffusers_key)
 
 
 @pytest.fixture(scope="module")
 def fns():
-    return make_vae_fns(TINY, compiler_options=FAST)
+    return make_vae_fns(TINY, compiler_options=FAST_COMPILE)
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +98,13 @@ def test_config_from_diffusers_and_refusals():
 def test_convert_roundtrip_and_errors(params):
     sd = to_state_dict(params)
     back = convert_vae(sd, TINY)
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), back, params))
+    assert_trees_equal(back, params)
     # legacy attention names (query / key / value / proj_attn) give the same params
     legacy = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value")
               .replace("to_out.0", "proj_attn"): v for k, v in sd.items()}
     assert "decoder.mid_block.attentions.0.proj_attn.weight" in legacy
     back = convert_vae(legacy, TINY)
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), back, params))
+    assert_trees_equal(back, params)
 
     key = "decoder.up_blocks.1.resnets.1.conv1.weight"
     with pytest.raises(ValueError, match=f"missing.*{key}"):
@@ -132,7 +133,7 @@ def test_load_vae_missing_paths(tmp_path, params):
     save_file(to_state_dict(params), str(tmp_path / "diffusion_pytorch_model.safetensors"))
     cfg, loaded = load_vae(tmp_path)
     assert cfg == TINY
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), loaded, params))
+    assert_trees_equal(loaded, params)
 
 
 # ---- posterior, latents, scale, psnr ------------------------------------------------------------
@@ -258,10 +259,8 @@ def test_discriminator_learns():
 
 @pytest.fixture(scope="module")
 def torch_vae():
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderKL(**TINY_DIFFUSERS).float().eval()
+    torch, diffusers = need("torch", "diffusers")
+    model = random_torch_model(diffusers.AutoencoderKL, seed=0, perturb=None, **TINY_DIFFUSERS).float()
     with torch.no_grad():  # non-trivial GroupNorm affines, so that their conversion is checked too
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -271,43 +270,40 @@ def torch_vae():
 
 @pytest.mark.torch
 def test_parity_with_diffusers(torch_vae, fns, tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
     cfg = VAEConfig.from_diffusers(dict(torch_vae.config))
     assert cfg == TINY
     params = convert_vae(torch_vae.state_dict(), cfg)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
     with torch.no_grad():
-        dist = torch_vae.encode(torch.from_numpy(x.transpose(0, 3, 1, 2))).latent_dist
-        ref_mean, ref_logvar = (t.numpy().transpose(0, 2, 3, 1) for t in (dist.mean, dist.logvar))
-        ref_x = torch_vae.decode(dist.mean).sample.numpy().transpose(0, 2, 3, 1)
+        dist = torch_vae.encode(to_torch(x, nchw_from_nhwc=True)).latent_dist
+        ref_mean, ref_logvar = nhwc(dist.mean), nhwc(dist.logvar)
+        ref_x = nhwc(torch_vae.decode(dist.mean).sample)
     post = fns.encode(params, jnp.asarray(x))
     out = fns.decode(params, jnp.asarray(ref_mean))
     for name, ours, ref in [("mean", post.mean, ref_mean), ("logvar", post.logvar, ref_logvar), ("decode", out, ref_x)]:
-        err = float(np.max(np.abs(np.asarray(ours) - ref)))
-        scale = float(np.max(np.abs(ref)))
-        assert err <= RTOL * scale, f"{name}: max abs err {err:.3g}, max |ref| {scale:.3g}"
+        assert_rel_close(ours, ref, RTOL, name)
 
     torch_vae.save_pretrained(str(tmp_path / "st"))                           # safetensors
     torch_vae.save_pretrained(str(tmp_path / "bin"), safe_serialization=False)  # torch pickle
     for sub in ("st", "bin"):
         loaded_cfg, loaded = load_vae(tmp_path / sub)
         assert loaded_cfg == cfg
-        assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), loaded, params))
+        assert_trees_equal(loaded, params)
 
 
 @pytest.mark.torch
 def test_kl_matches_torch():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("diffusers")
+    need("torch", "diffusers")
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     moments = np.random.default_rng(0).normal(0, 3, (3, 8, 4, 4)).astype(np.float32)
     moments[0, 4, 0, 0] = -50.0  # clipped logvar
-    ref = DiagonalGaussianDistribution(torch.from_numpy(moments))
-    ours = DiagonalGaussian.from_moments(jnp.asarray(moments.transpose(0, 2, 3, 1)))
-    np.testing.assert_allclose(ours.logvar, ref.logvar.numpy().transpose(0, 2, 3, 1), rtol=0, atol=0)
+    ref = DiagonalGaussianDistribution(to_torch(moments))
+    ours = DiagonalGaussian.from_moments(jnp.asarray(nhwc(moments)))
+    np.testing.assert_allclose(ours.logvar, nhwc(ref.logvar), rtol=0, atol=0)
     np.testing.assert_allclose(ours.kl(), ref.kl().numpy(), rtol=1e-5)
-    np.testing.assert_allclose(ours.std, ref.std.numpy().transpose(0, 2, 3, 1), rtol=1e-6)
+    np.testing.assert_allclose(ours.std, nhwc(ref.std), rtol=1e-6)
 
 
 def test_graphdef_is_cached():
