@@ -21,13 +21,7 @@ import jax.numpy as jnp
 
 from diffusion_jax.samplers.checks import check_bool, check_key, check_number
 from diffusion_jax.samplers.euler import check_grid, with_trajectory
-
-
-def posterior_variance(alpha, sigma, alpha_next, sigma_next):
-    """Var q(x_{i+1} | x_i, x0) of a Gaussian process: sigma_{i+1}^2 (1 - (alpha_i sigma_{i+1} / (alpha_{i+1}
-    sigma_i))^2), clamped at 0 against rounding. On a VP schedule: (1 - abar_prev) / (1 - abar_t) beta_t."""
-    ratio = alpha * sigma_next / (alpha_next * sigma)
-    return jnp.maximum(sigma_next ** 2 * (1.0 - ratio ** 2), 0.0)
+from diffusion_jax.samplers.grid import transitions
 
 
 def ddim(denoiser, grid, x_T, key=None, *, eta: float = 0.0, return_trajectory: bool = False):
@@ -41,7 +35,7 @@ def ddim(denoiser, grid, x_T, key=None, *, eta: float = 0.0, return_trajectory: 
     if eta > 0:
         check_key(key, "ddim with eta > 0")
     a, s = grid.alpha, grid.sigma
-    s_eta = eta * jnp.sqrt(posterior_variance(a[:-1], s[:-1], a[1:], s[1:]))                  # eq. 16
+    s_eta = eta * jnp.sqrt(transitions(grid)[2])                      # eq. 16: eta^2 times the posterior variance
     c_dir = jnp.sqrt(jnp.maximum(s[1:] ** 2 - s_eta ** 2, 0.0))   # sqrt(1 - abar_prev - s^2); 0 only for eta > 1
     K = grid.num_steps
     xs = (jnp.arange(K), grid.t[:-1], a[:-1], s[:-1], a[1:], c_dir, s_eta)

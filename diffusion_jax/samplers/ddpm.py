@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from diffusion_jax.samplers.checks import check_bool, check_choice, check_key
 from diffusion_jax.samplers.euler import check_grid, with_trajectory
+from diffusion_jax.samplers.grid import transitions
 
 VARIANCES = ("fixed_small", "fixed_large", "learned")
 
@@ -38,11 +39,9 @@ def ddpm(denoiser, grid, x_T, key=None, *, variance: str = "fixed_small", return
     check_bool(return_trajectory=return_trajectory)
     check_key(key, "ddpm")
     a, s = grid.alpha, grid.sigma
-    a_ratio = a[:-1] / a[1:]                                                   # alpha_{i|i+1}
-    beta = s[:-1] ** 2 - (a_ratio * s[1:]) ** 2                                # Var q(x_i | x_{i+1})
+    a_ratio, beta, beta_tilde = transitions(grid)                              # alpha_{i|i+1}, beta_i, beta~_i
     coef_x0 = a[1:] * beta / s[:-1] ** 2                                       # eq. 7
     coef_xt = a_ratio * s[1:] ** 2 / s[:-1] ** 2                               # eq. 7
-    beta_tilde = s[1:] ** 2 / s[:-1] ** 2 * beta
     noisy = s[1:] > 0                                                          # no noise onto the clean level
     # Ho et al.'s code clips log beta~ at the clean step to the next-to-last value (it is -inf there, where no
     # noise is added): keeps the learned interpolation finite.

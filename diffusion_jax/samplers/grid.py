@@ -74,6 +74,17 @@ class Grid:
         return self.sigma / self.alpha
 
 
+def transitions(grid):
+    """Per step i -> i + 1 of a Gaussian process on the grid's levels, each (K,):
+    alpha_{i|i+1} = alpha_i / alpha_{i+1}, beta_i = Var q(x_i | x_{i+1}) = sigma_i^2 - alpha_{i|i+1}^2 sigma_{i+1}^2
+    (clamped at 0 against rounding) and the posterior variance Var q(x_{i+1} | x_i, x0) = sigma_{i+1}^2 / sigma_i^2
+    beta_i. On integer DDPM timesteps these are the respaced beta'_t and beta~'_t (Nichol & Dhariwal sec. 4)."""
+    a, s = grid.alpha, grid.sigma
+    a_ratio = a[:-1] / a[1:]
+    beta = jnp.maximum(s[:-1] ** 2 - (a_ratio * s[1:]) ** 2, 0.0)
+    return a_ratio, beta, s[1:] ** 2 / s[:-1] ** 2 * beta
+
+
 def concrete_or_none(a):
     """The numpy value of `a`, or None when it is a tracer (a grid passed into jit as an argument)."""
     try:

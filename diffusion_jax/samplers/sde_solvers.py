@@ -42,7 +42,7 @@ import numpy as np
 
 from diffusion_jax.samplers.brownian import step_normals
 from diffusion_jax.samplers.checks import check_bool, check_choice, check_int, check_key, check_number
-from diffusion_jax.samplers.grid import check_levels, concrete_or_none
+from diffusion_jax.samplers.grid import check_levels, concrete_or_none, transitions
 
 PREDICTORS = ("reverse_diffusion", "ancestral", "euler_maruyama", "none")
 CORRECTORS = ("langevin", "none")
@@ -72,8 +72,7 @@ def sde_options(process, grid) -> dict:
 def step_coefficients(grid, predictor: str, sde=None):
     """Per-step (K,) arrays (c_x, c_s, std, a^2) with the predictor x_mean = c_x x + c_s score, + std z (module doc)."""
     al, sg = grid.alpha, grid.sigma
-    a = al[:-1] / al[1:]
-    b = jnp.maximum(sg[:-1] ** 2 - (a * sg[1:]) ** 2, 0.0)
+    a, b, _ = transitions(grid)
     if predictor == "euler_maruyama":
         if sde is None:
             F = jnp.log(a)
