@@ -1,7 +1,7 @@
 """Text-to-image latent diffusion on Fashion-MNIST, offline: captions from class names ("a photo of an ankle
 boot"), all-MiniLM-L6-v2 hidden states under cross-attention, a U-Net on the 8x8x4 latents of configs/vae.py.
 
-    diffusion-jax train-vae --config configs/vae.py:fashion_mnist --workdir workdirs/vae_fmnist
+    diffusion-jax train --config configs/vae.py:fashion_mnist --workdir workdirs/vae_fmnist
     diffusion-jax train --config configs/latent_fashion_mnist.py:cpu --workdir workdirs/ldm_fmnist \\
         --config.latent.vae_workdir=workdirs/vae_fmnist
     diffusion-jax generate --workdir workdirs/ldm_fmnist --prompt "a photo of a sandal" --guidance 3

@@ -25,7 +25,7 @@ import numpy as np
 
 from diffusion_jax.data import DataConfig
 from diffusion_jax.models import UNetConfig
-from diffusion_jax.models.registry import config_class
+from diffusion_jax.models.registry import backbone, config_class, names_of_kind
 from diffusion_jax.objectives.build import validate_loss
 from diffusion_jax.objectives.discrete import LossConfig
 from diffusion_jax.objectives.vdm import gamma_params_of
@@ -165,8 +165,8 @@ class SampleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LatentConfig:
-    """Latent diffusion (Rombach et al. 2022) with text conditioning: the U-Net is trained on the latents of a
-    `diffusion-jax train-vae` run, under cross-attention on the text encoder's hidden states of a caption per
+    """Latent diffusion (Rombach et al. 2022) with text conditioning: the U-Net is trained on the latents of an
+    autoencoder run (configs/vae.py), under cross-attention on the text encoder's hidden states of a caption per
     image, a template filled with the image's class name (e.g. "a photo of a {}" -> "a photo of a sandal").
     vae_workdir None = diffusion in pixel space (the other keys are then unused)."""
     vae_workdir: str | None = None
@@ -178,7 +178,7 @@ class LatentConfig:
         if self.vae_workdir is None:
             if context_dim is not None:
                 raise ValueError(f"model.context_dim={context_dim} conditions on captions, which come with latent "
-                                 "diffusion: set latent.vae_workdir to a diffusion-jax train-vae workdir")
+                                 "diffusion: set latent.vae_workdir to the workdir of an autoencoder run (configs/vae.py)")
             return
         if context_dim is None:
             raise ValueError("latent.vae_workdir is set: latent runs are text-conditioned, set model.context_dim "
@@ -219,6 +219,11 @@ class Experiment:
         if unknown:
             raise ValueError(f"unknown top-level config key(s) {sorted(unknown)}; "
                              f"expected {['seed', *cls.SECTIONS]}")
+        name = (raw.get("model") or {}).get("name", "unet")
+        if backbone(name).kind != "denoiser":
+            raise ValueError(f"model.name={name!r} is an {backbone(name).kind}, not a denoiser "
+                             f"{names_of_kind('denoiser')}: train it with its own config (configs/vae.py for 'vae'), "
+                             "through train.runs.load_run / diffusion-jax train")
         sections = {name: build_section(name, cls.section_class(name, raw.get(name, {})), raw.get(name, {}),
                                         check_types=False) for name in cls.SECTIONS}
         exp = cls(seed=raw.get("seed", 0), **sections)
@@ -409,8 +414,12 @@ def _parse_like(text: str, current: Any, key: str):
     return value
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-    """Apply 'a.b=value' strings (as given on the command line after --config.)."""
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
+                    run_class=None) -> ml_collections.ConfigDict:
+    """Apply 'a.b=value' strings (as given on the command line after --config.). A key that the config file leaves
+    at its dataclass default may still be set: run_class (default Experiment; an autoencoder run passes
+    train.vae.VAERun) names the sections (SECTIONS) and their dataclasses (section_class(name, values))."""
+    run_class = run_class or Experiment
     config = copy.deepcopy(config)  # keeps FieldReferences (model.image_size -> data.image_size)
     for item in overrides:
         key, eq, text = item.partition("=")
@@ -420,7 +429,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         node, path = config, []
         for part in parents:
             path.append(part)
-            if node is config and part not in node and part in Experiment.SECTIONS:   # a section left at defaults
+            if node is config and part not in node and part in run_class.SECTIONS:   # left at defaults
                 with config.unlocked():
                     config[part] = ml_collections.ConfigDict()
             if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
@@ -431,8 +440,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             node[leaf] = _parse_like(text, node[leaf], key)
             continue
         # A key the config file leaves at its dataclass default (e.g. schedule.kind) may still be set.
-        fields = ({f.name: f for f in dataclasses.fields(Experiment.section_class(parents[0], node.to_dict()))}
-                  if len(parents) == 1 and parents[0] in Experiment.SECTIONS else {})
+        fields = ({f.name: f for f in dataclasses.fields(run_class.section_class(parents[0], node.to_dict()))}
+                  if len(parents) == 1 and parents[0] in run_class.SECTIONS else {})
         if leaf not in fields:
             raise ValueError(f"unknown config key '{key}'{_suggest(leaf, set(node.keys()) | set(fields))}")
         with node.unlocked():

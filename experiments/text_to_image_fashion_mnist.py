@@ -70,12 +70,12 @@ def parse(argv):
 
 def ensure_vae(args) -> dict:
     """Train the VAE unless VAE_WORKDIR holds a finished one; its eval.json."""
-    from diffusion_jax.train.vae import load_vae_run_config, train_vae
+    from diffusion_jax.train.vae import load_vae_run, train_vae
 
     done = os.path.join(args.vae_workdir, "eval.json")
     if os.path.isfile(done) and not args.vae_overrides:
         return read_json(done)
-    return train_vae(load_vae_run_config(os.path.join(ROOT, "configs", "vae.py:fashion_mnist"), args.vae_overrides),
+    return train_vae(load_vae_run(os.path.join(ROOT, "configs", "vae.py:fashion_mnist"), args.vae_overrides),
                      args.vae_workdir)
 
 

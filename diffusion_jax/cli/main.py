@@ -6,7 +6,7 @@
     diffusion-jax likelihood --workdir workdirs/digits --num 100 --method ode --trace rademacher
     diffusion-jax train-classifier --workdir workdirs/digits --out workdirs/digits_clf   # for classifier guidance
     diffusion-jax compare --workdir workdirs/digits --samplers ddim,dpmpp_2m --nfe 5,10,20 --num 500 --out results/c
-    diffusion-jax train-vae --config configs/vae.py:fashion_mnist --workdir workdirs/vae_fmnist   # latent diffusion
+    diffusion-jax train --config configs/vae.py:fashion_mnist --workdir workdirs/vae_fmnist   # model.name="vae"
     diffusion-jax convert --from path/to/diffusers-folder --to models/sd15     # SD pipeline or DDPM UNet2DModel
     diffusion-jax generate --workdir models/sd15 --prompt "a photo of a cat" --sampler dpmpp_2m --steps 20
 """
@@ -25,28 +25,15 @@ EXIT_BAD_INPUT = 2
 
 
 def _train(args, overrides) -> None:
-    from diffusion_jax.config import load_experiment
     from diffusion_jax.parallel import initialize_distributed, is_main_process
-    from diffusion_jax.train.loop import train_and_evaluate
-    from diffusion_jax.train.metrics import read_metrics
+    from diffusion_jax.train.runs import kind_of, load_run
 
     if args.distributed or args.coordinator is not None:   # before any other JAX call
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    exp, _ = load_experiment(args.config, overrides)
-    state = train_and_evaluate(exp, args.workdir, progress=not args.no_progress)
-    rows = [r for r in read_metrics(args.workdir) if "loss" in r]
-    if rows and is_main_process():
-        print(f"trained to step {int(state.step)}: loss {rows[0]['loss']:.4f} (step {rows[0]['step']}) -> "
-              f"{rows[-1]['loss']:.4f} (step {rows[-1]['step']}); workdir {args.workdir}")
-
-
-def _train_vae(args, overrides) -> None:
-    from diffusion_jax.train.vae import load_vae_run_config, train_vae
-
-    result = train_vae(load_vae_run_config(args.config, overrides), args.workdir, progress=not args.no_progress)
-    print(f"VAE trained to step {result['steps']}: held-out PSNR {result['psnr']:.2f} dB on {result['eval_num']} "
-          f"'{result['eval_split']}' images (train {result['psnr_train']:.2f} dB), scaling factor "
-          f"{result['scaling_factor']:.4f}; workdir {args.workdir}")
+    run = load_run(args.config, overrides)   # model.name picks the schema: a denoiser or the autoencoder
+    result = kind_of(run).train(run, args.workdir, progress=not args.no_progress)
+    if is_main_process():
+        print(kind_of(run).summary(result, args.workdir))
 
 
 def _sampler_spec(args, exp):
@@ -271,9 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a diffusion model from a config file",
+    train = sub.add_parser("train", help="train any registered backbone from a config file (model.name: a "
+                           "diffusion model, or the autoencoder of configs/vae.py)",
                            epilog="Any config value can be overridden: --config.train.steps=200")
-    train.add_argument("--config", required=True, help="configs/NAME.py or configs/NAME.py:debug")
+    train.add_argument("--config", required=True, help="configs/NAME.py or configs/NAME.py:debug (configs/vae.py: "
+                       "the KL autoencoder of latent diffusion)")
     train.add_argument("--workdir", required=True, help="checkpoints, metrics and samples go here")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     multi = train.add_argument_group("multi-process (docs/benchmarks.md: running on several hosts)")
@@ -283,13 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
     multi.add_argument("--num-processes", type=int, default=None)
     multi.add_argument("--process-id", type=int, default=None)
     train.set_defaults(func=_train)
-
-    vae = sub.add_parser("train-vae", help="train the KL autoencoder of latent diffusion (configs/vae.py)",
-                         epilog="Any config value can be overridden: --config.train.steps=200")
-    vae.add_argument("--config", required=True, help="configs/vae.py:fashion_mnist or configs/vae.py:debug")
-    vae.add_argument("--workdir", required=True, help="checkpoints, vae.json, eval.json, reconstructions.png")
-    vae.add_argument("--no-progress", action="store_true", help="no progress bar")
-    vae.set_defaults(func=_train_vae)
 
     sample = sub.add_parser("sample", help="sample from the EMA params of a trained workdir",
                             epilog="Flags left out take their value from the run's config.sample.")

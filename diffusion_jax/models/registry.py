@@ -1,15 +1,22 @@
-"""Backbones by name, at the config boundary: `model.name` -> the config dataclass of the `model` section and the
-network it builds. The train loop, sharding, checkpoints and samplers never ask which backbone they carry.
+"""Backbones by name, at the config boundary: `model.name` -> the config dataclass of the `model` section, the
+network it builds and its kind, which names the objective that trains it (`train.runs.RUN_KINDS`). The train loop,
+sharding, checkpoints and samplers never ask which backbone they carry.
 
-    name        config                                     network
-    unet        unet.UNetConfig                            unet.UNet: DDPM / ADM / NCSN++ U-Net (class labels,
-                                                           cross-attention, learned variance)
-    unet_cond   unet_cond_backbone.UNetCondBackboneConfig  latent diffusion's UNet2DConditionModel layout (class
-                                                           labels, text context)
+    name        kind          config                                     network
+    unet        denoiser      unet.UNetConfig                            unet.UNet: DDPM / ADM / NCSN++ U-Net (class
+                                                                         labels, cross-attention, learned variance)
+    unet_cond   denoiser      unet_cond_backbone.UNetCondBackboneConfig  latent diffusion's UNet2DConditionModel
+                                                                         layout (class labels, text context)
+    vae         autoencoder   vae.VAEConfig                              latent diffusion's KL autoencoder
+                                                                         (AutoencoderKL layout)
 
-A backbone is one file in models/ (a frozen config dataclass with `name`, `image_size`, `in_channels`,
-`num_classes`, `context_dim`, `learn_sigma` and a `validate()` naming `model.<key>`; an nnx.Module called as
-net(x, t, y=None, context=None, *, train=False, dropout_key=None) -> (B, H, W, out channels)) plus one line below.
+A backbone is one file in models/ plus one line below: a frozen config dataclass with `name` and a `validate()`
+naming `model.<key>`, and an nnx.Module built as Module(config, rngs=nnx.Rngs). Its kind fixes the rest:
+  denoiser     config has `image_size`, `in_channels`, `num_classes`, `context_dim`, `learn_sigma`; the module is
+               called as net(x, t, y=None, context=None, *, train=False, dropout_key=None) -> (B, H, W, out channels)
+               and trained by a diffusion objective (config.Experiment; `train.loop`).
+  autoencoder  the module has encode(x) -> posterior and decode(z) -> x, trained with reconstruction + KL (+ GAN)
+               (`train.vae`).
 """
 from __future__ import annotations
 
@@ -21,6 +28,9 @@ from flax import nnx
 
 from diffusion_jax.models.unet import UNet, UNetConfig
 from diffusion_jax.models.unet_cond_backbone import UNetCondBackbone, UNetCondBackboneConfig
+from diffusion_jax.models.vae import VAE, VAEConfig
+
+KINDS = ("denoiser", "autoencoder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,12 +38,15 @@ class Backbone:
     config: type
     build: Callable[..., nnx.Module]      # build(config, rngs=nnx.Rngs) -> the network
     about: str
+    kind: str = "denoiser"                # "denoiser" | "autoencoder" (module docstring)
 
 
 BACKBONES: dict[str, Backbone] = {
     "unet": Backbone(UNetConfig, UNet, "DDPM / ADM / NCSN++ U-Net (Ho et al. 2020, Dhariwal & Nichol 2021)"),
     "unet_cond": Backbone(UNetCondBackboneConfig, UNetCondBackbone,
                           "UNet2DConditionModel layout (Rombach et al. 2022): spatial transformers, text context"),
+    "vae": Backbone(VAEConfig, VAE, "KL autoencoder of latent diffusion (Rombach et al. 2022), AutoencoderKL layout",
+                    kind="autoencoder"),
 }
 
 
@@ -44,6 +57,10 @@ def backbone(name) -> Backbone:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"model.name={name!r} is not a registered backbone {sorted(BACKBONES)}{hint}")
     return BACKBONES[name]
+
+
+def names_of_kind(kind: str) -> list[str]:
+    return sorted(name for name, b in BACKBONES.items() if b.kind == kind)
 
 
 def config_class(section: Mapping | None) -> type:

@@ -49,9 +49,11 @@ _DIFFUSERS_IGNORED = {"sample_size", "force_upcast"}  # tiling size; fp16 upcast
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-    """Hyper-parameters of `VAE`; the defaults are diffusers' `AutoencoderKL()` defaults. Errors name
-    keys as `vae.<field>`. SD 1.x: block_out_channels=(128, 256, 512, 512), layers_per_block=2."""
+    """Hyper-parameters of `VAE`; the defaults are diffusers' `AutoencoderKL()` defaults. The `model` section
+    of a run with model.name="vae" (`train.vae`); errors name keys as `model.<field>`. SD 1.x:
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2."""
 
+    name: str = "vae"                       # backbone registry name (models/registry.py)
     in_channels: int = 3
     out_channels: int = 3
     block_out_channels: tuple[int, ...] = (64,)
@@ -76,26 +78,26 @@ class VAEConfig:
     def validate(self) -> None:
         def positive_int(name, value):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"vae.{name}={value!r} must be a positive int")
+                raise ValueError(f"model.{name}={value!r} must be a positive int")
 
         for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
             positive_int(name, getattr(self, name))
         if not isinstance(self.block_out_channels, tuple) or not self.block_out_channels:
-            raise ValueError(f"vae.block_out_channels={self.block_out_channels!r} must be a non-empty tuple")
+            raise ValueError(f"model.block_out_channels={self.block_out_channels!r} must be a non-empty tuple")
         for i, ch in enumerate(self.block_out_channels):
             positive_int(f"block_out_channels[{i}]", ch)
             if ch % self.norm_num_groups:
-                raise ValueError(f"vae.block_out_channels[{i}]={ch} is not divisible by "
-                                 f"vae.norm_num_groups={self.norm_num_groups}")
+                raise ValueError(f"model.block_out_channels[{i}]={ch} is not divisible by "
+                                 f"model.norm_num_groups={self.norm_num_groups}")
         if not isinstance(self.scaling_factor, (int, float)) or not self.scaling_factor > 0:
-            raise ValueError(f"vae.scaling_factor={self.scaling_factor!r} must be a positive float")
+            raise ValueError(f"model.scaling_factor={self.scaling_factor!r} must be a positive float")
         if self.shift_factor is not None and not isinstance(self.shift_factor, (int, float)):
-            raise ValueError(f"vae.shift_factor={self.shift_factor!r} must be a float or None")
+            raise ValueError(f"model.shift_factor={self.shift_factor!r} must be a float or None")
         for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"vae.{name}={getattr(self, name)!r} must be a bool")
+                raise ValueError(f"model.{name}={getattr(self, name)!r} must be a bool")
         if self.dtype not in _DTYPES:
-            raise ValueError(f"vae.dtype={self.dtype!r} must be one of {sorted(_DTYPES)}")
+            raise ValueError(f"model.dtype={self.dtype!r} must be one of {sorted(_DTYPES)}")
 
     @classmethod
     def from_diffusers(cls, cfg: Mapping[str, Any], **overrides) -> VAEConfig:
@@ -103,7 +105,7 @@ class VAEConfig:
         value this implementation does not support. Keys starting with "_" are metadata and ignored."""
         if cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
             raise ValueError(f"diffusers config _class_name={cfg['_class_name']!r} is not AutoencoderKL")
-        ours = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
+        ours = {f.name for f in dataclasses.fields(cls)} - {"dtype", "name"}
         kwargs = {}
         for key, value in cfg.items():
             if key.startswith("_") or key in _DIFFUSERS_IGNORED or key in ("down_block_types", "up_block_types"):

@@ -123,7 +123,7 @@ class VAELossConfig:
             self.discriminator.validate()
             if self.discriminator.in_channels != self.vae.out_channels:
                 raise ValueError(f"loss.discriminator.in_channels={self.discriminator.in_channels} != "
-                                 f"vae.out_channels={self.vae.out_channels}")
+                                 f"model.out_channels={self.vae.out_channels}")
 
 
 class VAELossAux(NamedTuple):

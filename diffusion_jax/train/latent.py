@@ -1,4 +1,4 @@
-"""Text-to-image from the project's own latent diffusion runs (config section `latent`: a `train-vae` workdir
+"""Text-to-image from the project's own latent diffusion runs (config section `latent`: an autoencoder run's workdir
 and MiniLM captions), as the same `TextToImage` that Stable Diffusion folders load into.
 
     model = load_latent_run("workdirs/ldm_fmnist")      # or load_text_to_image(...), which dispatches here

@@ -58,7 +58,7 @@ def build_latent_source(exp, workdir: str, pixels, *, progress: bool = True) -> 
         raise ValueError(f"data '{exp.data.name}' has no class names: latent runs caption images by class")
     vae_dir = exp.latent.vae_workdir
     if not os.path.isdir(vae_dir):
-        raise FileNotFoundError(f"latent.vae_workdir={vae_dir!r} does not exist (train one: diffusion-jax train-vae)")
+        raise FileNotFoundError(f"latent.vae_workdir={vae_dir!r} does not exist (train one: diffusion-jax train --config configs/vae.py)")
     fingerprint = _fingerprint(exp, vae_dir)
     path = os.path.join(workdir, CACHE)
     if os.path.isfile(path):

@@ -1,33 +1,25 @@
-"""train_and_evaluate(experiment, config, workdir): the training loop around the pure train step.
+"""train_and_evaluate(experiment, workdir): diffusion training, a `runner.TrainJob` of the host loop.
 
-Host side only: data, progress bar, metrics, checkpoints and sample grids. Resumes from the latest
-readable checkpoint in WORKDIR when there is one; the data order and the step's randomness are functions of
-(seed, step), so a resumed run ends bit-identical to an uninterrupted one (tests/e2e/test_reliability.py).
+What is diffusion's here: the data checks against the model, the train state (params, EMA, optimizer; a learned
+VDM gamma inside the params), the objective's jitted step (`state.make_train_step`) and the sample grids written
+during and after training. Resume, checkpoints, metrics, signals and non-finite checks are the shared host loop's
+(`runner.run_job`). Resumes from the latest readable checkpoint in WORKDIR when there is one.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import os
-import time
 import warnings
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from diffusion_jax import parallel, viz
 from diffusion_jax.config import Experiment, build_schedule, learned_gamma
-from diffusion_jax.data import Batches, load_source
-from diffusion_jax.fileio import write_json
+from diffusion_jax.data import load_source
 from diffusion_jax.inference.sampling import SamplerSpec, class_labels, make_sample_fn
-from diffusion_jax.train.checkpoint import Checkpointer
-from diffusion_jax.train.faults import NonFiniteGuard, Preempted, SignalCatcher
-from diffusion_jax.train.metrics import MetricWriter, truncate_metrics
+from diffusion_jax.train import runner
 from diffusion_jax.train.state import StepOptions, create_train_state, make_optimizer, make_train_step
-
-log = logging.getLogger(__name__)
 
 # Sections whose change makes an existing checkpoint meaningless (shapes or the meaning of the network).
 _FROZEN_SECTIONS = ("model", "schedule", "loss", "latent")
@@ -52,31 +44,14 @@ def check_data_matches_model(exp: Experiment, source) -> None:
 
 
 def frozen_changes(workdir: str, exp: Experiment) -> list[str]:
-    """The model / schedule / loss keys in which `exp` differs from the run saved in WORKDIR ([] if none is)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        old = json.load(f)
-    new = exp.to_dict()
-    changed = []
-    for s in _FROZEN_SECTIONS:
-        # A key that a run saved by an older version lacks had that version's behaviour: the field's default.
-        defaults = json.loads(json.dumps(dataclasses.asdict(type(getattr(exp, s))())))
-        for k in new[s]:
-            if json.loads(json.dumps(new[s][k])) != old.get(s, {}).get(k, defaults[k]):
-                changed.append(f"{s}.{k}")
-    return changed
+    """The model / schedule / loss / latent keys in which `exp` differs from the run saved in WORKDIR ([] if none
+    is)."""
+    return runner.frozen_changes(workdir, exp.to_dict(), {s: getattr(exp, s) for s in _FROZEN_SECTIONS})
 
 
 def write_config(workdir: str, exp: Experiment, write: bool = True) -> None:
     """Save the resolved config (if `write`); refuse to resume a workdir whose model/schedule/loss differ."""
-    changed = frozen_changes(workdir, exp)
-    if changed:
-        raise ValueError(f"{workdir} holds a run with different {', '.join(changed)}; "
-                         "use a new --workdir (nothing was changed in the old one)")
-    if write:
-        write_json(os.path.join(workdir, "config.json"), exp.to_dict())
+    runner.write_config(workdir, exp.to_dict(), {s: getattr(exp, s) for s in _FROZEN_SECTIONS}, write)
 
 
 def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
@@ -111,15 +86,6 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     gamma = learned_gamma(exp.schedule)   # a learned VDM gamma is trained with (and inside) the params
     graphdef, state, shardings = create_train_state(exp.model, tx, jax.random.PRNGKey(exp.seed), mesh, tc.fsdp,
                                                     learned_gamma=gamma)
-    ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
-    restored, restored_step = ckpt.restore_latest(state)
-    if restored is not None:
-        state = restored
-        log.info("resuming from %s (step %d)", ckpt.step_path(restored_step), restored_step)
-    start = int(state.step)
-    if main:
-        truncate_metrics(workdir, start)   # rows past the checkpoint are re-logged by this run
-
     opts = StepOptions(tc.ema_decay, tc.ema_warmup, exp.model.learn_sigma, exp.model.num_classes,
                        skip_nonfinite=tc.on_nonfinite == "skip")
     schedule = build_schedule(exp.schedule, state.params)
@@ -143,7 +109,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
 
         sample_fn = latent_grid_fn(exp, graphdef, schedule, grid_spec, source, mesh)
 
-    def write_samples(step: int):
+    def write_samples(state, step: int):
         # a learned gamma changes as it trains: sample with the EMA's (which costs a compile per grid)
         sample = sample_fn if gamma is None else grid_sampler(build_schedule(exp.schedule, state.ema_params))
         images = parallel.to_host(sample(state.ema_params, jax.random.PRNGKey(exp.seed + 1), labels)[0])
@@ -154,56 +120,6 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
             return
         viz.save_grid(images, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
 
-    def last_checkpoint():
-        ckpt.wait()
-        step = ckpt.latest_step()
-        return None if step is None else ckpt.step_path(step)
-
-    batches = Batches(source, tc.batch_size, seed=exp.data.seed, random_flip=exp.data.random_flip)
-    guard = NonFiniteGuard(tc.on_nonfinite, last_checkpoint)
-    writer = MetricWriter(workdir) if main else None
-    bar = tqdm(total=tc.steps, initial=start, disable=not (progress and main), desc="train", unit="step",
-               dynamic_ncols=True)
-    t_last, step_last = time.perf_counter(), start
-    pending = None   # (step, metrics) not yet checked: checked one step late, so the device stays busy
-    try:
-        with SignalCatcher() as signals:
-            for step, batch in zip(range(start, tc.steps), batches.iterate(start)):
-                state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
-                done = step + 1
-                bar.update(1)
-                if pending is not None:
-                    guard.check(*pending)
-                pending = (done, metrics)
-                if (done % tc.log_every == 0 or done == tc.steps or done % tc.ckpt_every == 0
-                        or signals.received):      # the state is about to be read or saved: check it now
-                    metrics = jax.device_get(metrics)
-                    guard.check(done, metrics)
-                    pending = None
-                if done % tc.log_every == 0 or done == tc.steps:
-                    now = time.perf_counter()
-                    metrics["img_per_s"] = (done - step_last) * tc.batch_size / (now - t_last)
-                    if tc.on_nonfinite == "skip":
-                        metrics["skipped_updates"] = guard.skipped
-                    t_last, step_last = now, done
-                    if writer is not None:
-                        writer.write(done, metrics)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
-                if signals.received and done != tc.steps:
-                    ckpt.save(done, state, exp.to_dict())
-                    ckpt.wait()
-                    raise Preempted(signals.received, done, ckpt.step_path(done))
-                if done % tc.ckpt_every == 0 and done != tc.steps:
-                    ckpt.save(done, state, exp.to_dict())
-                if tc.sample_every and done % tc.sample_every == 0 and done != tc.steps:
-                    write_samples(done)
-            if int(state.step) > start or ckpt.latest_step() is None:
-                ckpt.save(int(state.step), state, exp.to_dict())
-                write_samples(int(state.step))
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-        ckpt.wait()
-        ckpt.close()
-    return state
+    job = runner.TrainJob("train", exp.to_dict(), tc, source, exp.data, mesh, state, train_step,
+                          preview=write_samples, show=("loss", "img_per_s"))
+    return runner.run_job(job, workdir, progress=progress)

@@ -101,6 +101,14 @@ def model_graphdef(model_cfg, learned_gamma=None):
     return nnx.graphdef(nnx.eval_shape(lambda: build_network(model_cfg, nnx.Rngs(0), learned_gamma)))
 
 
+def keep_if_finite(new_state, old_state, metrics: dict):
+    """train.on_nonfinite="skip" inside a jitted step: new_state where metrics' loss and grad_norm are finite,
+    else old_state with new_state's step (the update is skipped, the step still counts)."""
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
+    return kept.replace(step=new_state.step)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
     ema_decay: float
@@ -130,9 +138,7 @@ def make_train_step(graphdef, schedule, loss_cfg: LossConfig, tx, lr_fn: Callabl
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=lr_fn(state.step))
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
         if opts.skip_nonfinite:   # train.on_nonfinite="skip": keep the old params, EMA and optimizer state
-            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-            kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-            new_state = kept.replace(step=new_state.step)
+            new_state = keep_if_finite(new_state, state, metrics)
         return new_state, metrics
 
     batch_sharding = parallel.batch_sharding(mesh)

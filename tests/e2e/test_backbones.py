@@ -1,5 +1,7 @@
-"""Every registered backbone trains through the one train loop (`--config.model.name=NAME`) and samples with
-classifier-free guidance; unknown names and keys are refused with the closest valid one."""
+"""Every registered backbone trains through the one train loop (`--config.model.name=NAME`): each denoiser two steps,
+then samples with classifier-free guidance (the autoencoder, model.name="vae", is trained through the same CLI
+command by tests/e2e/test_latent_diffusion.py, whose latent run then uses it). Unknown names and keys are refused
+with the closest valid one."""
 import json
 import os
 
@@ -8,11 +10,17 @@ import pytest
 from conftest import DIGITS, TINY
 
 from diffusion_jax.cli.main import main
-from diffusion_jax.models.registry import BACKBONES
+from diffusion_jax.models.registry import BACKBONES, KINDS, names_of_kind
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_every_backbone_trains_two_steps_and_samples_with_cfg(name, tmp_path, capsys):
+def test_every_backbone_has_a_test_of_its_kind():
+    # denoisers: the parametrized test below; the one autoencoder: test_latent_diffusion.py's CLI run
+    assert set(names_of_kind("denoiser")) | set(names_of_kind("autoencoder")) == set(BACKBONES)
+    assert KINDS == ("denoiser", "autoencoder") and names_of_kind("autoencoder") == ["vae"]
+
+
+@pytest.mark.parametrize("name", names_of_kind("denoiser"))
+def test_every_denoiser_trains_two_steps_and_samples_with_cfg(name, tmp_path, capsys):
     from flax import nnx
 
     from diffusion_jax.train.checkpoint import load_trained

