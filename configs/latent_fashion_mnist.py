@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.latent = dict(vae_workdir="workdirs/vae_fmnist", captions=CAPTIONS, text_encoder="minilm", max_length=16)
     c.model = dict(
         image_size=8, in_channels=4, out_channels=None, channels=16 if debug else 64,
-        channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,) if debug else (8, 4),
+        channel_mult=(1,) if debug else (1, 2), num_res_blocks=1, attention_resolutions=(8,) if debug else (8, 4),
         num_heads=1 if debug else 4, dropout=0.0, num_groups=8, num_classes=None, context_dim=384,
         learn_sigma=False, dtype="float32")
     c.schedule = dict(name="scaled_linear", num_timesteps=1000, beta_start=0.00085, beta_end=0.012,

@@ -29,8 +29,10 @@ sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 DIGITS = os.path.join(ROOT, "configs", "digits.py")
 
-# A U-Net small enough that compiling its train step takes seconds.
-TINY = ["model.channels=8", "model.channel_mult=(1, 2)", "model.num_res_blocks=1", "model.attention_resolutions=(8,)",
+# A U-Net small enough that compiling its train step and samplers takes seconds: one resolution level and no
+# attention, which halves every compile of the trained model (the levels, resampling and attention are verified by
+# tests/unit/test_unet_options.py, tests/parity/test_unet.py and the backbones test).
+TINY = ["model.channels=8", "model.channel_mult=(1,)", "model.num_res_blocks=1", "model.attention_resolutions=()",
         "model.num_groups=4", "model.num_heads=1", "data.image_size=8", "train.batch_size=8",
         "train.steps=3", "train.log_every=1", "train.ckpt_every=2", "train.sample_num=4", "train.sample_steps=3",
         "train.async_checkpointing=False"]

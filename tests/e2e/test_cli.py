@@ -89,9 +89,11 @@ def test_compare_runs_every_cell_and_resumes(capsys, trained_workdir, tmp_path, 
     code, _ = run(capsys, *argv)
     assert code == 0 and [c.stat().st_mtime_ns for c in cells] == stamps
     assert list(csv.DictReader(open(out_dir / "results.csv"))) == rows
-    # ... but not when what defines a cell changed (here the clip): those cells are sampled again.
-    code, _ = run(capsys, *argv[:-1], "--clip", "0.5", "--no-progress")
-    assert code == 0 and all(c.stat().st_mtime_ns != s for c, s in zip(cells, stamps))
+    # ... but not when what defines a cell changed (here the clip): that cell is sampled again, the others are kept.
+    code, _ = run(capsys, "compare", "--workdir", trained_workdir, "--samplers", "ddim", "--nfe", "3", "--num", "12",
+                  "--seeds", "2", "--out", str(out_dir), "--clip", "0.5", "--no-progress")
+    resampled = sorted(c.name for c, s in zip(cells, stamps) if c.stat().st_mtime_ns != s)
+    assert code == 0 and len(resampled) == 4 and all(n.startswith("ddim-nfe3-seed") for n in resampled), resampled
 
 
 def test_compare_refuses_bad_flags(capsys, trained_workdir, tmp_path):
