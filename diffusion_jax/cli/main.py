@@ -8,6 +8,7 @@
     diffusion-jax compare --workdir workdirs/digits --samplers ddim,dpmpp_2m --nfe 5,10,20 --num 500 --out results/c
     diffusion-jax train --config configs/vae.py:fashion_mnist --workdir workdirs/vae_fmnist   # model.name="vae"
     diffusion-jax convert --from path/to/diffusers-folder --to models/sd15     # SD pipeline or DDPM UNet2DModel
+    diffusion-jax export --workdir workdirs/digits --to exported/digits     # a diffusers folder (from_pretrained)
     diffusion-jax generate --workdir models/sd15 --prompt "a photo of a cat" --sampler dpmpp_2m --steps 20
 """
 from __future__ import annotations
@@ -383,10 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     lik.add_argument("--no-progress", action="store_true")
     lik.set_defaults(func=_likelihood)
 
-    from diffusion_jax.cli.pipelines import add_convert_parser, add_generate_parser
+    from diffusion_jax.cli.pipelines import add_convert_parser, add_export_parser, add_generate_parser
 
     add_generate_parser(sub)   # text-to-image with a Stable Diffusion folder; handlers in pipelines/cli.py
     add_convert_parser(sub)    # diffusers folders -> our formats
+    add_export_parser(sub)     # and back: a trained workdir -> a diffusers folder
     return parser
 
 

@@ -1,6 +1,7 @@
-"""The `generate` and `convert` subcommands of `diffusion-jax` (registered by diffusion_jax/cli/main.py).
+"""The `generate`, `convert` and `export` subcommands of `diffusion-jax` (registered by diffusion_jax/cli/main.py).
 
     diffusion-jax convert  --from path/to/stable-diffusion-v1-5 --to models/sd15        # or a DDPM UNet2DModel
+    diffusion-jax export   --workdir workdirs/digits --to exported/digits               # the way back (train.export)
     diffusion-jax generate --workdir models/sd15 --prompt "a photo of a cat" --prompt "a boot" \\
         --sampler dpmpp_2m --steps 20 --guidance 7.5 --num-per-prompt 2 --seed 0 --out cats.png
     diffusion-jax generate --workdir models/sd15 --prompt "a watercolour" --task img2img --image in.png --strength 0.6
@@ -95,6 +96,31 @@ def add_convert_parser(sub) -> None:
                         "(e.g. tfds:cifar10; default folder, with --data-dir TO/data)")
     p.add_argument("--data-dir", default=None, metavar="DIR", help="UNet2DModel only: the workdir's data.data_dir")
     p.set_defaults(func=_convert)
+
+
+def _export(args, overrides) -> None:
+    if overrides:
+        raise ValueError(f"export takes no --config.* overrides (got {overrides}); its options are flags")
+    from diffusion_jax.train.export import export_workdir
+
+    try:
+        name = export_workdir(args.workdir, args.target)
+    except FileExistsError as e:   # main() reports ValueError / FileNotFoundError as bad input (exit 2)
+        raise ValueError(str(e)) from None
+    what = ("DDPMPipeline folder: model_index.json, unet/ (UNet2DModel, EMA params), scheduler/ (DDPMScheduler)"
+            if name == "unet" else "AutoencoderKL folder: config.json (with the run's scaling_factor), weights")
+    print(f"{name} run {args.workdir} -> diffusers {what} at {args.target}\n"
+          f"load it: diffusers.{'DDPMPipeline' if name == 'unet' else 'AutoencoderKL'}.from_pretrained("
+          f"{args.target!r})")
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a trained workdir as a diffusers folder (from_pretrained loads it)",
+                       epilog="model.name unet (discrete schedule) -> DDPMPipeline folder; vae -> AutoencoderKL "
+                              "folder. --to must be a new or empty folder.")
+    p.add_argument("--workdir", required=True, help="a training workdir (diffusion-jax train)")
+    p.add_argument("--to", dest="target", required=True, metavar="DIR", help="the new folder")
+    p.set_defaults(func=_export)
 
 
 def default_out(workdir: str, prompts: list[str], task: str, seed: int) -> str:

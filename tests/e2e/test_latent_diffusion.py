@@ -1,5 +1,6 @@
 """Latent diffusion end to end at toy scale: the autoencoder (model.name="vae", digits, configs/vae.py:debug), the trainer on its cached
 latents with MiniLM captions (configs/latent_fashion_mnist.py:debug), and text-to-image from the run."""
+import dataclasses
 import os
 import shutil
 
@@ -71,6 +72,18 @@ def test_vae_trains_and_reports_held_out_psnr(vae_dir, tmp_path, capsys):
     write_json(os.path.join(copy, "config.json"), old)
     _, old_params = load_vae(copy)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(old_params), jax.tree.leaves(params)))
+
+
+def test_vae_export_is_read_back_by_the_diffusers_importer(vae_dir, tmp_path, capsys):
+    from diffusion_jax.models.convert_vae import load_vae as load_diffusers_vae
+
+    out = str(tmp_path / "exported")
+    assert main(["export", "--workdir", vae_dir[0], "--to", out]) == 0, capsys.readouterr().err
+    assert "AutoencoderKL.from_pretrained" in capsys.readouterr().out
+    config, params = load_diffusers_vae(out)              # the AutoencoderKL folder, through our importer
+    vae, ours = load_vae(vae_dir[0])
+    assert config == dataclasses.replace(vae, name="vae") and config.scaling_factor == vae.scaling_factor != 1.0
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ours)))
 
 
 def test_vae_config_errors_name_the_key(tmp_path):

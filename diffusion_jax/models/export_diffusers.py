@@ -1,0 +1,114 @@
+"""Our params as diffusers state_dicts and configs: the inverse of `convert_diffusers` (UNet2DModel) and
+`convert_vae` (AutoencoderKL), key for key, so that `from_pretrained` loads what this project trained.
+
+    sd, cfg = unet2d_state_dict(params, unet_config), unet2d_config(unet_config)
+    sd, cfg = vae_state_dict(params, vae_config), vae_diffusers_config(vae_config)
+    save_model_folder(folder, cfg, sd)                        # config.json + diffusion_pytorch_model.safetensors
+
+Layouts: our NHWC conv kernels (kh, kw, I, O) become PyTorch's (O, I, kh, kw), Linear kernels (I, O) become (O, I);
+norm scales and biases pass unchanged. A class-conditional U-Net keeps its null class (the last embedding row, the
+"no label" of classifier-free guidance) as an ordinary class: diffusers' `num_class_embeds` is num_classes + 1 and
+label num_classes asks for the unconditional prediction. Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from diffusion_jax import fileio
+from diffusion_jax.models.convert_diffusers import _diffusers_key as unet2d_key
+from diffusion_jax.models.convert_vae import diffusers_key as vae_key
+from diffusion_jax.models.unet import UNetConfig
+from diffusion_jax.models.vae import VAEConfig
+
+
+def torch_layout(value, is_kernel: bool) -> np.ndarray:
+    """One of our params in PyTorch's layout (the inverse of `weights_io.torch_to_nhwc`), float32, contiguous."""
+    value = np.asarray(value, np.float32)
+    if is_kernel:
+        value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    return np.ascontiguousarray(value)
+
+
+def _flatten(tree: dict, prefix: tuple = ()):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, (*prefix, k))
+        else:
+            yield (*prefix, k), v
+
+
+def _state_dict(params: dict, key_of) -> dict[str, np.ndarray]:
+    return {key_of(path): torch_layout(value, path[-1] == "kernel") for path, value in _flatten(params)}
+
+
+def check_unet2d(config: UNetConfig) -> None:
+    """ValueError naming the first setting of `config` that diffusers' UNet2DModel cannot express."""
+    default = UNetConfig()
+    for name in ("time_embedding", "resblock", "resample_filter", "skip_rescale"):   # score_sde options
+        if getattr(config, name) != getattr(default, name):
+            raise ValueError(f"model.{name}={getattr(config, name)!r} has no diffusers UNet2DModel counterpart (the "
+                             f"DDPM U-Net needs {getattr(default, name)!r})")
+    if config.context_dim is not None:
+        raise ValueError(f"model.context_dim={config.context_dim}: UNet2DModel has no cross-attention")
+    widths = [config.channels * m for m in config.channel_mult]
+    attended = [w for w, r in zip(widths, config.resolutions) if r in config.attention_resolutions] + [widths[-1]]
+    if config.num_heads > 1 and len({w // config.num_heads for w in attended}) != 1:
+        raise ValueError(f"model.num_heads={config.num_heads} gives different head widths {sorted(set(attended))} "
+                         "at the attention levels; UNet2DModel has one attention_head_dim")
+
+
+def unet2d_config(config: UNetConfig) -> dict:
+    """The diffusers UNet2DModel config.json of `config` (the inverse of `unet_config_from_diffusers`)."""
+    check_unet2d(config)
+    widths = [config.channels * m for m in config.channel_mult]
+    attn = [r in config.attention_resolutions for r in config.resolutions]
+    return {
+        "_class_name": "UNet2DModel", "sample_size": config.image_size, "in_channels": config.in_channels,
+        "out_channels": config.resolved_out_channels, "block_out_channels": widths,
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "layers_per_block": config.num_res_blocks,
+        "attention_head_dim": None if config.num_heads == 1 else widths[-1] // config.num_heads,
+        "norm_num_groups": config.num_groups, "norm_eps": 1e-6, "dropout": config.dropout,
+        "num_class_embeds": None if config.num_classes is None else config.num_classes + 1,
+        "flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0, "act_fn": "silu",
+        "time_embedding_type": "positional", "center_input_sample": False, "mid_block_scale_factor": 1,
+        "resnet_time_scale_shift": "default", "downsample_type": "conv", "upsample_type": "conv",
+        "add_attention": True, "class_embed_type": None,
+    }
+
+
+def unet2d_state_dict(params: dict, config: UNetConfig) -> dict[str, np.ndarray]:
+    """The UNet2DModel state_dict of `UNet(config)`'s pure-dict params (names of `convert_diffusers`)."""
+    check_unet2d(config)
+    return _state_dict(params, unet2d_key)
+
+
+def vae_diffusers_config(config: VAEConfig, sample_size: int = 32) -> dict:
+    """The diffusers AutoencoderKL config.json of `config` (the inverse of `VAEConfig.from_diffusers`); sample_size
+    (the image size, which only diffusers' tiled decoding reads) is not part of VAEConfig."""
+    n = len(config.block_out_channels)
+    return {"_class_name": "AutoencoderKL", "in_channels": config.in_channels, "out_channels": config.out_channels,
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "block_out_channels": list(config.block_out_channels), "layers_per_block": config.layers_per_block,
+            "act_fn": "silu", "latent_channels": config.latent_channels, "norm_num_groups": config.norm_num_groups,
+            "sample_size": sample_size, "scaling_factor": config.scaling_factor, "shift_factor": config.shift_factor,
+            "latents_mean": None, "latents_std": None, "force_upcast": True,
+            "use_quant_conv": config.use_quant_conv, "use_post_quant_conv": config.use_post_quant_conv,
+            "mid_block_add_attention": config.mid_block_add_attention}
+
+
+def vae_state_dict(params: dict, config: VAEConfig) -> dict[str, np.ndarray]:
+    """The AutoencoderKL state_dict of `VAE(config)`'s pure-dict params (names of `convert_vae`)."""
+    return _state_dict(params, vae_key)
+
+
+def save_model_folder(folder: str, config: dict, state_dict: dict[str, np.ndarray]) -> None:
+    """Write `folder`/config.json and diffusion_pytorch_model.safetensors (the layout `from_pretrained` reads)."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    fileio.write_json(os.path.join(folder, "config.json"), config)
+    save_file(state_dict, os.path.join(folder, "diffusion_pytorch_model.safetensors"))

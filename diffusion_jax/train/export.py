@@ -1,0 +1,94 @@
+"""A training workdir written as a diffusers folder that `from_pretrained` loads: the inverse of `ddpm_import`
+(and of `models.convert_vae`).
+
+    export_workdir("workdirs/digits", "exported/digits")      # diffusion-jax export --workdir ... --to ...
+
+model.name "unet" (discrete schedule): a DDPMPipeline folder: model_index.json, unet/ (UNet2DModel config.json +
+  diffusion_pytorch_model.safetensors, the EMA params, which is what the project samples with) and
+  scheduler/scheduler_config.json (DDPMScheduler: the betas, prediction_type, variance_type, clip and
+  timestep_spacing of the run). `DDPMPipeline.from_pretrained(folder)` samples it; a class-conditional model takes
+  `class_labels` in 0..num_classes, num_classes being the null class of classifier-free guidance.
+model.name "vae": an AutoencoderKL folder (config.json with the run's estimated scaling_factor + weights).
+Refused, with the reason: other backbones (unet_cond is not exported yet), continuous-time schedules (diffusers'
+DDPMScheduler is discrete), the score_sde U-Net options, an unfinished autoencoder run, and a target that exists
+and is not empty (nothing is overwritten).
+"""
+from __future__ import annotations
+
+import os
+
+from diffusion_jax import fileio
+from diffusion_jax.config import load_workdir_config
+from diffusion_jax.models.export_diffusers import (
+    save_model_folder,
+    unet2d_config,
+    unet2d_state_dict,
+    vae_diffusers_config,
+    vae_state_dict,
+)
+from diffusion_jax.process.discrete import check_schedule
+
+_BETAS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid"}
+_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def scheduler_config(exp) -> dict:
+    """The DDPMScheduler scheduler_config.json of a discrete-schedule Experiment (the inverse of
+    `ddpm_import.sample_from_diffusers` and `stable_diffusion.schedule_from_diffusers`)."""
+    sc = exp.schedule
+    if sc.kind != "discrete":
+        raise ValueError(f"schedule.kind={sc.kind!r}: diffusers' DDPMScheduler is discrete-time; export takes runs "
+                         "with schedule.kind='discrete'")
+    if exp.loss.prediction not in _PREDICTIONS:
+        raise ValueError(f"loss.prediction={exp.loss.prediction!r} has no DDPMScheduler prediction_type; one of "
+                         f"{tuple(_PREDICTIONS)}")
+    start, end = check_schedule(sc.name, sc.num_timesteps, sc.beta_start, sc.beta_end)
+    clip = exp.sample.clip_denoised
+    return {"_class_name": "DDPMScheduler", "num_train_timesteps": sc.num_timesteps, "beta_schedule": _BETAS[sc.name],
+            "beta_start": start if start is not None else 1e-4, "beta_end": end if end is not None else 0.02,
+            "trained_betas": None, "prediction_type": _PREDICTIONS[exp.loss.prediction],
+            "variance_type": "learned_range" if exp.model.learn_sigma else exp.sample.variance,
+            "clip_sample": clip > 0, "clip_sample_range": clip if clip > 0 else 1.0, "thresholding": False,
+            "timestep_spacing": exp.sample.spacing if exp.sample.spacing in _SPACINGS else "leading",
+            "steps_offset": 0, "rescale_betas_zero_snr": sc.zero_terminal_snr}
+
+
+def _export_unet(workdir: str, target: str) -> None:
+    from diffusion_jax.config import Experiment
+    from diffusion_jax.train.checkpoint import load_trained
+
+    exp = Experiment.from_config(load_workdir_config(workdir))
+    scheduler = scheduler_config(exp)      # the refusals before anything is restored or written
+    unet = unet2d_config(exp.model)
+    _, _, params, _ = load_trained(workdir)
+    state_dict = unet2d_state_dict(params, exp.model)
+    save_model_folder(os.path.join(target, "unet"), unet, state_dict)
+    fileio.write_json(os.path.join(target, "scheduler", "scheduler_config.json"), scheduler)
+    fileio.write_json(os.path.join(target, "model_index.json"),
+                      {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                       "scheduler": ["diffusers", "DDPMScheduler"]})
+
+
+def _export_vae(workdir: str, target: str) -> None:
+    from diffusion_jax.train.vae import VAERun, load_vae
+
+    run = VAERun.from_config(load_workdir_config(workdir))
+    vae, params = load_vae(workdir)       # with the estimated scaling factor; refuses an unfinished run
+    save_model_folder(target, vae_diffusers_config(vae, sample_size=run.data.image_size), vae_state_dict(params, vae))
+
+
+EXPORTS = {"unet": _export_unet, "vae": _export_vae}
+
+
+def export_workdir(workdir: str, target: str) -> str:
+    """Write WORKDIR's trained model as a diffusers folder at TARGET (module doc); returns its model.name."""
+    workdir, target = os.fspath(workdir), os.fspath(target)
+    if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
+        raise FileExistsError(f"--to {target!r} exists and is not an empty folder; give a new folder")
+    config = load_workdir_config(workdir)
+    name = "vae" if "vae" in config and "model" not in config else (config.get("model") or {}).get("name", "unet")
+    if name not in EXPORTS:
+        raise ValueError(f"model.name={name!r} cannot be exported to diffusers yet; export takes {sorted(EXPORTS)}")
+    EXPORTS[name](workdir, target)
+    return name
