@@ -236,7 +236,7 @@ def train_vae(run: VAERun, workdir: str, *, progress: bool = True) -> dict:
             viz.save_grid(np.concatenate([shown, recon]), os.path.join(workdir, "samples", f"step_{step:08d}.png"),
                           nrow=len(shown))
 
-    job = runner.TrainJob("train-vae", run.to_dict(), run.train, source, run.data, mesh, state,
+    job = runner.TrainJob("train vae", run.to_dict(), run.train, source, run.data, mesh, state,
                           make_vae_step(run, tx, mesh, shardings), preview=write_reconstructions,
                           show=("rec", "psnr"))
     state = runner.run_job(job, workdir, progress=progress)
