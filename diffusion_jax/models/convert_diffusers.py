@@ -101,6 +101,19 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], **overrides) -> UNetConfi
     return config
 
 
+def check_ddpm_unet(config: UNetConfig) -> None:
+    """ValueError naming the first setting of `config` that UNet2DModel (the DDPM U-Net) lacks: cross-attention or
+    a score_sde option. Shared by the import here and the export (`export_diffusers`)."""
+    if config.context_dim is not None:
+        raise ValueError(f"model.context_dim={config.context_dim}: UNet2DModel has no cross-attention; use a config "
+                         "with model.context_dim=None")
+    default = UNetConfig()
+    for name in ("time_embedding", "resblock", "resample_filter", "skip_rescale"):   # score_sde options
+        if getattr(config, name) != getattr(default, name):
+            raise ValueError(f"model.{name}={getattr(config, name)!r} has no diffusers UNet2DModel counterpart "
+                             f"(UNet2DModel is the DDPM U-Net: need {getattr(default, name)!r})")
+
+
 def _diffusers_key(path: tuple) -> str:
     """('down', 1, 'res', 0, 'conv1', 'kernel') -> 'down_blocks.1.resnets.0.conv1.weight'."""
     *mods, param = path
@@ -133,13 +146,7 @@ def convert_diffusers_unet(state_dict: Mapping[str, Any], config: UNetConfig) ->
     Raises:
       ValueError on missing / unused keys or shape mismatches.
     """
-    if config.context_dim is not None:
-        raise ValueError("UNet2DModel has no cross-attention; use a config with model.context_dim=None")
-    default = UNetConfig()
-    for name in ("time_embedding", "resblock", "resample_filter", "skip_rescale"):   # score_sde options
-        if getattr(config, name) != getattr(default, name):
-            raise ValueError(f"UNet2DModel is the DDPM U-Net: model.{name}={getattr(config, name)!r} has no diffusers "
-                             f"counterpart (need {getattr(default, name)!r})")
+    check_ddpm_unet(config)
     abstract = nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0)))
     _, params = nnx.split(abstract, nnx.Param)
     sd = {k: v for k, v in state_dict.items()}

@@ -15,9 +15,11 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from flax import traverse_util
 
 from diffusion_jax import fileio
 from diffusion_jax.models.convert_diffusers import _diffusers_key as unet2d_key
+from diffusion_jax.models.convert_diffusers import check_ddpm_unet
 from diffusion_jax.models.convert_vae import diffusers_key as vae_key
 from diffusion_jax.models.unet import UNetConfig
 from diffusion_jax.models.vae import VAEConfig
@@ -31,27 +33,14 @@ def torch_layout(value, is_kernel: bool) -> np.ndarray:
     return np.ascontiguousarray(value)
 
 
-def _flatten(tree: dict, prefix: tuple = ()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, (*prefix, k))
-        else:
-            yield (*prefix, k), v
-
-
 def _state_dict(params: dict, key_of) -> dict[str, np.ndarray]:
-    return {key_of(path): torch_layout(value, path[-1] == "kernel") for path, value in _flatten(params)}
+    return {key_of(path): torch_layout(value, path[-1] == "kernel")
+            for path, value in traverse_util.flatten_dict(params).items()}
 
 
 def check_unet2d(config: UNetConfig) -> None:
     """ValueError naming the first setting of `config` that diffusers' UNet2DModel cannot express."""
-    default = UNetConfig()
-    for name in ("time_embedding", "resblock", "resample_filter", "skip_rescale"):   # score_sde options
-        if getattr(config, name) != getattr(default, name):
-            raise ValueError(f"model.{name}={getattr(config, name)!r} has no diffusers UNet2DModel counterpart (the "
-                             f"DDPM U-Net needs {getattr(default, name)!r})")
-    if config.context_dim is not None:
-        raise ValueError(f"model.context_dim={config.context_dim}: UNet2DModel has no cross-attention")
+    check_ddpm_unet(config)
     widths = [config.channels * m for m in config.channel_mult]
     attended = [w for w, r in zip(widths, config.resolutions) if r in config.attention_resolutions] + [widths[-1]]
     if config.num_heads > 1 and len({w // config.num_heads for w in attended}) != 1:
