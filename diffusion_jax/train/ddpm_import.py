@@ -48,7 +48,7 @@ UNET_CLASS = "UNet2DModel"
 # diffusers DDPMScheduler variance_type -> sample.variance (the *_log forms are the same variances)
 _VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
               "fixed_large_log": "fixed_large"}
-_SPACINGS = ("leading", "trailing", "linspace")
+DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")   # timestep_spacing values that ours match
 
 
 def is_unet2d_folder(folder: str) -> bool:
@@ -82,7 +82,7 @@ def sample_from_diffusers(cfg: dict) -> dict:
                     "x0-hat to [-%g, %g] instead", clip, clip)
     sample = {"variance": _VARIANCES[variance], "clip_denoised": clip}
     spacing = cfg.get("timestep_spacing", "leading")
-    if spacing in _SPACINGS:
+    if spacing in DIFFUSERS_SPACINGS:
         sample["spacing"] = spacing
     if sample.get("spacing", "leading") == "leading" and cfg.get("steps_offset", 0):
         log.warning("scheduler_config.json: steps_offset=%s moves diffusers' 'leading' timesteps up by that much; "

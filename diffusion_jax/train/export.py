@@ -19,6 +19,7 @@ import os
 
 from diffusion_jax import fileio
 from diffusion_jax.config import load_workdir_config
+from diffusion_jax.inference.pipelines.stable_diffusion import DIFFUSERS_BETAS, DIFFUSERS_PREDICTIONS
 from diffusion_jax.models.export_diffusers import (
     save_model_folder,
     unet2d_config,
@@ -27,10 +28,12 @@ from diffusion_jax.models.export_diffusers import (
     vae_state_dict,
 )
 from diffusion_jax.process.discrete import check_schedule
+from diffusion_jax.train.ddpm_import import DIFFUSERS_SPACINGS
 
-_BETAS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid"}
-_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
-_SPACINGS = ("leading", "trailing", "linspace")
+# the importers' maps (diffusers -> ours) inverted; sigmoid, which diffusers' DDPMScheduler computes as we do, is
+# written though the importer does not read it
+_BETAS = {ours: theirs for theirs, ours in DIFFUSERS_BETAS.items()} | {"sigmoid": "sigmoid"}
+_PREDICTIONS = {ours: theirs for theirs, ours in DIFFUSERS_PREDICTIONS.items()}
 
 
 def scheduler_config(exp) -> dict:
@@ -50,7 +53,7 @@ def scheduler_config(exp) -> dict:
             "trained_betas": None, "prediction_type": _PREDICTIONS[exp.loss.prediction],
             "variance_type": "learned_range" if exp.model.learn_sigma else exp.sample.variance,
             "clip_sample": clip > 0, "clip_sample_range": clip if clip > 0 else 1.0, "thresholding": False,
-            "timestep_spacing": exp.sample.spacing if exp.sample.spacing in _SPACINGS else "leading",
+            "timestep_spacing": exp.sample.spacing if exp.sample.spacing in DIFFUSERS_SPACINGS else "leading",
             "steps_offset": 0, "rescale_betas_zero_snr": sc.zero_terminal_snr}
 
 

@@ -38,9 +38,10 @@ from diffusion_jax.models.unet_cond import UNetCond, UNetCondConfig
 from diffusion_jax.models.vae import VAE, VAEConfig
 from diffusion_jax.process.discrete import make_schedule
 
-# diffusers scheduler_config.json -> make_schedule / our prediction names
-_BETAS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
-_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+# diffusers scheduler_config.json -> make_schedule / our prediction names (read by the importers; train/export.py
+# writes their inverses)
+DIFFUSERS_BETAS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -63,17 +64,18 @@ def schedule_from_diffusers(cfg: dict) -> tuple[dict, str]:
     name = cfg.get("beta_schedule", "linear")
     if cfg.get("trained_betas") is not None:
         raise ValueError("scheduler_config.json: trained_betas (a custom beta table) is not supported")
-    if name not in _BETAS:
-        raise ValueError(f"scheduler_config.json: beta_schedule={name!r} is not supported; one of {tuple(_BETAS)}")
+    if name not in DIFFUSERS_BETAS:
+        raise ValueError(f"scheduler_config.json: beta_schedule={name!r} is not supported; one of "
+                         f"{tuple(DIFFUSERS_BETAS)}")
     kind = cfg.get("prediction_type", "epsilon")
-    if kind not in _PREDICTIONS:
+    if kind not in DIFFUSERS_PREDICTIONS:
         raise ValueError(f"scheduler_config.json: prediction_type={kind!r} is not supported; one of "
-                         f"{tuple(_PREDICTIONS)}")
-    schedule = {"name": _BETAS[name], "num_timesteps": int(cfg.get("num_train_timesteps", 1000)),
+                         f"{tuple(DIFFUSERS_PREDICTIONS)}")
+    schedule = {"name": DIFFUSERS_BETAS[name], "num_timesteps": int(cfg.get("num_train_timesteps", 1000)),
                 "zero_terminal_snr": bool(cfg.get("rescale_betas_zero_snr", False))}
     if name != "squaredcos_cap_v2":
         schedule.update(beta_start=float(cfg.get("beta_start", 1e-4)), beta_end=float(cfg.get("beta_end", 0.02)))
-    return schedule, _PREDICTIONS[kind]
+    return schedule, DIFFUSERS_PREDICTIONS[kind]
 
 
 def clip_prompt_encoder(tokenizer: CLIPTokenizer, graphdef, params, max_length: int) -> Callable:
