@@ -228,7 +228,8 @@ def train_vae(run: VAERun, workdir: str, *, progress: bool = True) -> dict:
     shardings = parallel.state_shardings(mesh, jax.eval_shape(init))
     state = jax.jit(init, out_shardings=shardings)()
     fns = make_vae_fns(run.model)
-    shown = _held_out(run, 16)
+    held = _held_out(run, max(16, run.train.eval_num))   # read once: the previews' 16 and the evaluation's images
+    shown = held[:16]
 
     def write_reconstructions(state, step: int):
         recon = np.clip(parallel.to_host(fns.decode(state.params, fns.encode(state.params, shown).mode())), -1, 1)
@@ -240,16 +241,16 @@ def train_vae(run: VAERun, workdir: str, *, progress: bool = True) -> dict:
                           make_vae_step(run, tx, mesh, shardings), preview=write_reconstructions,
                           show=("rec", "psnr"))
     state = runner.run_job(job, workdir, progress=progress)
-    return finish_vae(run, workdir, state.params, int(state.step), source)
+    return finish_vae(run, workdir, state.params, int(state.step), source, held[:run.train.eval_num])
 
 
-def finish_vae(run: VAERun, workdir: str, params, steps: int, source) -> dict:
-    """Scaling factor on training images, held-out PSNR, reconstructions.png; writes vae.json and eval.json."""
+def finish_vae(run: VAERun, workdir: str, params, steps: int, source, held_images: np.ndarray) -> dict:
+    """Scaling factor on training images, PSNR on `held_images` (the first train.eval_num of train.eval_split),
+    reconstructions.png; writes vae.json and eval.json."""
     fns = make_vae_fns(run.model)
     n = min(run.train.scale_num, source.num_examples)
     train_images = source.get(np.arange(n))["image"]
     scale = estimate_scaling_factor(fns.encode, params, train_images, key=jax.random.PRNGKey(run.seed + 1))
-    held_images = _held_out(run, run.train.eval_num)
 
     def mean_psnr(images):
         values = [psnr(jnp.asarray(images[i:i + 256]), fns.decode(params, fns.encode(params, images[i:i + 256]).mode()))
