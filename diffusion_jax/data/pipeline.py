@@ -137,9 +137,11 @@ class Batches:
         batch = dict(self.source.get(self.indices_at(step)))
         if self.random_flip:
             flip = np.random.default_rng([self.seed, int(step), _FLIP_TAG]).random(self.batch_size) < 0.5
-            image = np.array(batch["image"], copy=True)
-            image[flip] = image[flip, :, ::-1, :]
-            batch["image"] = image
+            for name in ("image", "control"):   # a ControlNet's control image is mirrored with its image
+                if name in batch:
+                    image = np.array(batch[name], copy=True)
+                    image[flip] = image[flip, :, ::-1, :]
+                    batch[name] = image
         return batch
 
     def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:

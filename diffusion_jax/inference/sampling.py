@@ -55,18 +55,20 @@ def check_model_fits(spec: SamplerSpec, learn_sigma: bool, num_classes: int | No
 
 
 def network_denoise_fn(apply: Callable, params, label, *, channels: int, keep_variance: bool = False,
-                       sharding=None, schedule=None, context=None) -> Callable:
+                       sharding=None, schedule=None, context=None, control: dict | None = None) -> Callable:
     """The network as a sampler's denoise_fn(x (N,H,W,C), t scalar or (N,)) -> prediction (N,H,W,C), or
     (N,H,W,2C) with the learned variance when keep_variance. label: (N,) int32 or None. context: (N, L, D)
-    embeddings for a cross-attention network (`models.UNetCond`), or None. sharding: constrain x
+    embeddings for a cross-attention network (`models.UNetCond`), or None. control: a ControlNet's keywords
+    {"control": images, "conditioning_scale": ..., "guess_mode": ...} (`models.controlnet.ControlledUNet`), or None.
+    sharding: constrain x
     to it, so every network call runs batch-parallel over the mesh. An EDM process (kind "edm") wraps the network in
     EDM's preconditioning: t is sigma and the output D(x; sigma) (prediction "edm")."""
     def denoise_fn(x, t):
         if sharding is not None:
             x = jax.lax.with_sharding_constraint(x, sharding)
         if schedule is not None and schedule.kind == "edm":
-            return edm_denoise(apply, params, x, t, schedule.sigma_data, y=label, context=context)
-        out = apply(params, x, jnp.broadcast_to(t, x.shape[:1]), y=label, context=context)
+            return edm_denoise(apply, params, x, t, schedule.sigma_data, y=label, context=context, **(control or {}))
+        out = apply(params, x, jnp.broadcast_to(t, x.shape[:1]), y=label, context=context, **(control or {}))
         return out if keep_variance else out[..., :channels]
 
     return denoise_fn
@@ -74,8 +76,9 @@ def network_denoise_fn(apply: Callable, params, label, *, channels: int, keep_va
 
 def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...], *,
                    prediction: str = "eps", learn_sigma: bool = False, num_classes: int | None = None,
-                   mesh=None, condition: Callable | None = None) -> Callable:
-    """Returns `sample(params, key, y=None, aux=None, x_T=None) -> (images (N,H,W,C), nfe)`, compiled end to end.
+                   mesh=None, condition: Callable | None = None, guess_mode: bool = False) -> Callable:
+    """Returns `sample(params, key, y=None, aux=None, x_T=None, control=None) -> (images (N,H,W,C), nfe)`, compiled
+    end to end.
 
     schedule: a forward process (`process/`: DiscreteSchedule, a schedule of sde.py, VDMSchedule;
     config.build_schedule).
@@ -89,6 +92,10 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
     `guidance.sampling`). Classifier-free guidance (spec.guidance_scale) runs on top, its unconditional branch
     being the network with the null class. x_T: a (N,H,W,C) float32 start to use instead of the one drawn from `key`
     (e.g. the same start for several samplers, `solver_error`).
+    control: a ControlNet's {"control": (N, S, S, k) images in [0, 1] (a tuple, one per ControlNet), optional
+    "conditioning_scale": scalar or (num ControlNets,)} (traced: a new scale does not recompile), given to both
+    branches of guidance; with `guess_mode` (diffusers) only the conditional branch sees it, with the residuals
+    weighted 0.1 -> 1 from the first block to the middle one.
     """
     spec.validate()
     sharding = None
@@ -100,15 +107,18 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
     apply = make_apply_fn(graphdef)
     guidance = Guidance(spec.guidance_scale, spec.guidance_rescale)
 
-    def sample(params, key, y=None, aux=None, x_T=None):
-        def net(label):
+    def sample(params, key, y=None, aux=None, x_T=None, control=None):
+        if control is not None:
+            control = dict(control, guess_mode=guess_mode)
+
+        def net(label, control=control):
             return network_denoise_fn(apply, params, label, channels=shape[-1],
                                       keep_variance=options.get("variance") == "learned", sharding=sharding,
-                                      schedule=schedule)
+                                      schedule=schedule, control=control)
 
         uncond = None
         if guidance.active:
-            uncond = net(jnp.full(shape[:1], num_classes, jnp.int32))
+            uncond = net(jnp.full(shape[:1], num_classes, jnp.int32), None if guess_mode else control)
         cond = net(y) if condition is None else condition(net, y, aux)
         x, info = run_sampler(spec.sampler, cond, schedule, key, shape, steps=spec.steps, prediction=prediction,
                               spacing=spec.spacing, clip_denoised=spec.clip_denoised or None,
@@ -121,12 +131,14 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
     else:
         jitted = jax.jit(sample, out_shardings=(sharding, parallel.replicated(mesh)))
 
-    def run(params, key, y=None, aux=None, x_T=None):
+    def run(params, key, y=None, aux=None, x_T=None, control=None):
         if sharding is not None:
             params, aux = jax.device_put((params, aux), parallel.replicated(mesh))
             y = None if y is None else jax.device_put(y, sharding)
             x_T = None if x_T is None else jax.device_put(x_T, sharding)
-        x, nfe = jitted(params, key, y, aux, x_T)
+            if control is not None:
+                control = dict(control, control=jax.device_put(control["control"], sharding))
+        x, nfe = jitted(params, key, y, aux, x_T, control)
         return x, int(nfe)
 
     return run

@@ -28,11 +28,12 @@ def abstract_params(make_model: Callable[[nnx.Rngs], nnx.Module]):
 
 
 def make_apply_fn(graphdef) -> Callable:
-    """apply(params, x, t, y=None, context=None, train=False, dropout_key=None) -> network output."""
+    """apply(params, x, t, y=None, context=None, train=False, dropout_key=None, **extra) -> network output; `extra`
+    are keywords of a backbone that takes more (a ControlNet's control, conditioning_scale, guess_mode)."""
 
-    def apply(params, x, t, y=None, context=None, train=False, dropout_key=None):
+    def apply(params, x, t, y=None, context=None, train=False, dropout_key=None, **extra):
         model = nnx.merge(graphdef, params)
-        return model(x, t, y, context, train=train, dropout_key=dropout_key)
+        return model(x, t, y, context, train=train, dropout_key=dropout_key, **extra)
 
     return apply
 

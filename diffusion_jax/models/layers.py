@@ -97,6 +97,23 @@ def check_network_inputs(x, t, in_channels: int, use_dropout: bool, dropout_key)
     return x, jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1]), use_dropout
 
 
+def add_residuals(skips: list, mid, residuals):
+    """A U-Net's skips and middle-block output with ControlNet residuals added (Zhang et al. 2023, eq. 2: the
+    trainable copy's zero-convolution outputs enter the locked decoder). residuals: (down, mid_residual) with one
+    down residual per skip, of its shape, or None (unchanged)."""
+    if residuals is None:
+        return skips, mid
+    down, mid_residual = residuals
+    if len(down) != len(skips):
+        raise ValueError(f"residuals hold {len(down)} down residuals for a U-Net with {len(skips)} skips")
+    for i, (r, s) in enumerate(zip(down, skips)):
+        if r.shape != s.shape:
+            raise ValueError(f"down residual {i} has shape {tuple(r.shape)}, the skip it joins {tuple(s.shape)}")
+    if mid_residual.shape != mid.shape:
+        raise ValueError(f"the mid residual has shape {tuple(mid_residual.shape)}, the middle block {tuple(mid.shape)}")
+    return [s + r.astype(s.dtype) for s, r in zip(skips, down)], mid + mid_residual.astype(mid.dtype)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout driven by an explicit key; identity when `key is None` or `rate == 0`."""
     if key is None or rate == 0.0:

@@ -9,6 +9,8 @@ sharding, checkpoints and samplers never ask which backbone they carry.
                                                                          layout (class labels, text context)
     vae         autoencoder   vae.VAEConfig                              latent diffusion's KL autoencoder
                                                                          (AutoencoderKL layout)
+    controlnet  denoiser      controlnet.ControlNetConfig                controlnet.ControlledUNet: a locked unet /
+                                                                         unet_cond + trainable ControlNet copies
 
 A backbone is one file in models/ plus one line below: a frozen config dataclass with `name` and a `validate()`
 naming `model.<key>`, and an nnx.Module built as Module(config, rngs=nnx.Rngs). Its kind fixes the rest:
@@ -17,6 +19,10 @@ naming `model.<key>`, and an nnx.Module built as Module(config, rngs=nnx.Rngs). 
                and trained by a diffusion objective (config.Experiment; `train.loop`).
   autoencoder  the module has encode(x) -> posterior and decode(z) -> x, trained with reconstruction + KL (+ GAN)
                (`train.vae`).
+A backbone that adapts a trained network (ControlNet; LoRA) adds two hooks the train loop calls without asking
+which backbone it holds: `pretrained(config, params, load_params) -> params` fills fresh params from trained runs
+(load_params(workdir) -> that run's EMA params), and `trainable(path) -> bool` names the params the optimizer
+updates (the rest stay bit-identical: no gradient, no update, no EMA drift).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from typing import Callable, Mapping
 
 from flax import nnx
 
+from diffusion_jax.models import controlnet
 from diffusion_jax.models.unet import UNet, UNetConfig
 from diffusion_jax.models.unet_cond_backbone import UNetCondBackbone, UNetCondBackboneConfig
 from diffusion_jax.models.vae import VAE, VAEConfig
@@ -39,6 +46,8 @@ class Backbone:
     build: Callable[..., nnx.Module]      # build(config, rngs=nnx.Rngs) -> the network
     about: str
     kind: str = "denoiser"                # "denoiser" | "autoencoder" (module docstring)
+    pretrained: Callable | None = None    # (config, params, load_params) -> params (module docstring)
+    trainable: Callable[[tuple], bool] | None = None   # key path of a param -> trained? (None: all are)
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -47,6 +56,9 @@ BACKBONES: dict[str, Backbone] = {
                           "UNet2DConditionModel layout (Rombach et al. 2022): spatial transformers, text context"),
     "vae": Backbone(VAEConfig, VAE, "KL autoencoder of latent diffusion (Rombach et al. 2022), AutoencoderKL layout",
                     kind="autoencoder"),
+    "controlnet": Backbone(controlnet.ControlNetConfig, controlnet.ControlledUNet,
+                           "ControlNet (Zhang et al. 2023) on a trained unet / unet_cond: zero-conv residuals",
+                           pretrained=controlnet.pretrained, trainable=controlnet.trainable),
 }
 
 

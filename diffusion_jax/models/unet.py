@@ -38,6 +38,7 @@ from diffusion_jax.models.layers import (
     Downsample,
     ResBlock,
     Upsample,
+    add_residuals,
     check_network_inputs,
     conv,
     fourier_embedding,
@@ -203,7 +204,7 @@ class UNet(nnx.Module):
     `skip_rescale` (the U-Net's concatenated skips are not).
     """
 
-    def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, encoder_only: bool = False):
         config.validate()
         self.config = config
         c = config
@@ -250,6 +251,9 @@ class UNet(nnx.Module):
         self.mid_res1 = ResBlock(ch, ch, emb_dim, **kw)
         self.mid_attn = attn(ch)
         self.mid_res2 = ResBlock(ch, ch, emb_dim, **kw)
+        self.skip_channels = tuple(skip_chs)   # width of each skip, in the order `encode` returns them
+        if encoder_only:                       # a ControlNet's trainable copy (models/controlnet.py)
+            return
 
         up = []  # in order of application: lowest resolution first
         for i in reversed(range(n_levels)):
@@ -280,7 +284,7 @@ class UNet(nnx.Module):
             return fourier_embedding(s, fourier_frequencies(c.channels, c.fourier_scale))
         return timestep_embedding(t, c.channels)
 
-    def __call__(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None):
+    def __call__(self, x, t, y=None, context=None, *, residuals=None, train: bool = False, dropout_key=None):
         """Predict from a noisy batch.
 
         Args:
@@ -291,10 +295,20 @@ class UNet(nnx.Module):
           y: (B,) int labels in [0, num_classes] (num_classes = null class), or None (-> null class);
             must be None for an unconditional model.
           context: (B, L, context_dim), required iff `context_dim` is set.
+          residuals: ControlNet residuals (down, mid) added to the skips and the middle block's output
+            (`layers.add_residuals`), or None.
           train: apply dropout, with randomness from `dropout_key` (one fold per ResBlock).
         Returns:
           (B, H, W, resolved_out_channels) float32.
         """
+        x, emb, context, key = self.prepare(x, t, y, context, train=train, dropout_key=dropout_key)
+        skips, h = self.encode(x, emb, context, key)
+        skips, h = add_residuals(skips, h, residuals)
+        return self.decode(h, skips, emb, context, key)
+
+    def prepare(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None):
+        """Checked inputs -> (x in the compute dtype, emb (B, 4 channels), context, key) with key() the next
+        dropout key (None without dropout); the arguments are those of `__call__`."""
         c = self.config
         dt = _DTYPES[c.dtype]
         x, t, use_dropout = check_network_inputs(x, t, c.in_channels, train and c.dropout > 0, dropout_key)
@@ -321,12 +335,16 @@ class UNet(nnx.Module):
         emb = self.time_embed_2(nnx.silu(self.time_embed_1(self.time_features(t))))
         if self.class_embed is not None:
             emb = emb + self.class_embed(y)
-        emb = emb.astype(dt)
-
         counter = itertools.count()
         key = lambda: jax.random.fold_in(dropout_key, next(counter)) if use_dropout else None  # noqa: E731
+        return x.astype(dt), emb.astype(dt), context, key
 
-        h = self.conv_in(x.astype(dt))
+    def encode(self, x, emb, context, key, hint=None):
+        """conv_in (+ hint, a ControlNet's conditioning features), down levels, middle block ->
+        (skips: one (B, h, w, skip_channels[i]) per skip, h: the middle block's output)."""
+        h = self.conv_in(x)
+        if hint is not None:
+            h = h + hint.astype(h.dtype)
         skips = [h]
         for level in self.down:
             for j, res in enumerate(level.res):
@@ -340,8 +358,11 @@ class UNet(nnx.Module):
 
         h = self.mid_res1(h, emb, key())
         h = self.mid_attn(h, context)
-        h = self.mid_res2(h, emb, key())
+        return skips, self.mid_res2(h, emb, key())
 
+    def decode(self, h, skips, emb, context, key):
+        """Up levels on the skips (consumed last first), GroupNorm, SiLU, conv_out -> (B, H, W, out) float32."""
+        skips = list(skips)
         for level in self.up:
             for j, res in enumerate(level.res):
                 h = res(jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1), emb, key())
@@ -350,5 +371,5 @@ class UNet(nnx.Module):
             if level.resample is not None:
                 h = level.apply_resample(h, emb, key)
 
-        h = self.conv_out(nnx.silu(self.norm_out(h)).astype(dt))
+        h = self.conv_out(nnx.silu(self.norm_out(h)).astype(_DTYPES[self.config.dtype]))
         return h.astype(jnp.float32)

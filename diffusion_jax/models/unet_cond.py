@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models.layers import check_network_inputs
+from diffusion_jax.models.layers import add_residuals, check_network_inputs
 from diffusion_jax.models.unet_cond_blocks import (
     Block,
     Downsample2D,
@@ -248,7 +248,7 @@ class UNetCond(nnx.Module):
         Upsample2D unless last -> conv_norm_out, SiLU, conv_out.
     """
 
-    def __init__(self, config: UNetCondConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: UNetCondConfig, *, rngs: nnx.Rngs, encoder_only: bool = False):
         config.validate()
         self.config = c = config
         dt = _DTYPES[c.dtype]
@@ -283,6 +283,11 @@ class UNetCond(nnx.Module):
         s = float(c.mid_block_scale_factor)
         self.mid_block = (Block([resnet(boc[-1], boc[-1], s), resnet(boc[-1], boc[-1], s)],
                                  [transformer(boc[-1], n - 1)]) if c.mid_block_type is not None else None)
+        # width of each skip, in the order `encode` returns them: conv_in, then every ResBlock and Downsample2D
+        self.skip_channels = (boc[0],) + tuple(
+            ch for i in range(n) for ch in [boc[i]] * layers[i] + ([boc[i]] if i < n - 1 else []))
+        if encoder_only:   # a ControlNet's trainable copy (diffusers ControlNetModel, models/controlnet.py)
+            return
 
         up, rev = [], boc[::-1]
         out_ch = rev[0]
@@ -299,7 +304,7 @@ class UNetCond(nnx.Module):
         self.conv_norm_out = group_norm(boc[0], c.norm_num_groups, rngs, c.norm_eps)
         self.conv_out = conv(boc[0], c.out_channels, c.conv_out_kernel, rngs, dt, zero=True)
 
-    def __call__(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None):
+    def __call__(self, x, t, y=None, context=None, *, residuals=None, train: bool = False, dropout_key=None):
         """Predict from a noisy batch (diffusers' `sample`, `timestep`, `class_labels`, `encoder_hidden_states`).
 
         Args:
@@ -307,10 +312,20 @@ class UNetCond(nnx.Module):
           t: (B,) or scalar timesteps (0..999 for SD; may be fractional).
           y: (B,) int class labels, required iff `num_class_embeds` is set; else must be None.
           context: (B, L, cross_attention_dim), required iff the model has cross-attention.
+          residuals: ControlNet residuals (down, mid) (diffusers' down_block_additional_residuals,
+            mid_block_additional_residual; `layers.add_residuals`), or None.
           train: apply ResBlock dropout, with randomness from `dropout_key` (one fold per ResBlock).
         Returns:
           (B, H, W, out_channels) float32.
         """
+        x, emb, context, key = self.prepare(x, t, y, context, train=train, dropout_key=dropout_key)
+        skips, h = self.encode(x, emb, context, key)
+        skips, h = add_residuals(skips, h, residuals)
+        return self.decode(h, skips, emb, context, key)
+
+    def prepare(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None):
+        """Checked inputs -> (x in the compute dtype, emb (B, time_embed_dim), context, key) with key() the next
+        dropout key (None without dropout); the arguments are those of `__call__`."""
         c = self.config
         dt = _DTYPES[c.dtype]
         x, t, use_dropout = check_network_inputs(x, t, c.in_channels, train and c.dropout > 0, dropout_key)
@@ -342,15 +357,16 @@ class UNetCond(nnx.Module):
         emb = self.time_embedding(features)
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(y)
-        emb = emb.astype(dt)
-
         counter = itertools.count()
         key = lambda: jax.random.fold_in(dropout_key, next(counter)) if use_dropout else None  # noqa: E731
-        # diffusers passes the skip's size to Upsample2D when H or W is not a multiple of 2**(n - 1).
-        factor = 2 ** (len(self.up_blocks) - 1)
-        match_sizes = x.shape[1] % factor != 0 or x.shape[2] % factor != 0
+        return x.astype(dt), emb.astype(dt), context, key
 
-        h = self.conv_in(x.astype(dt))
+    def encode(self, x, emb, context, key, hint=None):
+        """conv_in (+ hint, a ControlNet's conditioning features), down blocks, mid block ->
+        (skips: one (B, h, w, skip_channels[i]) per skip, h: the mid block's output)."""
+        h = self.conv_in(x)
+        if hint is not None:
+            h = h + hint.astype(h.dtype)
         skips = [h]
         for block in self.down_blocks:
             for j, res in enumerate(block.resnets):
@@ -366,7 +382,15 @@ class UNetCond(nnx.Module):
             h = self.mid_block.resnets[0](h, emb, key())
             h = self.mid_block.attentions[0](h, context)
             h = self.mid_block.resnets[1](h, emb, key())
+        return skips, h
 
+    def decode(self, h, skips, emb, context, key):
+        """Up blocks on the skips (consumed last first), conv_norm_out, SiLU, conv_out -> (B, H, W, out) float32."""
+        skips = list(skips)
+        # diffusers passes the skip's size to Upsample2D when H or W is not a multiple of 2**(n - 1).
+        factor = 2 ** (len(self.up_blocks) - 1)
+        size = skips[0].shape[1:3]
+        match_sizes = size[0] % factor != 0 or size[1] % factor != 0
         for block in self.up_blocks:
             for j, res in enumerate(block.resnets):
                 h = res(jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1), emb, key())
@@ -375,5 +399,5 @@ class UNetCond(nnx.Module):
             if block.upsamplers is not None:
                 h = block.upsamplers[0](h, skips[-1].shape[1:3] if match_sizes else None)
 
-        h = self.conv_out(nnx.silu(self.conv_norm_out(h)).astype(dt))
+        h = self.conv_out(nnx.silu(self.conv_norm_out(h)).astype(_DTYPES[self.config.dtype]))
         return h.astype(jnp.float32)

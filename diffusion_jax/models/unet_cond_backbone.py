@@ -21,6 +21,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_jax.models.layers import add_residuals
 from diffusion_jax.models.unet import UNetShape
 from diffusion_jax.models.unet_cond import UNetCond, UNetCondConfig
 
@@ -73,12 +74,25 @@ class UNetCondBackboneConfig(UNetShape):
 class UNetCondBackbone(nnx.Module):
     """UNetCond of `config.diffusers_config()`, taking y=None on a class-conditional network as the null class."""
 
-    def __init__(self, config: UNetCondBackboneConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: UNetCondBackboneConfig, *, rngs: nnx.Rngs, encoder_only: bool = False):
         config.validate()
         self.num_classes = config.num_classes
-        self.net = UNetCond(config.diffusers_config(), rngs=rngs)
+        self.net = UNetCond(config.diffusers_config(), rngs=rngs, encoder_only=encoder_only)
+        self.skip_channels = self.net.skip_channels
 
-    def __call__(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None):
+    def __call__(self, x, t, y=None, context=None, *, residuals=None, train: bool = False, dropout_key=None):
+        x, emb, context, key = self.prepare(x, t, y, context, train=train, dropout_key=dropout_key)
+        skips, h = self.encode(x, emb, context, key)
+        skips, h = add_residuals(skips, h, residuals)
+        return self.decode(h, skips, emb, context, key)
+
+    def prepare(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None):
         if self.num_classes is not None and y is None:
-            y = jnp.full((x.shape[0],), self.num_classes, jnp.int32)
-        return self.net(x, t, y, context, train=train, dropout_key=dropout_key)
+            y = jnp.full((jnp.shape(x)[0],), self.num_classes, jnp.int32)
+        return self.net.prepare(x, t, y, context, train=train, dropout_key=dropout_key)
+
+    def encode(self, x, emb, context, key, hint=None):
+        return self.net.encode(x, emb, context, key, hint)
+
+    def decode(self, h, skips, emb, context, key):
+        return self.net.decode(h, skips, emb, context, key)

@@ -105,9 +105,10 @@ def vlb_term(schedule: DiscreteSchedule, x0, xt, t, x0_hat, model_logvar):
 # The training loss
 # ----------------------------------------------------------------------------------------------------
 def read_batch(batch, key, num_classes: int | None, cond_drop_prob: float) -> tuple[jax.Array, dict]:
-    """(x0 (B, H, W, C), cond) of a batch {"image", optional "label", optional "context" + "null_context"}, as
-    every loss reads it. cond holds the network's conditioning keyword arguments: {"y": labels (B,) or None}
-    plus {"context": (B, L, D)} for a text-conditioned model (latent diffusion, `data/latents.py`).
+    """(x0 (B, H, W, C), cond) of a batch {"image", optional "label", optional "context" + "null_context", optional
+    "control"}, as every loss reads it. cond holds the network's conditioning keyword arguments: {"y": labels (B,) or
+    None} plus {"context": (B, L, D)} for a text-conditioned model (latent diffusion, `data/latents.py`) and
+    {"control": (B, S, S, k)} for a ControlNet (`data.conditions.ControlSource`).
 
     Classifier-free guidance training (Ho & Salimans 2022): with probability cond_drop_prob an example's label
     becomes the null class num_classes and its context the null context (the empty caption's embedding,
@@ -137,6 +138,12 @@ def read_batch(batch, key, num_classes: int | None, cond_drop_prob: float) -> tu
                                  f"{tuple(context.shape)} (the empty caption's embedding) is needed")
             context = jnp.where(drop[:, None, None], null, context)
         cond["context"] = context
+    control = batch.get("control")
+    if control is not None:   # a ControlNet's control image (data.conditions); kept when the label is dropped
+        if control.ndim != 4 or control.shape[0] != B:
+            raise ValueError(f"batch['control'] must be ({B}, H, W, k) control images, got shape "
+                             f"{tuple(control.shape)}")
+        cond["control"] = control
     return x0, cond
 
 

@@ -62,16 +62,17 @@ def sample_sigma(key, shape, p_mean: float = -1.2, p_std: float = 1.2):
 
 
 def edm_denoise(apply_fn: Callable, params, x, sigma, sigma_data: float = 0.5, *, y=None, train: bool = False,
-                dropout_key=None, context=None):
+                dropout_key=None, **cond):
     """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (eq. 7) for x (B, H, W, C) and sigma scalar or (B,).
 
-    F is apply_fn(params, c_in x, c_noise (B,), y=..., train=..., dropout_key=...) (and context=... when given,
-    for a cross-attention network). Returns (B, H, W, C): the
+    F is apply_fn(params, c_in x, c_noise (B,), y=..., train=..., dropout_key=...) (and the other conditioning
+    keywords `cond` that are not None: context=... for a cross-attention network, control=... for a ControlNet).
+    Returns (B, H, W, C): the
     estimate of the clean y, in data units.
     """
     sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype).reshape(-1), (x.shape[0],))
     c = edm_precond(sigma.reshape((-1,) + (1,) * (x.ndim - 1)), sigma_data)
-    extra = {} if context is None else {"context": context}
+    extra = {k: v for k, v in cond.items() if v is not None}
     f = apply_fn(params, c.c_in * x, c.c_noise.reshape(-1), y=y, train=train, dropout_key=dropout_key, **extra)
     check_output(f, x)
     return c.c_skip * x + c.c_out * f

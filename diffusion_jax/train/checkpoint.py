@@ -128,7 +128,7 @@ def load_trained(workdir: str, step: int | None = None, *, allow_latent: bool = 
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first (diffusion-jax train)")
-        tx, _ = make_optimizer(exp.optim, exp.train.steps)
+        tx, _ = make_optimizer(exp.optim, exp.train.steps, exp.model)
         gamma = learned_gamma(exp.schedule)
         abstract = jax.eval_shape(make_init_fn(exp.model, tx, jax.random.PRNGKey(0), gamma))
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

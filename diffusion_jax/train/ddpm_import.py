@@ -110,7 +110,7 @@ def initial_state(exp: Experiment, params: dict):
     opt_state = the optimizer's init, step 0, the run's state key. `load_trained` restores it (tests check)."""
     from diffusion_jax.train.state import TrainState, make_optimizer
 
-    tx, _ = make_optimizer(exp.optim, exp.train.steps)
+    tx, _ = make_optimizer(exp.optim, exp.train.steps, exp.model)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params),
                       key=jax.random.split(jax.random.PRNGKey(exp.seed))[1])   # make_init_fn's state key
 

@@ -8,6 +8,7 @@ during and after training. Resume, checkpoints, metrics, signals and non-finite 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import warnings
 
@@ -17,9 +18,18 @@ import numpy as np
 from diffusion_jax import parallel, viz
 from diffusion_jax.config import Experiment, build_schedule, learned_gamma
 from diffusion_jax.data import load_source
+from diffusion_jax.data.conditions import ControlSource
+from diffusion_jax.models.registry import backbone
 from diffusion_jax.inference.sampling import SamplerSpec, class_labels, make_sample_fn
 from diffusion_jax.train import runner
-from diffusion_jax.train.state import StepOptions, create_train_state, make_optimizer, make_train_step
+from diffusion_jax.train.checkpoint import Checkpointer, load_trained
+from diffusion_jax.train.state import (
+    StepOptions,
+    create_train_state,
+    make_optimizer,
+    make_train_step,
+    trainable_rule,
+)
 
 # Sections whose change makes an existing checkpoint meaningless (shapes or the meaning of the network).
 _FROZEN_SECTIONS = ("model", "schedule", "loss", "latent")
@@ -41,6 +51,67 @@ def check_data_matches_model(exp: Experiment, source) -> None:
         raise ValueError(f"model.num_classes={exp.model.num_classes} but data '{exp.data.name}' has no labels")
     if exp.model.num_classes is not None and source.num_classes > exp.model.num_classes:
         raise ValueError(f"model.num_classes={exp.model.num_classes} < {source.num_classes} classes in the data")
+
+
+def with_control(exp: Experiment, source):
+    """The source itself, or for a model with a `condition` (a ControlNet, models/controlnet.py) the source whose
+    examples also hold "control": that condition of each image (data.conditions), checked against the model."""
+    name = getattr(exp.model, "condition", None)
+    if name is None:
+        return source
+    if exp.latent.vae_workdir is not None:
+        raise ValueError("a ControlNet on a latent diffusion run is not supported by train yet: its control images "
+                         "would be the pixel images behind the cached latents; train it on a pixel-space base")
+    check_base_run(exp)
+    source = ControlSource(source, name)
+    size, _, k = source.control_shape
+    if k != exp.model.conditioning_channels:
+        raise ValueError(f"model.conditioning_channels={exp.model.conditioning_channels} but condition {name!r} of "
+                         f"data '{exp.data.name}' has {k} channel(s)")
+    if size != exp.model.control_size:
+        raise ValueError(f"the control images of data '{exp.data.name}' are {size}x{size} but model.control_size is "
+                         f"{exp.model.control_size} (model.image_size * 2**(len(model.embedding_channels) - 1))")
+    return source
+
+
+def check_base_run(exp: Experiment) -> None:
+    """A network adapted from a trained run (model.base_workdir) must be trained and sampled as that run was: the
+    same schedule and loss.prediction (ValueError naming the key)."""
+    base = getattr(exp.model, "base_workdir", None)
+    path = None if base is None else os.path.join(base, "config.json")
+    if path is None or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    ours = exp.to_dict()
+    for key in sorted(saved.get("schedule", {})):
+        if saved["schedule"][key] != ours["schedule"].get(key):
+            raise ValueError(f"schedule.{key}={ours['schedule'].get(key)!r} but the base run {base!r} was trained "
+                             f"with {saved['schedule'][key]!r}: use the base run's schedule")
+    if saved.get("loss", {}).get("prediction") != exp.loss.prediction:
+        raise ValueError(f"loss.prediction={exp.loss.prediction!r} but the base run {base!r} predicts "
+                         f"{saved['loss']['prediction']!r}")
+
+
+def load_pretrained(exp: Experiment, workdir: str, state, shardings):
+    """A fresh state whose params come from trained runs where the backbone says so (its registry `pretrained`,
+    e.g. a ControlNet's locked base); unchanged when it has none or WORKDIR already has a checkpoint to resume."""
+    hook = backbone(exp.model.name).pretrained
+    if hook is None:
+        return state
+    ckpt = Checkpointer(workdir, async_save=False)
+    try:
+        if ckpt.latest_step() is not None:
+            return state
+    finally:
+        ckpt.close()
+
+    def load_params(run: str):
+        return load_trained(run, allow_latent=True)[2]
+
+    params = jax.device_put(hook(exp.model, jax.device_get(state.params), load_params), shardings.params)
+    ema = jax.device_put(jax.tree.map(lambda p: p + 0.0, params), shardings.ema_params)
+    return state.replace(params=params, ema_params=ema)
 
 
 def frozen_changes(workdir: str, exp: Experiment) -> list[str]:
@@ -67,6 +138,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     source = load_source(exp.data)
     if exp.latent.vae_workdir is None:
         check_data_matches_model(exp, source)
+    source = with_control(exp, source)
     mesh = parallel.make_mesh(tc.num_devices)
     parallel.check_divisible(tc.batch_size, mesh, "train.batch_size")
     parallel.check_divisible(tc.sample_num, mesh, "train.sample_num")
@@ -82,12 +154,17 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
             parallel.sync("latent cache")
         check_data_matches_model(exp, source)
 
-    tx, lr_fn = make_optimizer(exp.optim, tc.steps)
+    tx, lr_fn = make_optimizer(exp.optim, tc.steps, exp.model)
     gamma = learned_gamma(exp.schedule)   # a learned VDM gamma is trained with (and inside) the params
+    rule = trainable_rule(exp.model)
+    if gamma is not None and rule is not None:
+        raise ValueError(f"model.name={exp.model.name!r} trains part of a locked network; a learned VDM gamma "
+                         "(schedule.gamma='learned') would have to be trained with it: use a fixed gamma")
     graphdef, state, shardings = create_train_state(exp.model, tx, jax.random.PRNGKey(exp.seed), mesh, tc.fsdp,
                                                     learned_gamma=gamma)
+    state = load_pretrained(exp, workdir, state, shardings)
     opts = StepOptions(tc.ema_decay, tc.ema_warmup, exp.model.learn_sigma, exp.model.num_classes,
-                       skip_nonfinite=tc.on_nonfinite == "skip")
+                       skip_nonfinite=tc.on_nonfinite == "skip", trainable=rule)
     schedule = build_schedule(exp.schedule, state.params)
     train_step = make_train_step(graphdef, schedule, exp.loss, tx, lr_fn, opts, mesh, shardings)
     shape = (tc.sample_num, *source.image_shape)
@@ -103,7 +180,11 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     # `schedule` of a learned gamma holds state.params' gamma, which the step donates: only the loss reads it (its
     # spec, not its arrays); the grids rebuild it from the EMA
     sample_fn = grid_sampler(schedule) if gamma is None else None
-    labels = class_labels(tc.sample_num, exp.model.num_classes)
+    labels, control = class_labels(tc.sample_num, exp.model.num_classes), None
+    if isinstance(source, ControlSource):   # a ControlNet: the grid follows the first examples' control images
+        first = source.get(np.arange(tc.sample_num) % source.num_examples)
+        control = {"control": first["control"]}
+        labels = first.get("label") if exp.model.num_classes is not None else None
     if exp.latent.vae_workdir is not None:   # decoded images of the text-conditioned model, a caption per class
         from diffusion_jax.train.latent import latent_grid_fn
 
@@ -112,7 +193,8 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     def write_samples(state, step: int):
         # a learned gamma changes as it trains: sample with the EMA's (which costs a compile per grid)
         sample = sample_fn if gamma is None else grid_sampler(build_schedule(exp.schedule, state.ema_params))
-        images = parallel.to_host(sample(state.ema_params, jax.random.PRNGKey(exp.seed + 1), labels)[0])
+        images = parallel.to_host(sample(state.ema_params, jax.random.PRNGKey(exp.seed + 1), labels,
+                                         control=control)[0])
         if not main:
             return
         if not np.isfinite(images).all():   # finite params can still diverge while sampling: say so, go on

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from diffusion_jax import parallel
-from diffusion_jax.models.registry import build_backbone
+from diffusion_jax.models.registry import backbone, build_backbone
 from diffusion_jax.models.functional import make_apply_fn
 from diffusion_jax.objectives.build import make_objective
 from diffusion_jax.objectives.discrete import LossConfig
@@ -46,12 +46,32 @@ def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
                                  optax.constant_schedule(optim.learning_rate)], [optim.warmup_steps])
 
 
-def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with warmup and global-norm gradient clipping (Ho et al. 2020 use Adam, clip 1, warmup 5000)."""
+def make_optimizer(optim, total_steps: int, model_cfg=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with warmup and global-norm gradient clipping (Ho et al. 2020 use Adam, clip 1, warmup 5000). With the
+    config of a backbone that trains only part of its params (its registry `trainable`, e.g. a ControlNet), the rest
+    get no update and no optimizer state (optax.multi_transform with set_to_zero)."""
     lr = learning_rate_schedule(optim, total_steps)
     chain = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
     chain.append(optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay))
-    return optax.chain(*chain), lr
+    tx = optax.chain(*chain)
+    rule = trainable_rule(model_cfg)
+    if rule is not None:
+        labels = lambda params: trainable_mask(rule, params, "train", "frozen")   # noqa: E731
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, lr
+
+
+def trainable_rule(model_cfg):
+    """The registry's `trainable(path) -> bool` of model_cfg's backbone, or None when every param trains."""
+    return None if model_cfg is None else backbone(model_cfg.name).trainable
+
+
+def trainable_mask(rule, params, yes=True, no=False):
+    """params' tree with `yes` at the params that `rule(key path)` trains and `no` elsewhere."""
+    def label(path, _):
+        return yes if rule(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)) else no
+
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def ema_decay_at(step, decay: float, warmup: bool):
@@ -116,6 +136,8 @@ class StepOptions:
     learn_sigma: bool
     num_classes: int | None
     skip_nonfinite: bool = False      # a non-finite loss / gradient leaves the state as it was (step + 1)
+    trainable: Callable | None = None   # the backbone's `trainable(path)` rule: the other params get no gradient
+    #   and keep their values exactly (params and EMA); None: all train
 
 
 def make_train_step(graphdef, schedule, loss_cfg: LossConfig, tx, lr_fn: Callable,
@@ -128,13 +150,18 @@ def make_train_step(graphdef, schedule, loss_cfg: LossConfig, tx, lr_fn: Callabl
         key = jax.random.fold_in(state.key, state.step)
 
         def loss_fn(params):
+            if mask is not None:   # frozen params: no weight gradients computed at all
+                params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
             return objective(apply_fn, params, batch, key, train=True)
 
+        mask = None if opts.trainable is None else trainable_mask(opts.trainable, state.params)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay_at(state.step, opts.ema_decay, opts.ema_warmup)
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        if mask is not None:   # the EMA of a frozen param is the param, bit for bit
+            ema = jax.tree.map(lambda e, p, m: e if m else p, ema, params, mask)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=lr_fn(state.step))
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
         if opts.skip_nonfinite:   # train.on_nonfinite="skip": keep the old params, EMA and optimizer state
