@@ -1,4 +1,4 @@
-"""ControlNet (Zhang et al. 2023) on the default digits model: Sobel edge maps of the 8x8 digits steer the locked,
+"""ControlNet (Zhang et al. 2023) on the default digits model: Canny edge maps (scikit-image) of the 8x8 digits steer the locked,
 class-conditional v-prediction U-Net of configs/digits.py through a trainable copy of its encoder and zero
 convolutions. Trains 1,500 steps (only the ControlNet's parameters) on 2 CPU cores in a few minutes:
 
@@ -21,7 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.data = dict(name="digits", image_size=8, data_dir=None, split="train", random_flip=False, seed=0)
-    c.model = dict(name="controlnet", base_workdir="workdirs/digits", condition="sobel", conditioning_channels=1,
+    c.model = dict(name="controlnet", base_workdir="workdirs/digits", condition="canny", conditioning_channels=1,
                    embedding_channels=(16,))
     c.schedule = dict(name="cosine", num_timesteps=1000, zero_terminal_snr=False, beta_start=None, beta_end=None)
     c.loss = dict(prediction="v", weighting="simple", snr_gamma=5.0, loss_type="mse", cond_drop_prob=0.1)

@@ -119,7 +119,25 @@ def _sample(args, overrides) -> None:
         raise ValueError("--classifier-scale needs --classifier DIR (a classifier from diffusion-jax train-classifier)")
     if args.classifier is not None and args.classifier_scale is None:
         args.classifier_scale = 1.0
-    exp, graphdef, params, step = load_trained(args.workdir, args.step)
+    control, controlled = None, bool(args.control or args.control_from or args.controlnet)
+    if controlled:
+        if args.classifier is not None:
+            raise ValueError("--classifier guidance with ControlNet control images is not supported; drop one")
+        from diffusion_jax.train.controlnet import load_controlnets
+
+        run = load_controlnets([args.workdir, *args.controlnet], args.step)
+        exp, graphdef, params, step = run.exp, run.graphdef, run.params, run.step
+        scales = args.conditioning_scale or [1.0]
+        if len(scales) not in (1, len(run.workdirs)):
+            raise ValueError(f"--conditioning-scale: give one value or one per ControlNet ({len(run.workdirs)}), got "
+                             f"{len(scales)}")
+        control = {"control": run.controls(args.num or exp.sample.num, files=args.control,
+                                           from_images=args.control_from),
+                   "conditioning_scale": np.broadcast_to(np.asarray(scales, np.float32), (len(run.workdirs),))}
+    else:
+        if args.conditioning_scale or args.guess_mode:
+            raise ValueError("--conditioning-scale / --guess-mode need control images: --control or --control-from")
+        exp, graphdef, params, step = load_trained(args.workdir, args.step)
     spec = _sampler_spec(args, exp)
     options = dict(spec.options)
     schedule = build_schedule(exp.schedule, params)
@@ -128,20 +146,33 @@ def _sample(args, overrides) -> None:
     parallel.check_divisible(args.num, mesh, "--num", hint="--num-devices")
     if args.classifier is None:
         sample_fn = make_sample_fn(graphdef, schedule, spec, shape, prediction=exp.loss.prediction,
-                                   learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes, mesh=mesh)
+                                   learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes, mesh=mesh,
+                                   guess_mode=args.guess_mode)
         labels = class_labels(args.num, exp.model.num_classes)
+        if args.label is not None:
+            if exp.model.num_classes is None or not 0 <= args.label < exp.model.num_classes:
+                raise ValueError(f"--label {args.label}: the model takes labels in [0, {exp.model.num_classes})"
+                                 if exp.model.num_classes else "--label: the model is unconditional")
+            labels = np.full((args.num,), args.label, np.int32)
     else:   # classifier guidance toward labels 0, 1, ...
         from diffusion_jax.train.guided import guided_sample_fn_for_run
 
         sample_fn, labels = guided_sample_fn_for_run(exp, graphdef, params, spec, shape, args.classifier,
                                                      args.classifier_scale, mesh=mesh)
-    images, nfe = sample_fn(params, jax.random.PRNGKey(args.seed), labels)
+    controlled_note = ""
+    if control is not None:
+        images, nfe = sample_fn(params, jax.random.PRNGKey(args.seed), labels, control=control)
+        scales = ", ".join(f"{s:g}" for s in control["conditioning_scale"])
+        controlled_note = (f", {len(control['control'])} ControlNet(s) at conditioning_scale {scales}"
+                           f"{' in guess mode' if args.guess_mode else ''}")
+    else:
+        images, nfe = sample_fn(params, jax.random.PRNGKey(args.seed), labels)
     images = np.asarray(images)
     viz.save_grid(images, args.out)
     print(f"{args.num} samples from step {step} ({args.sampler}, {args.steps} steps, NFE {nfe}"
           f"{', options ' + str(options) if options else ''}"
-          f"{f', classifier {args.classifier} scale {args.classifier_scale:g}' if args.classifier else ''})"
-          f" -> {args.out}")
+          f"{f', classifier {args.classifier} scale {args.classifier_scale:g}' if args.classifier else ''}"
+          f"{controlled_note}) -> {args.out}")
     if args.npz:
         extra = {} if labels is None else {"labels": np.asarray(labels)}
         np.savez(args.npz, images=viz.to_uint8(images), x=images.astype(np.float32), **extra)
@@ -287,6 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
                              "runs on one device")
     sample.add_argument("--classifier-scale", type=float, default=None,
                         help="classifier guidance weight w >= 0 (default 1 with --classifier)")
+    sample.add_argument("--label", type=int, default=None,
+                        help="class-conditional models: every sample of this class (default: 0, 1, 2, ... in turn)")
+    control = sample.add_argument_group("ControlNet (a workdir trained with model.name='controlnet')")
+    control.add_argument("--control", action="append", default=[], metavar="FILE",
+                         help="repeatable, one per ControlNet: a control image (e.g. an edge map) of model.control_size")
+    control.add_argument("--control-from", action="append", default=[], metavar="IMAGE",
+                         help="repeatable, one per ControlNet: an image of the model's size; its condition (the run's "
+                              "model.condition, e.g. canny edges) is the control")
+    control.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                         help="repeatable: another ControlNet workdir on the same base; the residuals are summed")
+    control.add_argument("--conditioning-scale", action="append", type=float, default=[], metavar="S",
+                         help="residual weight (default 1); once for all ControlNets or once per ControlNet")
+    control.add_argument("--guess-mode", action="store_true",
+                         help="control only the conditional branch of guidance, residuals weighted 0.1 -> 1 "
+                              "(diffusers' guess mode)")
     sample.set_defaults(func=_sample)
 
     tc = sub.add_parser("train-classifier", help="train a noise-conditional classifier for classifier guidance",
