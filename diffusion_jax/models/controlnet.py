@@ -9,7 +9,7 @@ harming the original model.
                                                      conditioning_scale * logspace(-1, 0) over the blocks, diffusers)
     eps = F_locked(x_t, t, y, context; skips + r)    the locked U-Net with r added to its skips and its mid block
 
-At initialisation every Z_i is zero, so r = 0 and the network is the base model exactly (tests/unit/test_controlnet.py
+At initialisation every Z_i is zero, so r = 0 and the network is the base model exactly (tests/unit/test_controlnet_net.py
 checks bit-identical samples). Several ControlNets on one base sum their residuals (diffusers MultiControlNetModel).
 
 The layout follows diffusers' ControlNetModel (conv_in, time_embedding, class_embedding, down_blocks, mid_block,
@@ -24,33 +24,18 @@ trainable encoder (`pretrained`), and only `controlnets` is trained (`trainable`
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.data.conditions import CONDITIONS
-from diffusion_jax.models.unet import UNet, UNetConfig
-from diffusion_jax.models.unet_cond_backbone import UNetCondBackbone, UNetCondBackboneConfig
+from diffusion_jax.models.adapted import BASES, base_config, check_base, load_base
+from diffusion_jax.models.unet import UNetConfig
+from diffusion_jax.models.unet_cond_backbone import UNetCondBackboneConfig
 from diffusion_jax.models.unet_cond_blocks import conv
 
-BASES = {"unet": (UNetConfig, UNet), "unet_cond": (UNetCondBackboneConfig, UNetCondBackbone)}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def base_section(workdir: str) -> dict:
-    """The `model` section of the run saved in WORKDIR/config.json."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model.base_workdir={workdir!r} has no config.json: train the base model there first")
-    with open(path) as f:
-        model = json.load(f).get("model")
-    if not isinstance(model, dict):
-        raise ValueError(f"{path} has no model section")
-    return model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,27 +46,14 @@ class ControlNetConfig:
     base: UNetConfig | UNetCondBackboneConfig | None = None   # the locked U-Net's model section (a dict is read
     #   into its dataclass); None: read from base_workdir/config.json
     base_workdir: str | None = None          # the trained base run whose EMA params are locked and copied
-    condition: str = "sobel"                 # data.conditions name the control images are computed with
+    condition: str | None = "sobel"          # data.conditions name the control images are computed with; None:
+    #   given as images only (e.g. a ControlNet imported from diffusers, models/convert_controlnet.py)
     conditioning_channels: int = 1           # channels of the control image
     embedding_channels: tuple[int, ...] = (16,)   # conditioning encoder widths; len - 1 stride-2 convs, so the
     #   control image is image_size * 2**(len - 1) pixels (diffusers: (16, 32, 96, 256) for SD's 8x latents)
 
     def __post_init__(self):
-        base = self.base
-        if base is None and self.base_workdir is not None:
-            base = base_section(self.base_workdir)
-        if isinstance(base, Mapping):
-            base = dict(base)
-            name = base.get("name", "unet")
-            if name not in BASES:
-                raise ValueError(f"model.base.name={name!r}: a ControlNet wraps one of {sorted(BASES)}")
-            klass = BASES[name][0]
-            known = {f.name for f in dataclasses.fields(klass)}
-            unknown = sorted(set(base) - known)
-            if unknown:
-                raise ValueError(f"unknown config key(s) model.base.{unknown[0]} for a {name!r} base")
-            base = klass(**base)
-        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "base", base_config(self.base, self.base_workdir, "a ControlNet"))
         if isinstance(self.embedding_channels, list):
             object.__setattr__(self, "embedding_channels", tuple(self.embedding_channels))
 
@@ -100,14 +72,8 @@ class ControlNetConfig:
     def validate(self) -> None:
         if self.name != "controlnet":
             raise ValueError(f"model.name={self.name!r} does not name this config (controlnet)")
-        if self.base is None:
-            raise ValueError("model.base_workdir is not set: a ControlNet needs the trained base run (its model "
-                             "section and EMA params), e.g. --config.model.base_workdir=workdirs/digits")
-        if not isinstance(self.base, tuple(c for c, _ in BASES.values())):
-            raise ValueError(f"model.base must be the model section of a {sorted(BASES)} run, got "
-                             f"{type(self.base).__name__}")
-        self.base.validate()
-        if self.condition not in CONDITIONS:
+        check_base(self.base, "a ControlNet")
+        if self.condition is not None and self.condition not in CONDITIONS:
             raise ValueError(f"model.condition={self.condition!r} is unknown; choose from {sorted(CONDITIONS)}")
         for key in ("conditioning_channels",):
             value = getattr(self, key)
@@ -225,14 +191,7 @@ def trainable(path: tuple) -> bool:
 def pretrained(config: ControlNetConfig, params: dict, load_params) -> dict:
     """Fresh params with the base locked to `load_params(config.base_workdir)` (the base run's EMA params) and every
     ControlNet's encoder copied from it (Zhang et al. 2023: the trainable copy starts as the locked block)."""
-    if config.base_workdir is None:
-        raise ValueError("model.base_workdir is not set: a ControlNet trains on top of a trained base run")
-    base = load_params(config.base_workdir)
-    want = jax.tree.map(lambda a: (a.shape, a.dtype), params["base"])
-    got = jax.tree.map(lambda a: (a.shape, a.dtype), base)
-    if want != got:
-        raise ValueError(f"the params of model.base_workdir={config.base_workdir!r} do not fit model.base (was the "
-                         "base section edited by hand?)")
+    base = load_base(config.base_workdir, params["base"], load_params)
     out = dict(params, base=base, controlnets=dict(params["controlnets"]))
     for i, net in params["controlnets"].items():
         copied = _copy_subtree(net["encoder"], base)

@@ -55,10 +55,17 @@ def convert_unet_cond(state_dict: Mapping[str, Any], config: UNetCondConfig) -> 
 
     Raises ValueError naming missing keys, unexpected keys, or a shape mismatch (with both shapes).
     """
+    return map_state_dict(state_dict, _abstract(config)[1], diffusers_key, f"UNetCond({config})")
+
+
+def map_state_dict(state_dict: Mapping[str, Any], abstract_flat, key_of, what: str) -> dict:
+    """The params (pure dict) of a module whose flat abstract state is `abstract_flat` ((path, nnx.Param) pairs),
+    read from a diffusers state_dict: key_of(path) -> the diffusers key. ValueError naming missing keys, unexpected
+    keys, or a shape mismatch (with both shapes); `what` names the module in the messages."""
     sd = dict(state_dict)
     flat, missing, used = [], [], set()
-    for path, var in _abstract(config)[1]:
-        key = diffusers_key(path)
+    for path, var in abstract_flat:
+        key = key_of(path)
         if key not in sd:
             missing.append(key)
             continue
@@ -68,13 +75,13 @@ def convert_unet_cond(state_dict: Mapping[str, Any], config: UNetCondConfig) -> 
         value = torch_to_nhwc(value, path[-1] == "kernel", len(var.shape))
         if tuple(value.shape) != tuple(var.shape):
             raise ValueError(f"diffusers {key!r}: shape {raw_shape} converts to {value.shape}, but "
-                             f"this UNetCond config needs {tuple(var.shape)} at {'/'.join(map(str, path))}")
+                             f"{what} needs {tuple(var.shape)} at {'/'.join(map(str, path))}")
         flat.append((path, var.replace(jnp.asarray(value))))
     if missing:
-        raise ValueError(f"diffusers state_dict is missing keys needed by UNetCond({config}): {listing(missing)}")
+        raise ValueError(f"diffusers state_dict is missing keys needed by {what}: {listing(missing)}")
     unexpected = set(sd) - used
     if unexpected:
-        raise ValueError(f"diffusers state_dict has keys UNetCond({config}) does not use: {listing(unexpected)}")
+        raise ValueError(f"diffusers state_dict has keys {what} does not use: {listing(unexpected)}")
     return nnx.to_pure_dict(nnx.from_flat_state(flat))
 
 

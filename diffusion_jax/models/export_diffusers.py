@@ -1,7 +1,10 @@
-"""Our params as diffusers state_dicts and configs: the inverse of `convert_diffusers` (UNet2DModel) and
-`convert_vae` (AutoencoderKL), key for key, so that `from_pretrained` loads what this project trained.
+"""Our params as diffusers state_dicts and configs: the inverse of `convert_diffusers` (UNet2DModel),
+`convert_unet_cond` (UNet2DConditionModel), `convert_controlnet` (ControlNetModel) and `convert_vae` (AutoencoderKL),
+key for key, so that `from_pretrained` loads what this project trained.
 
     sd, cfg = unet2d_state_dict(params, unet_config), unet2d_config(unet_config)
+    sd, cfg = unet_cond_state_dict(params["net"]), unet_cond_diffusers_config(backbone_config.diffusers_config())
+    sd, cfg = controlnet_state_dict(params["controlnets"][0]), controlnet_diffusers_config(controlnet_config)
     sd, cfg = vae_state_dict(params, vae_config), vae_diffusers_config(vae_config)
     save_model_folder(folder, cfg, sd)                        # config.json + diffusion_pytorch_model.safetensors
 
@@ -12,6 +15,7 @@ label num_classes asks for the unconditional prediction. Nothing here imports to
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -20,8 +24,12 @@ from flax import traverse_util
 from diffusion_jax import fileio
 from diffusion_jax.models.convert_diffusers import _diffusers_key as unet2d_key
 from diffusion_jax.models.convert_diffusers import check_ddpm_unet
+from diffusion_jax.models.controlnet import ControlNetConfig
+from diffusion_jax.models.convert_controlnet import controlnet_key
+from diffusion_jax.models.convert_unet_cond import diffusers_key as unet_cond_key
 from diffusion_jax.models.convert_vae import diffusers_key as vae_key
 from diffusion_jax.models.unet import UNetConfig
+from diffusion_jax.models.unet_cond import UNetCondConfig
 from diffusion_jax.models.vae import VAEConfig
 
 
@@ -101,3 +109,42 @@ def save_model_folder(folder: str, config: dict, state_dict: dict[str, np.ndarra
     os.makedirs(folder, exist_ok=True)
     fileio.write_json(os.path.join(folder, "config.json"), config)
     save_file(state_dict, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+def unet_cond_diffusers_config(config: UNetCondConfig) -> dict:
+    """The diffusers UNet2DConditionModel config.json of `config` (the inverse of `UNetCondConfig.from_diffusers`;
+    `attention_head_dim` is diffusers' historic name of the head count)."""
+    listed = lambda v: list(v) if isinstance(v, tuple) else v   # noqa: E731
+    out = {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "time_embedding_type": "positional",
+           "resnet_time_scale_shift": "default", "attention_type": "default", "only_cross_attention": False}
+    for f in dataclasses.fields(config):
+        if f.name not in ("num_attention_heads", "dtype"):
+            out[f.name] = listed(getattr(config, f.name))
+    out["attention_head_dim"] = listed(config.num_attention_heads)
+    return out
+
+
+def unet_cond_state_dict(params: dict) -> dict[str, np.ndarray]:
+    """The UNet2DConditionModel state_dict of `UNetCond`'s pure-dict params (names of `convert_unet_cond`)."""
+    return _state_dict(params, unet_cond_key)
+
+
+def controlnet_diffusers_config(config: ControlNetConfig) -> dict:
+    """The diffusers ControlNetModel config.json of a ControlNet on a `unet_cond` base (the inverse of
+    `convert_controlnet.controlnet_config_from_diffusers`); a `unet` (DDPM / ADM) base has no diffusers layout."""
+    if config.base.name != "unet_cond":
+        raise ValueError(f"model.base.name={config.base.name!r}: diffusers' ControlNetModel has the layout of "
+                         "UNet2DConditionModel; only a ControlNet on a 'unet_cond' base can be exported")
+    unet = unet_cond_diffusers_config(config.base.diffusers_config())
+    drop = ("_class_name", "out_channels", "up_block_types", "conv_out_kernel", "sample_size", "dropout",
+            "time_embedding_type", "attention_type")
+    return {"_class_name": "ControlNetModel", **{k: v for k, v in unet.items() if k not in drop},
+            "conditioning_channels": config.conditioning_channels,
+            "conditioning_embedding_out_channels": list(config.embedding_channels),
+            "controlnet_conditioning_channel_order": "rgb", "global_pool_conditions": False,
+            "class_embed_type": None, "addition_embed_type": None}
+
+
+def controlnet_state_dict(params: dict) -> dict[str, np.ndarray]:
+    """The ControlNetModel state_dict of one `ControlNet`'s pure-dict params (names of `convert_controlnet`)."""
+    return _state_dict(params, controlnet_key)

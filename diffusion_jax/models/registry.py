@@ -11,6 +11,8 @@ sharding, checkpoints and samplers never ask which backbone they carry.
                                                                          (AutoencoderKL layout)
     controlnet  denoiser      controlnet.ControlNetConfig                controlnet.ControlledUNet: a locked unet /
                                                                          unet_cond + trainable ControlNet copies
+    lora        denoiser      lora.LoRAConfig                            lora.LoRAUNet: a locked unet / unet_cond +
+                                                                         trainable low-rank updates of its projections
 
 A backbone is one file in models/ plus one line below: a frozen config dataclass with `name` and a `validate()`
 naming `model.<key>`, and an nnx.Module built as Module(config, rngs=nnx.Rngs). Its kind fixes the rest:
@@ -32,7 +34,7 @@ from typing import Callable, Mapping
 
 from flax import nnx
 
-from diffusion_jax.models import controlnet
+from diffusion_jax.models import controlnet, lora
 from diffusion_jax.models.unet import UNet, UNetConfig
 from diffusion_jax.models.unet_cond_backbone import UNetCondBackbone, UNetCondBackboneConfig
 from diffusion_jax.models.vae import VAE, VAEConfig
@@ -59,6 +61,8 @@ BACKBONES: dict[str, Backbone] = {
     "controlnet": Backbone(controlnet.ControlNetConfig, controlnet.ControlledUNet,
                            "ControlNet (Zhang et al. 2023) on a trained unet / unet_cond: zero-conv residuals",
                            pretrained=controlnet.pretrained, trainable=controlnet.trainable),
+    "lora": Backbone(lora.LoRAConfig, lora.LoRAUNet, "LoRA (Hu et al. 2021) on a trained unet / unet_cond: W + (alpha/r) A B",
+                     pretrained=lora.pretrained, trainable=lora.trainable),
 }
 
 

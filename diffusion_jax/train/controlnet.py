@@ -44,6 +44,9 @@ class ControlRun:
             if files:
                 control = read_control(path, cfg.control_size, cfg.conditioning_channels)
             else:
+                if cfg.condition is None:
+                    raise ValueError("--control-from needs a ControlNet whose model.condition names how its control "
+                                     "images are made; this one takes them as files only: use --control FILE")
                 image = load_image(path, size=cfg.image_size, channels=cfg.in_channels)
                 control = make_condition(cfg.condition, image)
             out.append(np.repeat(control, num, axis=0))

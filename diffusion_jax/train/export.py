@@ -8,20 +8,32 @@ model.name "unet" (discrete schedule): a DDPMPipeline folder: model_index.json, 
   scheduler/scheduler_config.json (DDPMScheduler: the betas, prediction_type, variance_type, clip and
   timestep_spacing of the run). `DDPMPipeline.from_pretrained(folder)` samples it; a class-conditional model takes
   `class_labels` in 0..num_classes, num_classes being the null class of classifier-free guidance.
+model.name "unet_cond": unet/ (UNet2DConditionModel) and scheduler/ (DDPMScheduler), e.g. a latent text-to-image
+  run's U-Net: `UNet2DConditionModel.from_pretrained(folder, subfolder="unet")`.
+model.name "controlnet" on a unet_cond base: a ControlNetModel folder (the trained ControlNet; its locked base is
+  exported from the base run's own workdir).
+model.name "lora": pytorch_lora_weights.safetensors in the layout diffusers' `load_lora_weights` and peft read
+  (models/lora_io.py; the base is exported from its own workdir).
 model.name "vae": an AutoencoderKL folder (config.json with the run's estimated scaling_factor + weights).
-Refused, with the reason: other backbones (unet_cond is not exported yet), continuous-time schedules (diffusers'
-DDPMScheduler is discrete), the score_sde U-Net options, an unfinished autoencoder run, and a target that exists
-and is not empty (nothing is overwritten).
+Refused, with the reason: a ControlNet on a `unet` (DDPM / ADM) base (diffusers' ControlNetModel has the
+UNet2DConditionModel layout), continuous-time schedules (diffusers' DDPMScheduler is discrete), the score_sde U-Net
+options, an unfinished autoencoder run, and a target that exists and is not empty (nothing is overwritten).
 """
 from __future__ import annotations
 
 import os
 
+from flax import nnx
+
 from diffusion_jax import fileio
 from diffusion_jax.config import load_workdir_config
 from diffusion_jax.inference.pipelines.stable_diffusion import DIFFUSERS_BETAS, DIFFUSERS_PREDICTIONS
 from diffusion_jax.models.export_diffusers import (
+    controlnet_diffusers_config,
+    controlnet_state_dict,
     save_model_folder,
+    unet_cond_diffusers_config,
+    unet_cond_state_dict,
     unet2d_config,
     unet2d_state_dict,
     vae_diffusers_config,
@@ -73,6 +85,39 @@ def _export_unet(workdir: str, target: str) -> None:
                        "scheduler": ["diffusers", "DDPMScheduler"]})
 
 
+def _export_unet_cond(workdir: str, target: str) -> None:
+    from diffusion_jax.config import Experiment
+    from diffusion_jax.train.checkpoint import load_trained
+
+    exp = Experiment.from_config(load_workdir_config(workdir))
+    scheduler = scheduler_config(exp)
+    unet = unet_cond_diffusers_config(exp.model.diffusers_config())
+    _, _, params, _ = load_trained(workdir, allow_latent=True)
+    save_model_folder(os.path.join(target, "unet"), unet, unet_cond_state_dict(params["net"]))
+    fileio.write_json(os.path.join(target, "scheduler", "scheduler_config.json"), scheduler)
+
+
+def _export_controlnet(workdir: str, target: str) -> None:
+    from diffusion_jax.config import Experiment
+    from diffusion_jax.train.checkpoint import load_trained
+
+    exp = Experiment.from_config(load_workdir_config(workdir))
+    config = controlnet_diffusers_config(exp.model)   # refuses a `unet` base before anything is restored
+    _, _, params, _ = load_trained(workdir, allow_latent=True)
+    save_model_folder(target, config, controlnet_state_dict(params["controlnets"][0]))
+
+
+def _export_lora(workdir: str, target: str) -> None:
+    from diffusion_jax.config import Experiment
+    from diffusion_jax.models.lora_io import save_lora
+    from diffusion_jax.train.checkpoint import load_trained
+
+    exp = Experiment.from_config(load_workdir_config(workdir))
+    _, graphdef, params, _ = load_trained(workdir, allow_latent=True)
+    paths = nnx.merge(graphdef, params).paths
+    save_lora(target, exp.model, params["adapters"], paths)
+
+
 def _export_vae(workdir: str, target: str) -> None:
     from diffusion_jax.train.vae import VAERun, load_vae
 
@@ -81,7 +126,8 @@ def _export_vae(workdir: str, target: str) -> None:
     save_model_folder(target, vae_diffusers_config(vae, sample_size=run.data.image_size), vae_state_dict(params, vae))
 
 
-EXPORTS = {"unet": _export_unet, "vae": _export_vae}
+EXPORTS = {"unet": _export_unet, "unet_cond": _export_unet_cond, "controlnet": _export_controlnet, "lora": _export_lora,
+           "vae": _export_vae}
 
 
 def export_workdir(workdir: str, target: str) -> str:
@@ -92,6 +138,6 @@ def export_workdir(workdir: str, target: str) -> str:
     config = load_workdir_config(workdir)
     name = "vae" if "vae" in config and "model" not in config else (config.get("model") or {}).get("name", "unet")
     if name not in EXPORTS:
-        raise ValueError(f"model.name={name!r} cannot be exported to diffusers yet; export takes {sorted(EXPORTS)}")
+        raise ValueError(f"model.name={name!r} cannot be exported to diffusers; export takes {sorted(EXPORTS)}")
     EXPORTS[name](workdir, target)
     return name

@@ -56,9 +56,12 @@ def check_data_matches_model(exp: Experiment, source) -> None:
 def with_control(exp: Experiment, source):
     """The source itself, or for a model with a `condition` (a ControlNet, models/controlnet.py) the source whose
     examples also hold "control": that condition of each image (data.conditions), checked against the model."""
-    name = getattr(exp.model, "condition", None)
-    if name is None:
+    if not hasattr(exp.model, "condition"):
         return source
+    name = exp.model.condition
+    if name is None:
+        raise ValueError(f"model.condition=None: training needs the condition that turns data '{exp.data.name}' into "
+                         "control images, e.g. --config.model.condition=canny (data/conditions.py)")
     if exp.latent.vae_workdir is not None:
         raise ValueError("a ControlNet on a latent diffusion run is not supported by train yet: its control images "
                          "would be the pixel images behind the cached latents; train it on a pixel-space base")
@@ -193,8 +196,8 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     def write_samples(state, step: int):
         # a learned gamma changes as it trains: sample with the EMA's (which costs a compile per grid)
         sample = sample_fn if gamma is None else grid_sampler(build_schedule(exp.schedule, state.ema_params))
-        images = parallel.to_host(sample(state.ema_params, jax.random.PRNGKey(exp.seed + 1), labels,
-                                         control=control)[0])
+        extra = {} if control is None else {"control": control}
+        images = parallel.to_host(sample(state.ema_params, jax.random.PRNGKey(exp.seed + 1), labels, **extra)[0])
         if not main:
             return
         if not np.isfinite(images).all():   # finite params can still diverge while sampling: say so, go on

@@ -127,7 +127,31 @@ def test_export_refusals_name_the_reason(tmp_path):
         unet2d_config(UNetConfig(channels=32, channel_mult=(1, 3), num_heads=4, attention_resolutions=(32,)))
     workdir = tmp_path / "cond"
     workdir.mkdir()
-    (workdir / "config.json").write_text(json.dumps({"model": {"name": "unet_cond"}}))
-    with pytest.raises(ValueError, match="model.name='unet_cond' cannot be exported to diffusers yet"):
+    (workdir / "config.json").write_text(json.dumps({"model": {"name": "controlnet", "base": {"name": "unet"}},
+                                                     "data": {"image_size": 32}}))
+    with pytest.raises(ValueError, match="only a ControlNet on a 'unet_cond' base can be exported"):
+        export_workdir(str(workdir), str(tmp_path / "out"))
+    (workdir / "config.json").write_text(json.dumps({"model": {"name": "classifier"}}))
+    with pytest.raises(ValueError, match="model.name='classifier' cannot be exported to diffusers"):
         export_workdir(str(workdir), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_unet_cond_export_loads_in_diffusers_and_gives_our_outputs(tmp_path):
+    from diffusion_jax.models.export_diffusers import unet_cond_diffusers_config, unet_cond_state_dict
+    from diffusion_jax.models.unet_cond_backbone import UNetCondBackbone, UNetCondBackboneConfig
+
+    diffusers = need("diffusers")
+    cfg = UNetCondBackboneConfig(image_size=8, in_channels=4, channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                 attention_resolutions=(8,), num_heads=2, num_groups=4, num_classes=3, context_dim=12)
+    net, params = _random(UNetCondBackbone, cfg, seed=4)
+    save_model_folder(str(tmp_path / "unet"), unet_cond_diffusers_config(cfg.diffusers_config()),
+                      unet_cond_state_dict(params["net"]))
+    model = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / "unet")).eval()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    t, y = np.array([5, 900]), np.array([1, 3])
+    context = rng.standard_normal((2, 5, 12)).astype(np.float32)
+    ours = np.asarray(net(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y), jnp.asarray(context)))
+    ref = run_nhwc(model, x, t, encoder_hidden_states=context, class_labels=y)
+    assert_rel_close(ours, ref, 1e-4, "exported UNet2DConditionModel")
