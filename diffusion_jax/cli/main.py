@@ -138,6 +138,14 @@ def _sample(args, overrides) -> None:
         if args.conditioning_scale or args.guess_mode:
             raise ValueError("--conditioning-scale / --guess-mode need control images: --control or --control-from")
         exp, graphdef, params, step = load_trained(args.workdir, args.step)
+    if args.lora_scale is not None and args.lora is None:
+        raise ValueError("--lora-scale needs --lora FILE")
+    if args.lora is not None:
+        if controlled:
+            raise ValueError("--lora with ControlNet control images is not supported; drop one")
+        from diffusion_jax.train.lora import with_lora
+
+        params = with_lora(exp, params, args.lora, 1.0 if args.lora_scale is None else args.lora_scale)
     spec = _sampler_spec(args, exp)
     options = dict(spec.options)
     schedule = build_schedule(exp.schedule, params)
@@ -320,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="classifier guidance weight w >= 0 (default 1 with --classifier)")
     sample.add_argument("--label", type=int, default=None,
                         help="class-conditional models: every sample of this class (default: 0, 1, 2, ... in turn)")
+    sample.add_argument("--lora", default=None, metavar="FILE",
+                        help="a LoRA file or folder (pytorch_lora_weights.safetensors, diffusers / peft layout, e.g. "
+                             "from diffusion-jax export) merged into this workdir's U-Net")
+    sample.add_argument("--lora-scale", type=float, default=None, help="multiplies the LoRA update (default 1)")
     control = sample.add_argument_group("ControlNet (a workdir trained with model.name='controlnet')")
     control.add_argument("--control", action="append", default=[], metavar="FILE",
                          help="repeatable, one per ControlNet: a control image (e.g. an edge map) of model.control_size")
