@@ -63,6 +63,38 @@ def _sampler_spec(args, exp):
     return SamplerSpec.from_config(config, options=explicit, guidance_scale=args.guidance_scale)
 
 
+def _load_run(args, num_of):
+    """(exp, graphdef, params, step, control) of --workdir at --step: with the ControlNet flags (`_add_control_flags`)
+    the workdir's ControlNet plus every --controlnet on its base, and control = {"control": one (num, S, S, k) batch
+    per ControlNet, "conditioning_scale": (k,)} with num = num_of(exp); else load_trained's run and control None."""
+    import numpy as np
+
+    if not (args.control or args.control_from or args.controlnet):
+        if args.conditioning_scale or args.guess_mode:
+            raise ValueError("--conditioning-scale / --guess-mode need control images: --control or --control-from")
+        from diffusion_jax.train.checkpoint import load_trained
+
+        return (*load_trained(args.workdir, args.step), None)
+    from diffusion_jax.train.controlnet import load_controlnets
+
+    run = load_controlnets([args.workdir, *args.controlnet], args.step)
+    k = len(run.workdirs)
+    scales = args.conditioning_scale or [1.0]
+    if len(scales) not in (1, k):
+        raise ValueError(f"--conditioning-scale: give one value or one per ControlNet ({k}), got {len(scales)}")
+    control = {"control": run.controls(num_of(run.exp), files=args.control, from_images=args.control_from),
+               "conditioning_scale": np.broadcast_to(np.asarray(scales, np.float32), (k,))}
+    return run.exp, run.graphdef, run.params, run.step, control
+
+
+def _control_note(control, guess_mode: bool) -> str:
+    if control is None:
+        return ""
+    scales = ", ".join(f"{s:g}" for s in control["conditioning_scale"])
+    return (f", {len(control['control'])} ControlNet(s) at conditioning_scale {scales}"
+            f"{' in guess mode' if guess_mode else ''}")
+
+
 def _edit(args, overrides) -> None:
     if overrides:
         raise ValueError(f"edit takes no --config.* overrides (got {overrides}); its options are flags")
@@ -72,9 +104,8 @@ def _edit(args, overrides) -> None:
     from diffusion_jax import viz
     from diffusion_jax.config import build_schedule
     from diffusion_jax.inference.editing import default_mask, edit, load_image, load_mask
-    from diffusion_jax.train.checkpoint import load_trained
 
-    exp, graphdef, params, step = load_trained(args.workdir, args.step)
+    exp, graphdef, params, step, control = _load_run(args, lambda exp: args.num or exp.sample.num)
     spec = _sampler_spec(args, exp)
     size, channels = exp.model.image_size, exp.model.in_channels
     image = load_image(args.image, size=size, channels=channels)
@@ -88,7 +119,8 @@ def _edit(args, overrides) -> None:
                        image_shape=(size, size, channels), mask=mask, strength=args.strength, seed=args.seed,
                        num_samples=args.num, prediction=exp.loss.prediction, learn_sigma=exp.model.learn_sigma,
                        num_classes=exp.model.num_classes, labels=labels, method=args.method,
-                       jump_length=args.jump_length, resamplings=args.resamplings)
+                       jump_length=args.jump_length, resamplings=args.resamplings, control=control,
+                       guess_mode=args.guess_mode)
     shown = image
     if args.task == "colorize":   # what the model is given: the gray
         shown = np.repeat(image.mean(axis=-1, keepdims=True), channels, axis=-1)
@@ -96,7 +128,8 @@ def _edit(args, overrides) -> None:
         used = mask if mask is not None else default_mask(args.task, size)
         shown = image * used
     viz.save_grid(np.concatenate([shown, images]), args.out, nrow=args.num + 1)
-    print(f"{args.task} ({args.method}, {args.sampler}, {args.steps} steps, NFE {nfe}) of {args.image}, "
+    print(f"{args.task} ({args.method}, {args.sampler}, {args.steps} steps, NFE {nfe}"
+          f"{_control_note(control, args.guess_mode)}) of {args.image}, "
           f"step {step}: input | {args.num} sample(s) -> {args.out}")
     if args.npz:
         np.savez(args.npz, images=viz.to_uint8(images))
@@ -113,31 +146,15 @@ def _sample(args, overrides) -> None:
     from diffusion_jax import parallel, viz
     from diffusion_jax.config import build_schedule
     from diffusion_jax.inference.sampling import class_labels, make_sample_fn
-    from diffusion_jax.train.checkpoint import load_trained
 
     if args.classifier is None and args.classifier_scale is not None:
         raise ValueError("--classifier-scale needs --classifier DIR (a classifier from diffusion-jax train-classifier)")
     if args.classifier is not None and args.classifier_scale is None:
         args.classifier_scale = 1.0
-    control, controlled = None, bool(args.control or args.control_from or args.controlnet)
-    if controlled:
-        if args.classifier is not None:
-            raise ValueError("--classifier guidance with ControlNet control images is not supported; drop one")
-        from diffusion_jax.train.controlnet import load_controlnets
-
-        run = load_controlnets([args.workdir, *args.controlnet], args.step)
-        exp, graphdef, params, step = run.exp, run.graphdef, run.params, run.step
-        scales = args.conditioning_scale or [1.0]
-        if len(scales) not in (1, len(run.workdirs)):
-            raise ValueError(f"--conditioning-scale: give one value or one per ControlNet ({len(run.workdirs)}), got "
-                             f"{len(scales)}")
-        control = {"control": run.controls(args.num or exp.sample.num, files=args.control,
-                                           from_images=args.control_from),
-                   "conditioning_scale": np.broadcast_to(np.asarray(scales, np.float32), (len(run.workdirs),))}
-    else:
-        if args.conditioning_scale or args.guess_mode:
-            raise ValueError("--conditioning-scale / --guess-mode need control images: --control or --control-from")
-        exp, graphdef, params, step = load_trained(args.workdir, args.step)
+    controlled = bool(args.control or args.control_from or args.controlnet)
+    if controlled and args.classifier is not None:
+        raise ValueError("--classifier guidance with ControlNet control images is not supported; drop one")
+    exp, graphdef, params, step, control = _load_run(args, lambda exp: args.num or exp.sample.num)
     if args.lora_scale is not None and args.lora is None:
         raise ValueError("--lora-scale needs --lora FILE")
     if args.lora is not None:
@@ -167,12 +184,9 @@ def _sample(args, overrides) -> None:
 
         sample_fn, labels = guided_sample_fn_for_run(exp, graphdef, params, spec, shape, args.classifier,
                                                      args.classifier_scale, mesh=mesh)
-    controlled_note = ""
+    controlled_note = _control_note(control, args.guess_mode)
     if control is not None:
         images, nfe = sample_fn(params, jax.random.PRNGKey(args.seed), labels, control=control)
-        scales = ", ".join(f"{s:g}" for s in control["conditioning_scale"])
-        controlled_note = (f", {len(control['control'])} ControlNet(s) at conditioning_scale {scales}"
-                           f"{' in guess mode' if args.guess_mode else ''}")
     else:
         images, nfe = sample_fn(params, jax.random.PRNGKey(args.seed), labels)
     images = np.asarray(images)
@@ -291,6 +305,22 @@ def _add_sampler_flags(parser) -> None:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
 
 
+def _add_control_flags(parser) -> None:
+    control = parser.add_argument_group("ControlNet (a workdir trained with model.name='controlnet')")
+    control.add_argument("--control", action="append", default=[], metavar="FILE",
+                         help="repeatable, one per ControlNet: a control image (e.g. an edge map) of model.control_size")
+    control.add_argument("--control-from", action="append", default=[], metavar="IMAGE",
+                         help="repeatable, one per ControlNet: an image of the model's size; its condition (the run's "
+                              "model.condition, e.g. canny edges) is the control")
+    control.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                         help="repeatable: another ControlNet workdir on the same base; the residuals are summed")
+    control.add_argument("--conditioning-scale", action="append", type=float, default=[], metavar="S",
+                         help="residual weight (default 1); once for all ControlNets or once per ControlNet")
+    control.add_argument("--guess-mode", action="store_true",
+                         help="control only the conditional branch of guidance, residuals weighted 0.1 -> 1 "
+                              "(diffusers' guess mode)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffusion_jax.samplers import SPACINGS
 
@@ -332,19 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a LoRA file or folder (pytorch_lora_weights.safetensors, diffusers / peft layout, e.g. "
                              "from diffusion-jax export) merged into this workdir's U-Net")
     sample.add_argument("--lora-scale", type=float, default=None, help="multiplies the LoRA update (default 1)")
-    control = sample.add_argument_group("ControlNet (a workdir trained with model.name='controlnet')")
-    control.add_argument("--control", action="append", default=[], metavar="FILE",
-                         help="repeatable, one per ControlNet: a control image (e.g. an edge map) of model.control_size")
-    control.add_argument("--control-from", action="append", default=[], metavar="IMAGE",
-                         help="repeatable, one per ControlNet: an image of the model's size; its condition (the run's "
-                              "model.condition, e.g. canny edges) is the control")
-    control.add_argument("--controlnet", action="append", default=[], metavar="DIR",
-                         help="repeatable: another ControlNet workdir on the same base; the residuals are summed")
-    control.add_argument("--conditioning-scale", action="append", type=float, default=[], metavar="S",
-                         help="residual weight (default 1); once for all ControlNets or once per ControlNet")
-    control.add_argument("--guess-mode", action="store_true",
-                         help="control only the conditional branch of guidance, residuals weighted 0.1 -> 1 "
-                              "(diffusers' guess mode)")
+    _add_control_flags(sample)
     sample.set_defaults(func=_sample)
 
     tc = sub.add_parser("train-classifier", help="train a noise-conditional classifier for classifier guidance",
@@ -378,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampler_flags(edit)
     edit.add_argument("--out", default="edit.png", help="PNG grid: input | samples")
     edit.add_argument("--npz", default=None, help="also save the uint8 edits to this .npz")
+    _add_control_flags(edit)
     edit.set_defaults(func=_edit)
 
     compare = sub.add_parser("compare", help="every sampler at every NFE on a trained workdir: table, plot, grids",

@@ -120,7 +120,8 @@ def edit_fn(denoise_fn, schedule, spec: SamplerSpec, task: str, image, mask, key
 def edit(graphdef, params, schedule, spec: SamplerSpec, task: str, image, *, image_shape: tuple[int, int, int],
          mask=None, strength: float | None = None, seed: int = 0, num_samples: int = 1, prediction: str = "eps",
          learn_sigma: bool = False, num_classes: int | None = None, labels=None, method: str = "projection",
-         jump_length: int = 10, resamplings: int = 10, noise: str = "fresh") -> tuple[np.ndarray, int]:
+         jump_length: int = 10, resamplings: int = 10, noise: str = "fresh", control: dict | None = None,
+         guess_mode: bool = False) -> tuple[np.ndarray, int]:
     """Edit `image` with the model (graphdef, params) as `sampling.make_sample_fn` runs it; compiled end to end.
 
     image: (H, W, C) or (1 | num_samples, H, W, C) float in [-1, 1] with (H, W, C) = image_shape, the model's
@@ -128,6 +129,9 @@ def edit(graphdef, params, schedule, spec: SamplerSpec, task: str, image, *, ima
       1 = known (inpaint / outpaint only; `load_mask`, `masks`). strength: img2img only, in (0, 1].
     labels: (N,) class labels of a class-conditional model (num_classes); None = the null class (unconditional,
       as the model was trained with label dropout). spec.guidance_scale != 1 guides towards `labels`.
+    control: a ControlNet's {"control": (num_samples, S, S, k) images (a tuple, one per ControlNet),
+      "conditioning_scale": ...} for a `models.controlnet.ControlledUNet` (as `sampling.make_sample_fn` takes it;
+      guess_mode: only the guided branch is controlled).
     Returns (images (num_samples, H, W, C) float32 numpy clipped to [-1, 1], NFE). The known pixels are kept
     exactly (they lie in [-1, 1]); colorize keeps the gray exactly up to float32 rounding of the colour transform,
     except where clipping a colour to [-1, 1] moves it.
@@ -146,18 +150,21 @@ def edit(graphdef, params, schedule, spec: SamplerSpec, task: str, image, *, ima
     apply = make_apply_fn(graphdef)
     keep_variance = dict(spec.options).get("variance") == "learned"
 
-    def run(params, key, image, mask, labels):
-        def net(label):
+    def run(params, key, image, mask, labels, control):
+        if control is not None:
+            control = dict(control, guess_mode=guess_mode)
+
+        def net(label, control=control):
             return network_denoise_fn(apply, params, label, channels=image_shape[-1], keep_variance=keep_variance,
-                                      schedule=schedule)
+                                      schedule=schedule, control=control)
 
         fn = net(labels)
         if spec.guidance_scale != 1.0:
-            null = net(jnp.full((num_samples,), num_classes, jnp.int32))
+            null = net(jnp.full((num_samples,), num_classes, jnp.int32), None if guess_mode else control)
             fn = lambda x, t: guide(net(labels)(x, t), null(x, t), spec.guidance_scale, spec.guidance_rescale)
         return edit_fn(fn, schedule, spec, task, image, mask, key, strength=strength, prediction=prediction,
                        method=method, jump_length=jump_length, resamplings=resamplings, noise=noise,
                        num_samples=num_samples)
 
-    x, nfe = jax.jit(run)(params, jax.random.PRNGKey(seed), image, mask, labels)
+    x, nfe = jax.jit(run)(params, jax.random.PRNGKey(seed), image, mask, labels, control)
     return np.clip(np.asarray(x, np.float32), -1.0, 1.0), int(nfe)
