@@ -149,6 +149,14 @@ def _check_generate_flags(args) -> None:
                          f"{args.task}")
     if not os.path.isdir(args.workdir):
         raise FileNotFoundError(f"--workdir {args.workdir!r} does not exist")
+    if len(args.control) != len(args.controlnet):
+        raise ValueError(f"give one --control IMAGE per --controlnet DIR; got {len(args.control)} and "
+                         f"{len(args.controlnet)}")
+    if len(args.conditioning_scale) not in (0, 1, len(args.controlnet)):
+        raise ValueError(f"--conditioning-scale: give one value or one per ControlNet ({len(args.controlnet)}), got "
+                         f"{len(args.conditioning_scale)}")
+    if (args.conditioning_scale or args.guess_mode) and not args.controlnet:
+        raise ValueError("--conditioning-scale / --guess-mode need --controlnet DIR and --control IMAGE")
 
 
 def _generate(args, overrides) -> None:
@@ -156,13 +164,15 @@ def _generate(args, overrides) -> None:
         raise ValueError(f"generate takes no --config.* overrides (got {overrides}); its options are flags")
     _check_generate_flags(args)
 
+    import numpy as np
     from PIL import Image
 
     from diffusion_jax import viz
     from diffusion_jax.cli.options import parse_option
     from diffusion_jax.fileio import atomic_write
     from diffusion_jax.inference.editing import load_image, load_mask
-    from diffusion_jax.inference.pipelines.stable_diffusion import generate
+    from diffusion_jax.inference.editing.files import read_control
+    from diffusion_jax.inference.pipelines.stable_diffusion import generate, with_controlnets
     from diffusion_jax.inference.sampling import SamplerSpec
     from diffusion_jax.train.latent import load_text_to_image
 
@@ -171,6 +181,15 @@ def _generate(args, overrides) -> None:
                        options=tuple(sorted(options.items())), guidance_scale=args.guidance)
     spec.validate()   # an unknown --option is named before the model loads
     model = load_text_to_image(args.workdir)
+    control = None
+    if args.controlnet:
+        model = with_controlnets(model, args.controlnet)
+        num = len(args.prompt) * args.num_per_prompt
+        images = [read_control(path, c.control_size, c.conditioning_channels)
+                  for path, c in zip(args.control, model.configs["controlnets"])]
+        control = {"control": tuple(np.repeat(c, num, axis=0) for c in images),
+                   "conditioning_scale": np.broadcast_to(np.asarray(args.conditioning_scale or [1.0], np.float32),
+                                                         (len(images),))}
     size, channels = tuple(model.image_size), model.pipe.vae.in_channels
     image = mask = None
     if args.image is not None:
@@ -180,7 +199,8 @@ def _generate(args, overrides) -> None:
     strength = args.strength if args.strength is not None or args.task != "img2img" else 0.8
     prompts = [p for p in args.prompt for _ in range(args.num_per_prompt)]
     images, nfe = generate(model, prompts, spec, task=args.task, negative_prompt=args.negative_prompt,
-                           seed=args.seed, image=image, mask=mask, strength=strength)
+                           seed=args.seed, image=image, mask=mask, strength=strength, control=control,
+                           guess_mode=args.guess_mode)
     out = args.out or default_out(args.workdir, args.prompt, args.task, args.seed)
     viz.save_grid(images, out, nrow=args.num_per_prompt if args.num_per_prompt > 1 else None)
     stem = os.path.splitext(out)[0]
@@ -188,6 +208,9 @@ def _generate(args, overrides) -> None:
         pixels = x[..., 0] if x.shape[-1] == 1 else x
         atomic_write(f"{stem}_{i:03d}.png", lambda f: Image.fromarray(pixels).save(f, format="PNG"))
     extra = f", strength {strength:g}" if args.task == "img2img" else ""
+    if control is not None:
+        extra += (f", {len(args.controlnet)} ControlNet(s) at conditioning_scale "
+                  f"{', '.join(f'{s:g}' for s in control['conditioning_scale'])}{' in guess mode' if args.guess_mode else ''}")
     print(f"{args.task} ({args.sampler}, {args.steps} steps, {args.spacing}, guidance {args.guidance:g}{extra}, "
           f"NFE {nfe}) of {len(args.prompt)} prompt(s) x {args.num_per_prompt}, {size[0]}x{size[1]}, seed "
           f"{args.seed}, from {args.workdir} -> {out} (grid, a row per prompt) and {stem}_000.png ... "
@@ -221,6 +244,13 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--invert-mask", action="store_true", help="white = the area to fill (diffusers convention)")
     p.add_argument("--mask-threshold", type=int, default=None, help="gray >= this is known (antialiased masks)")
     p.add_argument("--strength", type=float, default=None, help="img2img: noise level in [0, 1] (default 0.8)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                   help="repeatable: a diffusers ControlNetModel folder (or an exported one) made for this U-Net")
+    p.add_argument("--control", action="append", default=[], metavar="IMAGE",
+                   help="repeatable, one per --controlnet: its control image at the output size (e.g. edges)")
+    p.add_argument("--conditioning-scale", action="append", type=float, default=[], metavar="S",
+                   help="ControlNet residual weight (default 1): once, or once per --controlnet")
+    p.add_argument("--guess-mode", action="store_true", help="control only the prompted branch of guidance")
     p.add_argument("--out", default=None, help="PNG grid (default WORKDIR/generated/<prompt>_<task>_seed<N>.png); "
                                                "each image goes beside it as OUT_000.png, ...")
     p.set_defaults(func=_generate)

@@ -157,11 +157,19 @@ class ControlledUNet(nnx.Module):
         recompile). The base runs in inference mode (no dropout): it is locked.
     """
 
-    def __init__(self, config: ControlNetConfig, *, rngs: nnx.Rngs, num_controlnets: int = 1):
+    def __init__(self, config: ControlNetConfig, *, rngs: nnx.Rngs, num_controlnets: int = 1,
+                 controlnet_configs: tuple[ControlNetConfig, ...] | None = None):
+        """config: the first ControlNet's (its base is the locked U-Net); num_controlnets copies of it, or one per
+        controlnet_configs (all on config.base, each with its own condition encoder)."""
         config.validate()
+        configs = tuple(controlnet_configs) if controlnet_configs is not None else (config,) * num_controlnets
+        for i, c in enumerate(configs):
+            if c.base != config.base:
+                raise ValueError(f"ControlNet {i} was made for another base U-Net than ControlNet 0 ({c.base} vs "
+                                 f"{config.base})")
         self.config = config
         self.base = BASES[config.base.name][1](config.base, rngs=rngs)
-        self.controlnets = nnx.List([ControlNet(config, rngs=rngs) for _ in range(num_controlnets)])
+        self.controlnets = nnx.List([ControlNet(c, rngs=rngs) for c in configs])
 
     def __call__(self, x, t, y=None, context=None, *, control=None, conditioning_scale=1.0, guess_mode: bool = False,
                  train: bool = False, dropout_key=None):

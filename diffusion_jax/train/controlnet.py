@@ -13,10 +13,9 @@ import dataclasses
 import jax
 import numpy as np
 from flax import nnx
-from PIL import Image
 
 from diffusion_jax.data.conditions import make_condition
-from diffusion_jax.inference.editing.files import load_image
+from diffusion_jax.inference.editing.files import load_image, read_control
 from diffusion_jax.models.controlnet import ControlledUNet
 from diffusion_jax.train.checkpoint import load_trained
 
@@ -51,20 +50,6 @@ class ControlRun:
                 control = make_condition(cfg.condition, image)
             out.append(np.repeat(control, num, axis=0))
         return tuple(out)
-
-
-def read_control(path: str, size: int, channels: int) -> np.ndarray:
-    """A control image file as (1, size, size, channels) float32 in [0, 1]; a colour file for a 1-channel ControlNet
-    (an edge map) is refused unless its channels are equal (a gray image saved as RGB)."""
-    control = (load_image(path, size=size, channels=3 if channels == 1 else channels) + 1.0) / 2.0
-    if channels == 1:
-        if not (np.array_equal(control[..., 0], control[..., 1]) and np.array_equal(control[..., 0], control[..., 2])):
-            with Image.open(path) as im:
-                mode = im.mode
-            raise ValueError(f"control file {path!r} is a colour image (mode {mode}) but this ControlNet takes 1 "
-                             "channel (model.conditioning_channels=1, e.g. an edge map): give a gray image")
-        control = control[..., :1]
-    return control.astype(np.float32)
 
 
 def load_controlnets(workdirs, step: int | None = None) -> ControlRun:

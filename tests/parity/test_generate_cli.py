@@ -130,3 +130,52 @@ def test_bad_arguments_are_named(converted, tmp_path, capsys):
     for folder in (str(tmp_path / "missing"), str(tmp_path)):             # absent; not a model folder
         assert main(["generate", "--workdir", folder, "--prompt", "a cat"]) == 2
         assert folder in capsys.readouterr().err
+
+
+def test_generate_with_controlnets(converted, sd_folder, tmp_path, capsys):  # noqa: F811
+    """A diffusers ControlNetModel made from the pipeline's U-Net: zero-initialised it changes nothing (the PNGs
+    are identical); perturbed, it changes the images, alone, in guess mode or beside a second one; a control image
+    of the wrong size and a ControlNet of another U-Net are refused."""
+    converted = converted[1]
+    unet = sd_folder[1].unet
+    zero = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16),
+                                               conditioning_channels=1)
+    zero.save_pretrained(str(tmp_path / "zero"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in zero.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    zero.save_pretrained(str(tmp_path / "moved"))
+    edges = np.zeros((16, 16), np.uint8)
+    edges[4:12, 4] = edges[4, 4:12] = 255
+    Image.fromarray(edges).save(tmp_path / "edges.png")
+    base = ["generate", "--workdir", converted, "--prompt", "a sandal", *FAST, "--seed", "2"]
+    control = ["--control", str(tmp_path / "edges.png")]
+    assert main([*base, "--out", str(tmp_path / "plain.png")]) == 0
+    assert main([*base, "--controlnet", str(tmp_path / "zero"), *control, "--out", str(tmp_path / "zero.png")]) == 0
+    assert "1 ControlNet(s) at conditioning_scale 1" in capsys.readouterr().out
+    np.testing.assert_array_equal(_pixels(tmp_path / "zero.png"), _pixels(tmp_path / "plain.png"))
+    assert main([*base, "--controlnet", str(tmp_path / "moved"), *control, "--out", str(tmp_path / "moved.png")]) == 0
+    assert not np.array_equal(_pixels(tmp_path / "moved.png"), _pixels(tmp_path / "plain.png"))
+    assert main([*base, "--controlnet", str(tmp_path / "moved"), *control, "--guess-mode", "--conditioning-scale",
+                 "0.5", "--out", str(tmp_path / "guess.png")]) == 0
+    assert "conditioning_scale 0.5 in guess mode" in capsys.readouterr().out
+    assert main([*base, "--controlnet", str(tmp_path / "moved"), *control, "--controlnet", str(tmp_path / "zero"),
+                 *control, "--out", str(tmp_path / "two.png")]) == 0
+    np.testing.assert_array_equal(_pixels(tmp_path / "two.png"), _pixels(tmp_path / "moved.png"))  # zero adds 0
+    Image.fromarray(edges[:8, :8]).save(tmp_path / "small.png")
+    other = diffusers.ControlNetModel(in_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=2,
+                                      cross_attention_dim=16, norm_num_groups=4, conditioning_channels=1,
+                                      conditioning_embedding_out_channels=(8, 16))
+    other.save_pretrained(str(tmp_path / "other"))
+    for argv, message in [
+        ([*base, "--controlnet", str(tmp_path / "zero"), "--control", str(tmp_path / "small.png")],
+         "is 8x8 (HxW) but the model takes 16x16"),
+        ([*base, "--controlnet", str(tmp_path / "other"), *control], "was made for another U-Net"),
+        ([*base, *control], "give one --control IMAGE per --controlnet DIR"),
+        ([*base, "--guess-mode"], "--guess-mode need --controlnet"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)

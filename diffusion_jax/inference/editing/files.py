@@ -3,6 +3,7 @@ another size than the model's is refused, naming the file and both sizes.
 
     image = load_image("photo.png", size=32, channels=3)     # (1, 32, 32, 3) float32 in [-1, 1]
     mask = load_mask("mask.png", size=32)                    # (1, 32, 32, 1) float32 in {0, 1}, white = known
+    control = read_control("edges.png", size=32, channels=1) # (1, 32, 32, 1) float32 in [0, 1] (ControlNet)
 """
 from __future__ import annotations
 
@@ -61,3 +62,17 @@ def load_mask(path: str, *, size, invert: bool = False, threshold: int | None = 
     if invert:
         m = 1.0 - m
     return check_mask(m, f"mask file {path!r}", size=_hw(size))
+
+
+def read_control(path: str, size: int, channels: int) -> np.ndarray:
+    """A control image file as (1, size, size, channels) float32 in [0, 1]; a colour file for a 1-channel ControlNet
+    (an edge map) is refused unless its channels are equal (a gray image saved as RGB)."""
+    control = (load_image(path, size=size, channels=3 if channels == 1 else channels) + 1.0) / 2.0
+    if channels == 1:
+        if not (np.array_equal(control[..., 0], control[..., 1]) and np.array_equal(control[..., 0], control[..., 2])):
+            with Image.open(path) as im:
+                mode = im.mode
+            raise ValueError(f"control file {path!r} is a colour image (mode {mode}) but this ControlNet takes 1 "
+                             "channel (model.conditioning_channels=1, e.g. an edge map): give a gray image")
+        control = control[..., :1]
+    return control.astype(np.float32)

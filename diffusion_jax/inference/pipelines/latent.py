@@ -86,9 +86,9 @@ def check_context(context, name: str, num: int, length: int | None = None, dim: 
 
 def make_pipeline(pipe: LatentPipeline, spec: SamplerSpec, task: str = "txt2img", *, num: int,
                   image_size: tuple[int, int], strength: float | None = None, mesh=None,
-                  compiler_options: dict | None = None):
-    """Returns run(params, key, context, null_context=None, image=None, mask=None, latents=None) -> (images
-    (num, H, W, C) float32 numpy in [-1, 1], NFE), compiled end to end (module doc for the tasks).
+                  compiler_options: dict | None = None, guess_mode: bool = False):
+    """Returns run(params, key, context, null_context=None, image=None, mask=None, latents=None, control=None) ->
+    (images (num, H, W, C) float32 numpy in [-1, 1], NFE), compiled end to end (module doc for the tasks).
 
     params: {"unet": U-Net params, "vae": VAE params}. context: (1 | num, L, D) prompt embeddings;
     null_context: the empty prompt's (1 | num, L, D), needed iff spec.guidance_scale != 1.
@@ -98,6 +98,10 @@ def make_pipeline(pipe: LatentPipeline, spec: SamplerSpec, task: str = "txt2img"
     (num, H / f, W / f, c) (default: drawn from key), e.g. to reproduce another implementation's run.
     mesh: split the num images over its "data" axis; the noise is drawn for the whole batch, so a seed gives
     the same images on 1 or 8 devices. compiler_options: passed to `jax.jit` (`models.vae.make_vae_fns`).
+    control: for a U-Net with ControlNets (`models.controlnet.ControlledUNet`, `stable_diffusion.with_controlnets`):
+    {"control": (num, H, W, k) control images in [0, 1] at the pixel size (a tuple, one per ControlNet),
+    "conditioning_scale": scalar or one per ControlNet}, given to both branches of guidance (guess_mode: to the
+    prompted branch only, diffusers' guess mode).
     """
     if task not in TASKS:
         raise ValueError(f"task={task!r} is unknown; choose from {TASKS}")
@@ -122,12 +126,15 @@ def make_pipeline(pipe: LatentPipeline, spec: SamplerSpec, task: str = "txt2img"
     run_options = dict(prediction=pipe.prediction, spacing=spec.spacing, clip_denoised=None,
                        options=dict(spec.options), guidance=guidance if guidance.active else None)
 
-    def generate(params, key, context, null_context, image, mask, latents):
-        def net(ctx):
-            return network_denoise_fn(apply, params["unet"], None, channels=shape[-1], sharding=sharding,
-                                      schedule=pipe.schedule, context=ctx)
+    def generate(params, key, context, null_context, image, mask, latents, control):
+        if control is not None:
+            control = dict(control, guess_mode=guess_mode)
 
-        uncond = net(null_context) if guidance.active else None
+        def net(ctx, control=control):
+            return network_denoise_fn(apply, params["unet"], None, channels=shape[-1], sharding=sharding,
+                                      schedule=pipe.schedule, context=ctx, control=control)
+
+        uncond = net(null_context, None if guess_mode else control) if guidance.active else None
         nfe = jnp.zeros((), jnp.int32)
         if task == "txt2img":
             z, info = run_sampler(spec.sampler, net(context), pipe.schedule, key, shape, steps=spec.steps,
@@ -158,7 +165,7 @@ def make_pipeline(pipe: LatentPipeline, spec: SamplerSpec, task: str = "txt2img"
         jitted = jax.jit(generate, out_shardings=(sharding, parallel.replicated(mesh)),
                          compiler_options=compiler_options)
 
-    def run(params, key, context, null_context=None, image=None, mask=None, latents=None):
+    def run(params, key, context, null_context=None, image=None, mask=None, latents=None, control=None):
         context = check_context(context, "context", num)
         if latents is not None:
             if task != "txt2img":
@@ -180,7 +187,9 @@ def make_pipeline(pipe: LatentPipeline, spec: SamplerSpec, task: str = "txt2img"
             params = jax.device_put(params, parallel.replicated(mesh))
             context, null_context, image, mask, latents = jax.device_put(
                 (context, null_context, image, mask, latents), sharding)
-        x, nfe = jitted(params, key, context, null_context, image, mask, latents)
+            if control is not None:
+                control = dict(control, control=jax.device_put(control["control"], sharding))
+        x, nfe = jitted(params, key, context, null_context, image, mask, latents, control)
         return np.asarray(x, np.float32), int(nfe)
 
     return run

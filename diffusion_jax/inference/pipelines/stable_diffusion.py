@@ -177,14 +177,57 @@ def load_text_to_image(folder: str) -> TextToImage:
 
 def generate(model: TextToImage, prompts: list[str], spec: SamplerSpec, *, task: str = "txt2img",
              negative_prompt: str = "", seed: int = 0, image=None, mask=None, strength: float | None = None,
-             image_size: tuple[int, int] | None = None, latents=None, mesh=None) -> tuple[np.ndarray, int]:
+             image_size: tuple[int, int] | None = None, latents=None, mesh=None, control: dict | None = None,
+             guess_mode: bool = False) -> tuple[np.ndarray, int]:
     """One image per prompt with `latent.make_pipeline` -> (images (N, H, W, 3) in [-1, 1], NFE); the
-    unconditional branch of guidance embeds `negative_prompt`. latents: txt2img's z_T (default from seed)."""
+    unconditional branch of guidance embeds `negative_prompt`. latents: txt2img's z_T (default from seed).
+    control / guess_mode: a model with ControlNets (`with_controlnets`), as `latent.make_pipeline` takes them."""
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    if control is not None and "controlnets" not in model.configs:
+        raise ValueError("control images need ControlNets: load them with with_controlnets (generate --controlnet)")
     size = tuple(image_size or model.image_size)
-    run = make_pipeline(model.pipe, spec, task, num=len(prompts), image_size=size, strength=strength, mesh=mesh)
+    run = make_pipeline(model.pipe, spec, task, num=len(prompts), image_size=size, strength=strength, mesh=mesh,
+                        guess_mode=guess_mode)
     context = model.encode(prompts)
     null = model.encode([negative_prompt]) if spec.guidance_scale != 1.0 else None
-    return run(model.params, jax.random.PRNGKey(seed), context, null, image=image, mask=mask, latents=latents)
+    return run(model.params, jax.random.PRNGKey(seed), context, null, image=image, mask=mask, latents=latents,
+               control=control)
+
+
+def with_controlnets(model: TextToImage, folders) -> TextToImage:
+    """The model with diffusers ControlNetModel folders (or `diffusion-jax export`s of the project's) attached to
+    its U-Net (`models.controlnet.ControlledUNet`; several: residuals summed). Each must have been made for this
+    U-Net: ValueError naming the first setting that differs. configs["controlnets"] holds their ControlNetConfigs
+    (control_size, conditioning_channels)."""
+    from flax import nnx
+
+    from diffusion_jax.models.controlnet import ControlledUNet
+    from diffusion_jax.models.convert_controlnet import load_controlnet
+    from diffusion_jax.models.unet_cond_backbone import UNetCondBackboneConfig
+
+    if "unet" in model.configs:   # a Stable Diffusion folder: a bare UNetCond
+        unet, base_params = model.configs["unet"], {"net": model.params["unet"]}
+    else:                         # a latent run of this project: a unet_cond backbone
+        section = {k: tuple(v) if isinstance(v, list) else v for k, v in model.configs["experiment"]["model"].items()}
+        unet, base_params = UNetCondBackboneConfig(**section).diffusers_config(), model.params["unet"]
+    latent = model.image_size[0] // model.pipe.vae.downsample_factor
+    loaded = [load_controlnet(folder, sample_size=latent) for folder in folders]
+    for folder, (config, _) in zip(folders, loaded):
+        theirs = config.base.diffusers_config()
+        for field in dataclasses.fields(unet):
+            if field.name in ("sample_size", "dtype", "dropout"):
+                continue
+            a, b = getattr(theirs, field.name), getattr(unet, field.name)
+            if field.name in ("layers_per_block", "num_attention_heads", "transformer_layers_per_block"):
+                a, b = theirs.per_block(field.name), unet.per_block(field.name)
+            if a != b:
+                raise ValueError(f"ControlNet {folder!r} was made for another U-Net: its {field.name}={a!r}, the "
+                                 f"model's {b!r}")
+    configs = tuple(dataclasses.replace(c, base=dataclasses.replace(c.base, dtype=unet.dtype)) for c, _ in loaded)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: ControlledUNet(configs[0], rngs=nnx.Rngs(0),
+                                                                  controlnet_configs=configs)))
+    params = dict(model.params, unet={"base": base_params, "controlnets": {i: p for i, (_, p) in enumerate(loaded)}})
+    return dataclasses.replace(model, pipe=dataclasses.replace(model.pipe, unet_graphdef=graphdef), params=params,
+                               configs=dict(model.configs, controlnets=configs))
 
