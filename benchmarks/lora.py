@@ -11,7 +11,7 @@ medians is one sample, and the table gives the median ratio over rounds with its
 Memory: XLA's buffer sizes of each compiled step (arguments + temporaries, the donated state aliased to the output)
 and the train state's bytes (params, EMA, optimizer state): what LoRA saves is the optimizer moments of the base.
 
-    python benchmarks/lora.py [--models digits,cifar10] [--rounds 3] [--steps 5] [--rank 4]
+    python benchmarks/lora.py [--models digits,cifar10] [--rounds 3] [--steps 5] [--rank 4] [--batch N]
 """
 from __future__ import annotations
 
@@ -101,6 +101,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--batch", type=int, default=None, help="batch of every model (default: digits 64, cifar10 16)")
     args = p.parse_args(argv)
     reuse_host_memory()
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), rank {args.rank}, "
@@ -108,15 +109,16 @@ def main(argv=None):
     rows = []
     for name in args.models.split(","):
         base = dataclasses.replace(base_config(name), dropout=0.0)
-        full = Side(base, base, BATCH[name])
-        lora = Side(LoRAConfig(base=base, rank=args.rank, alpha=float(args.rank)), base, BATCH[name])
+        batch = args.batch or BATCH[name]
+        full = Side(base, base, batch)
+        lora = Side(LoRAConfig(base=base, rank=args.rank, alpha=float(args.rank)), base, batch)
         ratios, t_full, t_lora = [], [], []
         for _ in range(args.rounds):
             a, b = full.run(args.steps), lora.run(args.steps)
             t_full.append(a)
             t_lora.append(b)
             ratios.append(b / a)
-        rows.append((name, BATCH[name], full, lora, statistics.median(t_full), statistics.median(t_lora), ratios))
+        rows.append((name, batch, full, lora, statistics.median(t_full), statistics.median(t_lora), ratios))
     print("\n| model | batch | trained params (LoRA / full) | step s full | step s LoRA | LoRA / full time "
           "(median, range) | train state MB full / LoRA | XLA args+temp MB full / LoRA | compile s full / LoRA |")
     print("|---|---|---|---|---|---|---|---|---|")

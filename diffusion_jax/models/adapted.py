@@ -60,6 +60,27 @@ def check_base(base, what: str) -> None:
     base.validate()
 
 
+class AdaptedConfig:
+    """What the config of an adapter (a frozen dataclass with `base`, `base_workdir` and ADAPTER, its name in
+    errors) shares: `base` read into its dataclass after init (lists of tuple fields become tuples), and the fields
+    every denoiser config answers (models/registry.py), taken from the locked base."""
+
+    ADAPTER = "an adapter"
+    TUPLES: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "base", base_config(self.base, self.base_workdir, self.ADAPTER))
+        for name in self.TUPLES:
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    image_size = property(lambda self: self.base.image_size)
+    in_channels = property(lambda self: self.base.in_channels)
+    num_classes = property(lambda self: self.base.num_classes)
+    context_dim = property(lambda self: self.base.context_dim)
+    learn_sigma = property(lambda self: self.base.learn_sigma)
+
+
 def load_base(base_workdir: str | None, fresh: dict, load_params) -> dict:
     """The base run's EMA params (`load_params(base_workdir)`), checked against the fresh base params' shapes."""
     if base_workdir is None:

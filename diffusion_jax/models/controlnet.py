@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.data.conditions import CONDITIONS
-from diffusion_jax.models.adapted import BASES, base_config, check_base, load_base
+from diffusion_jax.models.adapted import BASES, AdaptedConfig, check_base, load_base
 from diffusion_jax.models.unet import UNetConfig
 from diffusion_jax.models.unet_cond_backbone import UNetCondBackboneConfig
 from diffusion_jax.models.unet_cond_blocks import conv
@@ -39,7 +39,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
-class ControlNetConfig:
+class ControlNetConfig(AdaptedConfig):
     """`model` section of `model.name="controlnet"`; errors name keys as `model.<field>`."""
 
     name: str = "controlnet"
@@ -52,17 +52,7 @@ class ControlNetConfig:
     embedding_channels: tuple[int, ...] = (16,)   # conditioning encoder widths; len - 1 stride-2 convs, so the
     #   control image is image_size * 2**(len - 1) pixels (diffusers: (16, 32, 96, 256) for SD's 8x latents)
 
-    def __post_init__(self):
-        object.__setattr__(self, "base", base_config(self.base, self.base_workdir, "a ControlNet"))
-        if isinstance(self.embedding_channels, list):
-            object.__setattr__(self, "embedding_channels", tuple(self.embedding_channels))
-
-    # what every denoiser config answers (models/registry.py), from the locked base
-    image_size = property(lambda self: self.base.image_size)
-    in_channels = property(lambda self: self.base.in_channels)
-    num_classes = property(lambda self: self.base.num_classes)
-    context_dim = property(lambda self: self.base.context_dim)
-    learn_sigma = property(lambda self: self.base.learn_sigma)
+    ADAPTER, TUPLES = "a ControlNet", ("embedding_channels",)
 
     @property
     def control_size(self) -> int:

@@ -13,14 +13,11 @@ options not implemented (bgr channel order, global pooling, added embeddings).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 from typing import Any
 
-from flax import nnx
-
 from diffusion_jax.models.controlnet import ControlNet, ControlNetConfig
-from diffusion_jax.models.convert_unet_cond import diffusers_key, map_state_dict
+from diffusion_jax.models.convert_unet_cond import abstract_flat, diffusers_key, map_state_dict
 from diffusion_jax.models.unet_cond import UNetCondConfig
 from diffusion_jax.models.unet_cond_backbone import UNetCondBackboneConfig
 from diffusion_jax.models.weights_io import read_model_folder
@@ -97,10 +94,8 @@ def controlnet_key(path: tuple) -> str:
     return diffusers_key(path[2:] if path[:2] == ("encoder", "net") else path)
 
 
-@functools.lru_cache(maxsize=8)
 def _abstract(config: ControlNetConfig):
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: ControlNet(config, rngs=nnx.Rngs(0))), nnx.Param)
-    return graphdef, tuple(nnx.to_flat_state(abstract))
+    return abstract_flat(ControlNet, config)
 
 
 def controlnet_graphdef(config: ControlNetConfig):

@@ -38,11 +38,16 @@ def diffusers_key(path: tuple) -> str:
 
 
 
-@functools.lru_cache(maxsize=8)
-def _abstract(config: UNetCondConfig):
-    """(graphdef, ((path, abstract nnx.Param), ...)) of `UNetCond(config)`, without allocating."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: UNetCond(config, rngs=nnx.Rngs(0))), nnx.Param)
+@functools.lru_cache(maxsize=16)
+def abstract_flat(build, config):
+    """(graphdef, ((path, abstract nnx.Param), ...)) of `build(config, rngs=...)` (a module class), without
+    allocating; cached per (class, config)."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(config, rngs=nnx.Rngs(0))), nnx.Param)
     return graphdef, tuple(nnx.to_flat_state(abstract))
+
+
+def _abstract(config: UNetCondConfig):
+    return abstract_flat(UNetCond, config)
 
 
 def unet_cond_graphdef(config: UNetCondConfig):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
 
-from diffusion_jax.models.adapted import BASES, base_config, check_base, load_base
+from diffusion_jax.models.adapted import BASES, AdaptedConfig, check_base, load_base
 from diffusion_jax.models.unet import UNetConfig
 from diffusion_jax.models.unet_cond_backbone import UNetCondBackboneConfig
 
@@ -31,7 +31,7 @@ DEFAULT_TARGETS = {"unet": ("q", "k", "v", "proj_out"), "unet_cond": ("to_q", "t
 
 
 @dataclasses.dataclass(frozen=True)
-class LoRAConfig:
+class LoRAConfig(AdaptedConfig):
     """`model` section of `model.name="lora"`; errors name keys as `model.<field>`."""
 
     name: str = "lora"
@@ -42,16 +42,7 @@ class LoRAConfig:
     alpha: float = 4.0                       # the update is scaled by alpha / r (peft's lora_alpha)
     targets: tuple[str, ...] = ()            # module names of the adapted projections; (): DEFAULT_TARGETS of the base
 
-    def __post_init__(self):
-        object.__setattr__(self, "base", base_config(self.base, self.base_workdir, "LoRA"))
-        if isinstance(self.targets, list):
-            object.__setattr__(self, "targets", tuple(self.targets))
-
-    image_size = property(lambda self: self.base.image_size)
-    in_channels = property(lambda self: self.base.in_channels)
-    num_classes = property(lambda self: self.base.num_classes)
-    context_dim = property(lambda self: self.base.context_dim)
-    learn_sigma = property(lambda self: self.base.learn_sigma)
+    ADAPTER, TUPLES = "LoRA", ("targets",)
 
     @property
     def scale(self) -> float:
