@@ -134,8 +134,8 @@ def test_bad_arguments_are_named(converted, tmp_path, capsys):
 
 def test_generate_with_controlnets(converted, sd_folder, tmp_path, capsys):  # noqa: F811
     """A diffusers ControlNetModel made from the pipeline's U-Net: zero-initialised it changes nothing (the PNGs
-    are identical); perturbed, it changes the images, alone or beside a second one (guess mode: the unit tests and
-    `sample --guess-mode`); a control image
+    are identical); perturbed, it changes the images (several ControlNets and guess mode: the unit tests and
+    `sample --controlnet / --guess-mode`); a control image
     of the wrong size and a ControlNet of another U-Net are refused."""
     converted = converted[1]
     unet = sd_folder[1].unet
@@ -158,9 +158,6 @@ def test_generate_with_controlnets(converted, sd_folder, tmp_path, capsys):  # n
     np.testing.assert_array_equal(_pixels(tmp_path / "zero.png"), _pixels(tmp_path / "plain.png"))
     assert main([*base, "--controlnet", str(tmp_path / "moved"), *control, "--out", str(tmp_path / "moved.png")]) == 0
     assert not np.array_equal(_pixels(tmp_path / "moved.png"), _pixels(tmp_path / "plain.png"))
-    assert main([*base, "--controlnet", str(tmp_path / "moved"), *control, "--controlnet", str(tmp_path / "zero"),
-                 *control, "--out", str(tmp_path / "two.png")]) == 0
-    np.testing.assert_array_equal(_pixels(tmp_path / "two.png"), _pixels(tmp_path / "moved.png"))  # zero adds 0
     Image.fromarray(edges[:8, :8]).save(tmp_path / "small.png")
     other = diffusers.ControlNetModel(in_channels=4, block_out_channels=(8, 16), layers_per_block=1,
                                       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=2,

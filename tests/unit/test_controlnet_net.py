@@ -17,7 +17,7 @@ from diffusion_jax.data.sources import ArraySource
 from diffusion_jax.eval.metrics.edges import chamfer_distance, edge_iou, paired_cluster_difference
 from diffusion_jax.inference.sampling import SamplerSpec, make_sample_fn
 from diffusion_jax.models.controlnet import ControlledUNet, ControlNetConfig, guess_mode_scales
-from diffusion_jax.models.functional import abstract_params, split_params
+from diffusion_jax.models.functional import abstract_params
 from diffusion_jax.models.unet import UNet, UNetConfig
 from diffusion_jax.models.unet_cond_backbone import UNetCondBackbone, UNetCondBackboneConfig
 from diffusion_jax.process.discrete import make_schedule
@@ -106,21 +106,25 @@ def test_two_controlnets_sum_their_residuals(nets):
     _, _, graph_c, params_c = nets
     one = _randomise_zero_convs(params_c, seed=3)
     other = _randomise_zero_convs(params_c, seed=4)
-    model = nnx.merge(graph_c, one)
-    two = ControlledUNet(CONFIG, rngs=nnx.Rngs(0), num_controlnets=2)
-    graph2, _ = split_params(two)
+    graph2, _ = abstract_params(lambda r: ControlledUNet(CONFIG, rngs=r, num_controlnets=2))
     params2 = {"base": one["base"], "controlnets": {0: one["controlnets"][0], 1: other["controlnets"][0]}}
-    multi = nnx.merge(graph2, params2)
     C2 = 1.0 - C
+
+    @jax.jit
+    def run(one, params2):
+        model, multi = nnx.merge(graph_c, one), nnx.merge(graph2, params2)
+        d1, m1 = multi.controlnets[0](X, T, Y, None, C, 1.0)
+        d2, m2 = multi.controlnets[1](X, T, Y, None, C2, 1.0)
+        return (model(X, T, Y, control=C), multi(X, T, Y, control=(C, C2), conditioning_scale=(1.0, 0.0)),
+                multi(X, T, Y, control=(C, C2)), multi.base(X, T, Y, residuals=([a + b for a, b in zip(d1, d2)],
+                                                                                 m1 + m2)))
+
+    alone, second_at_zero, both, summed = run(one, params2)
     # the second ControlNet at scale 0 adds exact zeros: the first one alone
-    np.testing.assert_array_equal(np.asarray(multi(X, T, Y, control=(C, C2), conditioning_scale=(1.0, 0.0))),
-                                  np.asarray(model(X, T, Y, control=C)))
-    d1, m1 = multi.controlnets[0](X, T, Y, None, C, 1.0)
-    d2, m2 = multi.controlnets[1](X, T, Y, None, C2, 1.0)
-    summed = multi.base(X, T, Y, residuals=([a + b for a, b in zip(d1, d2)], m1 + m2))
-    np.testing.assert_allclose(np.asarray(multi(X, T, Y, control=(C, C2))), np.asarray(summed), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(second_at_zero), np.asarray(alone))
+    np.testing.assert_allclose(np.asarray(both), np.asarray(summed), atol=1e-6)
     with pytest.raises(ValueError, match="1 control image"):
-        multi(X, T, Y, control=C)
+        jax.eval_shape(lambda p: nnx.merge(graph2, p)(X, T, Y, control=C), params2)
 
 
 def test_control_image_and_config_errors_name_the_problem(nets):

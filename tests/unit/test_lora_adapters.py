@@ -68,7 +68,7 @@ def test_config_and_target_errors_name_the_key():
     with pytest.raises(ValueError, match="model.alpha=-1"):
         dataclasses.replace(CONFIG, alpha=-1.0).validate()
     with pytest.raises(ValueError, match=r"model.targets \['to_q'\] match no Linear or conv layer of the 'unet' base"):
-        LoRAUNet(dataclasses.replace(CONFIG, targets=("to_q",)), rngs=nnx.Rngs(0))
+        nnx.eval_shape(lambda: LoRAUNet(dataclasses.replace(CONFIG, targets=("to_q",)), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="model.base_workdir is not set"):
         LoRAConfig().validate()
 
