@@ -65,7 +65,6 @@ def with_control(exp: Experiment, source):
     if exp.latent.vae_workdir is not None:
         raise ValueError("a ControlNet on a latent diffusion run is not supported by train yet: its control images "
                          "would be the pixel images behind the cached latents; train it on a pixel-space base")
-    check_base_run(exp)
     source = ControlSource(source, name)
     size, _, k = source.control_shape
     if k != exp.model.conditioning_channels:
@@ -138,6 +137,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     """
     tc = exp.train
     main = parallel.is_main_process()
+    check_base_run(exp)
     source = load_source(exp.data)
     if exp.latent.vae_workdir is None:
         check_data_matches_model(exp, source)

@@ -71,6 +71,8 @@ def test_lora_errors_exit_2_with_the_problem_named(lora_workdir, trained_workdir
           "--config.model.rank=0"], "model.rank=0 must be a positive int"),
         (["train", "--config", CONFIG, "--workdir", str(tmp_path / "w"), f"--config.model.base_workdir={trained_workdir}",
           "--config.model.targets=('to_q',)"], "model.targets ['to_q'] match no Linear or conv layer"),
+        (["train", "--config", CONFIG, "--workdir", str(tmp_path / "w"), f"--config.model.base_workdir={trained_workdir}",
+          "--config.loss.prediction=eps"], "loss.prediction='eps' but the base run"),
         (["sample", "--workdir", trained_workdir, "--lora", str(tmp_path / "other"), "--num", "2"],
          "a LoRA of another architecture"),
         (["sample", "--workdir", trained_workdir, "--lora-scale", "2", "--num", "2"], "--lora-scale needs --lora"),
