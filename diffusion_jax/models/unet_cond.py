@@ -27,17 +27,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.models.layers import add_residuals, check_network_inputs
-from diffusion_jax.models.unet_cond_blocks import (
-    Block,
-    Downsample2D,
-    ResnetBlock2D,
-    TimestepEmbedding,
-    Transformer2DModel,
-    Upsample2D,
-    conv,
-    group_norm,
-    timestep_embedding,
-)
+from diffusion_jax.models.unet_cond_blocks import (Block, Downsample2D, ResnetBlock2D, TimestepEmbedding,
+                                                   Transformer2DModel, Upsample2D, conv, group_norm, timestep_embedding)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
