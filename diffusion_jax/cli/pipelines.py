@@ -152,9 +152,6 @@ def _check_generate_flags(args) -> None:
     if len(args.control) != len(args.controlnet):
         raise ValueError(f"give one --control IMAGE per --controlnet DIR; got {len(args.control)} and "
                          f"{len(args.controlnet)}")
-    if len(args.conditioning_scale) not in (0, 1, len(args.controlnet)):
-        raise ValueError(f"--conditioning-scale: give one value or one per ControlNet ({len(args.controlnet)}), got "
-                         f"{len(args.conditioning_scale)}")
     if (args.conditioning_scale or args.guess_mode) and not args.controlnet:
         raise ValueError("--conditioning-scale / --guess-mode need --controlnet DIR and --control IMAGE")
 
@@ -168,7 +165,7 @@ def _generate(args, overrides) -> None:
     from PIL import Image
 
     from diffusion_jax import viz
-    from diffusion_jax.cli.options import parse_option
+    from diffusion_jax.cli.options import control_note, control_scales, parse_option
     from diffusion_jax.fileio import atomic_write
     from diffusion_jax.inference.editing import load_image, load_mask
     from diffusion_jax.inference.editing.files import read_control
@@ -180,6 +177,7 @@ def _generate(args, overrides) -> None:
     spec = SamplerSpec(args.sampler, args.steps, spacing=args.spacing, clip_denoised=None,
                        options=tuple(sorted(options.items())), guidance_scale=args.guidance)
     spec.validate()   # an unknown --option is named before the model loads
+    scales = control_scales(args.conditioning_scale, len(args.controlnet)) if args.controlnet else None
     model = load_text_to_image(args.workdir)
     control = None
     if args.controlnet:
@@ -187,9 +185,7 @@ def _generate(args, overrides) -> None:
         num = len(args.prompt) * args.num_per_prompt
         images = [read_control(path, c.control_size, c.conditioning_channels)
                   for path, c in zip(args.control, model.configs["controlnets"])]
-        control = {"control": tuple(np.repeat(c, num, axis=0) for c in images),
-                   "conditioning_scale": np.broadcast_to(np.asarray(args.conditioning_scale or [1.0], np.float32),
-                                                         (len(images),))}
+        control = {"control": tuple(np.repeat(c, num, axis=0) for c in images), "conditioning_scale": scales}
     size, channels = tuple(model.image_size), model.pipe.vae.in_channels
     image = mask = None
     if args.image is not None:
@@ -207,10 +203,7 @@ def _generate(args, overrides) -> None:
     for i, x in enumerate(viz.to_uint8(images)):
         pixels = x[..., 0] if x.shape[-1] == 1 else x
         atomic_write(f"{stem}_{i:03d}.png", lambda f: Image.fromarray(pixels).save(f, format="PNG"))
-    extra = f", strength {strength:g}" if args.task == "img2img" else ""
-    if control is not None:
-        extra += (f", {len(args.controlnet)} ControlNet(s) at conditioning_scale "
-                  f"{', '.join(f'{s:g}' for s in control['conditioning_scale'])}{' in guess mode' if args.guess_mode else ''}")
+    extra = (f", strength {strength:g}" if args.task == "img2img" else "") + control_note(control, args.guess_mode)
     print(f"{args.task} ({args.sampler}, {args.steps} steps, {args.spacing}, guidance {args.guidance:g}{extra}, "
           f"NFE {nfe}) of {len(args.prompt)} prompt(s) x {args.num_per_prompt}, {size[0]}x{size[1]}, seed "
           f"{args.seed}, from {args.workdir} -> {out} (grid, a row per prompt) and {stem}_000.png ... "

@@ -7,7 +7,7 @@ workdir's EMA network through any sampler, with classifier(-free) guidance, Cont
 """
 from __future__ import annotations
 
-from diffusion_jax.cli.options import parse_option
+from diffusion_jax.cli.options import control_note, control_scales, parse_option
 
 
 def _sampler_spec(args, exp):
@@ -40,7 +40,6 @@ def _load_run(args, num_of):
     """(exp, graphdef, params, step, control) of --workdir at --step: with the ControlNet flags (`_add_control_flags`)
     the workdir's ControlNet plus every --controlnet on its base, and control = {"control": one (num, S, S, k) batch
     per ControlNet, "conditioning_scale": (k,)} with num = num_of(exp); else load_trained's run and control None."""
-    import numpy as np
 
     if not (args.control or args.control_from or args.controlnet):
         if args.conditioning_scale or args.guess_mode:
@@ -51,21 +50,10 @@ def _load_run(args, num_of):
     from diffusion_jax.train.controlnet import load_controlnets
 
     run = load_controlnets([args.workdir, *args.controlnet], args.step)
-    k = len(run.workdirs)
-    scales = args.conditioning_scale or [1.0]
-    if len(scales) not in (1, k):
-        raise ValueError(f"--conditioning-scale: give one value or one per ControlNet ({k}), got {len(scales)}")
+    scales = control_scales(args.conditioning_scale, len(run.workdirs))
     control = {"control": run.controls(num_of(run.exp), files=args.control, from_images=args.control_from),
-               "conditioning_scale": np.broadcast_to(np.asarray(scales, np.float32), (k,))}
+               "conditioning_scale": scales}
     return run.exp, run.graphdef, run.params, run.step, control
-
-
-def _control_note(control, guess_mode: bool) -> str:
-    if control is None:
-        return ""
-    scales = ", ".join(f"{s:g}" for s in control["conditioning_scale"])
-    return (f", {len(control['control'])} ControlNet(s) at conditioning_scale {scales}"
-            f"{' in guess mode' if guess_mode else ''}")
 
 
 def _edit(args, overrides) -> None:
@@ -102,7 +90,7 @@ def _edit(args, overrides) -> None:
         shown = image * used
     viz.save_grid(np.concatenate([shown, images]), args.out, nrow=args.num + 1)
     print(f"{args.task} ({args.method}, {args.sampler}, {args.steps} steps, NFE {nfe}"
-          f"{_control_note(control, args.guess_mode)}) of {args.image}, "
+          f"{control_note(control, args.guess_mode)}) of {args.image}, "
           f"step {step}: input | {args.num} sample(s) -> {args.out}")
     if args.npz:
         np.savez(args.npz, images=viz.to_uint8(images))
@@ -157,7 +145,7 @@ def _sample(args, overrides) -> None:
 
         sample_fn, labels = guided_sample_fn_for_run(exp, graphdef, params, spec, shape, args.classifier,
                                                      args.classifier_scale, mesh=mesh)
-    controlled_note = _control_note(control, args.guess_mode)
+    controlled_note = control_note(control, args.guess_mode)
     if control is not None:
         images, nfe = sample_fn(params, jax.random.PRNGKey(args.seed), labels, control=control)
     else:

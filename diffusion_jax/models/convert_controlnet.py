@@ -35,6 +35,20 @@ _ENCODER_FIELDS = ("in_channels", "center_input_sample", "flip_sin_to_cos", "fre
                    "time_embedding_dim", "conv_in_kernel", "num_attention_heads")
 
 
+PER_BLOCK = ("layers_per_block", "num_attention_heads", "transformer_layers_per_block")
+
+
+def unet_differences(a: UNetCondConfig, b: UNetCondConfig, fields) -> list[tuple[str, Any, Any]]:
+    """(field, a's value, b's value) for each of `fields` where the two configs differ; the per-block fields are
+    compared block by block (8 and (8, 8) agree)."""
+    out = []
+    for name in fields:
+        x, y = (a.per_block(name), b.per_block(name)) if name in PER_BLOCK else (getattr(a, name), getattr(b, name))
+        if x != y:
+            out.append((name, x, y))
+    return out
+
+
 def controlnet_config_from_diffusers(cfg: Mapping[str, Any], sample_size: int = 64) -> ControlNetConfig:
     """The ControlNetConfig of a diffusers ControlNetModel config.json. sample_size: the latent size its base runs
     at (Stable Diffusion 1.x: 64), which places `attention_resolutions`; the network itself takes any size."""
@@ -56,14 +70,9 @@ def controlnet_config_from_diffusers(cfg: Mapping[str, Any], sample_size: int = 
     cfg["up_block_types"] = ["UpBlock2D" if "CrossAttn" not in t else "CrossAttnUpBlock2D" for t in reversed(down)]
     unet = UNetCondConfig.from_diffusers({**cfg, "sample_size": sample_size})
     base = _backbone_section(unet, sample_size)
-    ours = base.diffusers_config()
-    for name in _ENCODER_FIELDS:
-        a, b = getattr(ours, name), getattr(unet, name)
-        if name in ("num_attention_heads", "layers_per_block", "transformer_layers_per_block"):
-            a, b = ours.per_block(name), unet.per_block(name)
-        if a != b:
-            raise ValueError(f"diffusers ControlNetModel config {name}={b!r} cannot be expressed by the project's "
-                             f"unet_cond backbone (it would give {a!r})")
+    for name, a, b in unet_differences(base.diffusers_config(), unet, _ENCODER_FIELDS)[:1]:
+        raise ValueError(f"diffusers ControlNetModel config {name}={b!r} cannot be expressed by the project's "
+                         f"unet_cond backbone (it would give {a!r})")
     return ControlNetConfig(base=base, condition=None, conditioning_channels=int(conditioning_channels),
                             embedding_channels=embedding)
 

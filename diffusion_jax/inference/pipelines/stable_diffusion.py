@@ -203,7 +203,7 @@ def with_controlnets(model: TextToImage, folders) -> TextToImage:
     from flax import nnx
 
     from diffusion_jax.models.controlnet import ControlledUNet
-    from diffusion_jax.models.convert_controlnet import load_controlnet
+    from diffusion_jax.models.convert_controlnet import load_controlnet, unet_differences
     from diffusion_jax.models.unet_cond_backbone import UNetCondBackboneConfig
 
     if "unet" in model.configs:   # a Stable Diffusion folder: a bare UNetCond
@@ -213,17 +213,10 @@ def with_controlnets(model: TextToImage, folders) -> TextToImage:
         unet, base_params = UNetCondBackboneConfig(**section).diffusers_config(), model.params["unet"]
     latent = model.image_size[0] // model.pipe.vae.downsample_factor
     loaded = [load_controlnet(folder, sample_size=latent) for folder in folders]
+    fields = [f.name for f in dataclasses.fields(unet) if f.name not in ("sample_size", "dtype", "dropout")]
     for folder, (config, _) in zip(folders, loaded):
-        theirs = config.base.diffusers_config()
-        for field in dataclasses.fields(unet):
-            if field.name in ("sample_size", "dtype", "dropout"):
-                continue
-            a, b = getattr(theirs, field.name), getattr(unet, field.name)
-            if field.name in ("layers_per_block", "num_attention_heads", "transformer_layers_per_block"):
-                a, b = theirs.per_block(field.name), unet.per_block(field.name)
-            if a != b:
-                raise ValueError(f"ControlNet {folder!r} was made for another U-Net: its {field.name}={a!r}, the "
-                                 f"model's {b!r}")
+        for name, a, b in unet_differences(config.base.diffusers_config(), unet, fields)[:1]:
+            raise ValueError(f"ControlNet {folder!r} was made for another U-Net: its {name}={a!r}, the model's {b!r}")
     configs = tuple(dataclasses.replace(c, base=dataclasses.replace(c.base, dtype=unet.dtype)) for c, _ in loaded)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: ControlledUNet(configs[0], rngs=nnx.Rngs(0),
                                                                   controlnet_configs=configs)))
