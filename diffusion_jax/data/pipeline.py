@@ -35,6 +35,7 @@ class DataConfig:
       string (e.g. "train[:90%]") for tfds.
     random_flip: horizontal flips in `Batches` (deterministic given seed and step).
     seed: seeds the epoch permutations and flips.
+    grayscale: "folder" only: read the images as one grey channel (PIL mode "L") instead of RGB.
     """
 
     name: str = "digits"
@@ -43,6 +44,7 @@ class DataConfig:
     split: str = "train"
     random_flip: bool = False
     seed: int = 0
+    grayscale: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the offending ``data.<key>`` if the config is inconsistent."""
@@ -70,6 +72,11 @@ class DataConfig:
             raise ValueError(f"data.random_flip must be a bool, got {self.random_flip!r}")
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"data.seed must be a non-negative int, got {self.seed!r}")
+        if not isinstance(self.grayscale, (bool, np.bool_)):
+            raise ValueError(f"data.grayscale must be a bool, got {self.grayscale!r}")
+        if self.grayscale and name != "folder":
+            raise ValueError(f"data.grayscale=True reads a folder's images as one channel; data.name={name!r} is "
+                             "not 'folder' (digits and fashion_mnist are grey already)")
 
 
 @runtime_checkable

@@ -198,24 +198,25 @@ def _scan_folder(root: str) -> tuple[list[str], list[int] | None, list[str] | No
 
 
 @functools.lru_cache(maxsize=2)
-def _folder_arrays(root: str, image_size: int):
+def _folder_arrays(root: str, image_size: int, mode: str = "RGB"):
     files, labels, names = _scan_folder(root)
     from tqdm.auto import tqdm
 
-    images = np.empty((len(files), image_size, image_size, 3), np.uint8)
+    images = np.empty((len(files), image_size, image_size, len(mode)), np.uint8)
     for i, path in enumerate(tqdm(files, desc=f"loading {root}", disable=len(files) < 1000)):
         try:
             with Image.open(path) as im:
-                images[i] = center_crop_resize(im, image_size, "RGB")
+                images[i] = center_crop_resize(im, image_size, mode)
         except Exception as e:  # PIL raises several types for bad files
             raise ValueError(f"cannot decode image file {path}: {type(e).__name__}: {e}") from e
     lab = None if labels is None else _readonly(np.asarray(labels, np.int32))
     return _readonly(images), lab, names
 
 
-def load_folder(data_dir: str, image_size: int = 64) -> ArraySource:
+def load_folder(data_dir: str, image_size: int = 64, grayscale: bool = False) -> ArraySource:
     """All images under ``data_dir`` (recursive; .png .jpg .jpeg .bmp, .webp if PIL supports it) as RGB
-    (N, S, S, 3), center-cropped to a square, then bilinear-resized; loaded eagerly, stored as uint8.
+    (N, S, S, 3), or grey (N, S, S, 1) when ``grayscale``, center-cropped to a square, then bilinear-resized;
+    loaded eagerly, stored as uint8.
 
     Labels: if every image lies inside a top-level subfolder (none directly in ``data_dir``), the
     subfolder names sorted alphabetically are the classes 0..K-1 (deeper nesting keeps the top-level
@@ -226,7 +227,7 @@ def load_folder(data_dir: str, image_size: int = 64) -> ArraySource:
     root = os.path.abspath(_check_dir(data_dir))
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data.data_dir={root!r} does not exist or is not a directory")
-    images, labels, names = _folder_arrays(root, check_int(image_size, "data.image_size"))
+    images, labels, names = _folder_arrays(root, check_int(image_size, "data.image_size"), "L" if grayscale else "RGB")
     return ArraySource(images, labels, None if names is None else len(names), names)
 
 
@@ -240,6 +241,6 @@ def load_source(config: DataConfig) -> Source:
     loaders = {
         "digits": lambda c: load_digits(c.split, c.image_size),
         "fashion_mnist": lambda c: load_fashion_mnist(c.split, c.image_size, c.data_dir),
-        "folder": lambda c: load_folder(c.data_dir, c.image_size),
+        "folder": lambda c: load_folder(c.data_dir, c.image_size, c.grayscale),
     }
     return loaders[config.name](config)

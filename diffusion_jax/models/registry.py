@@ -13,6 +13,8 @@ sharding, checkpoints and samplers never ask which backbone they carry.
                                                                          unet_cond + trainable ControlNet copies
     lora        denoiser      lora.LoRAConfig                            lora.LoRAUNet: a locked unet / unet_cond +
                                                                          trainable low-rank updates of its projections
+    dreambooth  denoiser      dreambooth.DreamBoothConfig                a class-conditional unet / unet_cond with one
+                                                                         more label (the subject), all of it trained
 
 A backbone is one file in models/ plus one line below: a frozen config dataclass with `name` and a `validate()`
 naming `model.<key>`, and an nnx.Module built as Module(config, rngs=nnx.Rngs). Its kind fixes the rest:
@@ -21,10 +23,10 @@ naming `model.<key>`, and an nnx.Module built as Module(config, rngs=nnx.Rngs). 
                and trained by a diffusion objective (config.Experiment; `train.loop`).
   autoencoder  the module has encode(x) -> posterior and decode(z) -> x, trained with reconstruction + KL (+ GAN)
                (`train.vae`).
-A backbone that adapts a trained network (ControlNet; LoRA) adds two hooks the train loop calls without asking
-which backbone it holds: `pretrained(config, params, load_params) -> params` fills fresh params from trained runs
-(load_params(workdir) -> that run's EMA params), and `trainable(path) -> bool` names the params the optimizer
-updates (the rest stay bit-identical: no gradient, no update, no EMA drift).
+A backbone that adapts a trained network (ControlNet; LoRA; DreamBooth) adds hooks the train loop calls without
+asking which backbone it holds: `pretrained(config, params, load_params) -> params` fills fresh params from trained
+runs (load_params(workdir) -> that run's EMA params), and `trainable(path) -> bool` names the params the optimizer
+updates (the rest stay bit-identical: no gradient, no update, no EMA drift; None: all train).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from typing import Callable, Mapping
 
 from flax import nnx
 
-from diffusion_jax.models import controlnet, lora
+from diffusion_jax.models import controlnet, dreambooth, lora
 from diffusion_jax.models.unet import UNet, UNetConfig
 from diffusion_jax.models.unet_cond_backbone import UNetCondBackbone, UNetCondBackboneConfig
 from diffusion_jax.models.vae import VAE, VAEConfig
@@ -63,6 +65,9 @@ BACKBONES: dict[str, Backbone] = {
                            pretrained=controlnet.pretrained, trainable=controlnet.trainable),
     "lora": Backbone(lora.LoRAConfig, lora.LoRAUNet, "LoRA (Hu et al. 2021) on a trained unet / unet_cond: W + (alpha/r) A B",
                      pretrained=lora.pretrained, trainable=lora.trainable),
+    "dreambooth": Backbone(dreambooth.DreamBoothConfig, dreambooth.DreamBoothUNet,
+                           "DreamBooth (Ruiz et al. 2023): a trained class-conditional U-Net fine-tuned on one subject, "
+                           "bound to a new label", pretrained=dreambooth.pretrained),
 }
 
 

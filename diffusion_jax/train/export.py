@@ -14,6 +14,7 @@ model.name "controlnet" on a unet_cond base: a ControlNetModel folder (the train
   exported from the base run's own workdir).
 model.name "lora": pytorch_lora_weights.safetensors in the layout diffusers' `load_lora_weights` and peft read
   (models/lora_io.py; the base is exported from its own workdir).
+model.name "dreambooth": the fine-tuned network as its base's kind (unet / unet_cond) with one more class label.
 model.name "vae": an AutoencoderKL folder (config.json with the run's estimated scaling_factor + weights).
 Refused, with the reason: a ControlNet on a `unet` (DDPM / ADM) base (diffusers' ControlNetModel has the
 UNet2DConditionModel layout), continuous-time schedules (diffusers' DDPMScheduler is discrete), the score_sde U-Net
@@ -21,6 +22,7 @@ options, an unfinished autoencoder run, and a target that exists and is not empt
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from flax import nnx
@@ -69,11 +71,16 @@ def scheduler_config(exp) -> dict:
             "steps_offset": 0, "rescale_betas_zero_snr": sc.zero_terminal_snr}
 
 
-def _export_unet(workdir: str, target: str) -> None:
+def _experiment(workdir: str):
     from diffusion_jax.config import Experiment
+
+    return Experiment.from_config(load_workdir_config(workdir))
+
+
+def _export_unet(workdir: str, target: str, exp=None) -> None:
     from diffusion_jax.train.checkpoint import load_trained
 
-    exp = Experiment.from_config(load_workdir_config(workdir))
+    exp = exp or _experiment(workdir)
     scheduler = scheduler_config(exp)      # the refusals before anything is restored or written
     unet = unet2d_config(exp.model)
     _, _, params, _ = load_trained(workdir)
@@ -85,11 +92,10 @@ def _export_unet(workdir: str, target: str) -> None:
                        "scheduler": ["diffusers", "DDPMScheduler"]})
 
 
-def _export_unet_cond(workdir: str, target: str) -> None:
-    from diffusion_jax.config import Experiment
+def _export_unet_cond(workdir: str, target: str, exp=None) -> None:
     from diffusion_jax.train.checkpoint import load_trained
 
-    exp = Experiment.from_config(load_workdir_config(workdir))
+    exp = exp or _experiment(workdir)
     scheduler = scheduler_config(exp)
     unet = unet_cond_diffusers_config(exp.model.diffusers_config())
     _, _, params, _ = load_trained(workdir, allow_latent=True)
@@ -118,6 +124,12 @@ def _export_lora(workdir: str, target: str) -> None:
     save_lora(target, exp.model, params["adapters"], paths)
 
 
+def _export_dreambooth(workdir: str, target: str) -> None:
+    exp = _experiment(workdir)   # the network is the base's with one more label: exported as a run of its kind
+    network = exp.model.network_config
+    EXPORTS[network.name](workdir, target, dataclasses.replace(exp, model=network))
+
+
 def _export_vae(workdir: str, target: str) -> None:
     from diffusion_jax.train.vae import VAERun, load_vae
 
@@ -127,7 +139,7 @@ def _export_vae(workdir: str, target: str) -> None:
 
 
 EXPORTS = {"unet": _export_unet, "unet_cond": _export_unet_cond, "controlnet": _export_controlnet, "lora": _export_lora,
-           "vae": _export_vae}
+           "dreambooth": _export_dreambooth, "vae": _export_vae}
 
 
 def export_workdir(workdir: str, target: str) -> str:

@@ -139,7 +139,8 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     main = parallel.is_main_process()
     check_base_run(exp)
     source = load_source(exp.data)
-    if exp.latent.vae_workdir is None:
+    dreambooth = hasattr(exp.model, "prior_loss_weight")   # its data are a subject's images, labelled by with_prior
+    if exp.latent.vae_workdir is None and not dreambooth:
         check_data_matches_model(exp, source)
     source = with_control(exp, source)
     mesh = parallel.make_mesh(tc.num_devices)
@@ -147,6 +148,15 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     parallel.check_divisible(tc.sample_num, mesh, "train.sample_num")
     os.makedirs(workdir, exist_ok=True)
     write_config(workdir, exp, write=main)
+    if dreambooth:   # the subject's images and the class images the base draws (process 0 draws and writes them)
+        from diffusion_jax.train.dreambooth import with_prior
+
+        if not main:
+            parallel.sync("class images")
+        source = with_prior(exp, workdir, source, write=main, progress=progress and main)
+        if main:
+            parallel.sync("class images")
+        check_data_matches_model(exp, source)
     if exp.latent.vae_workdir is not None:   # latent diffusion: the VAE's latents of the data, with captions
         from diffusion_jax.train.latent import build_latent_source
 

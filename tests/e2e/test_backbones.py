@@ -1,8 +1,8 @@
 """Every registered backbone trains through the one train loop (`--config.model.name=NAME`): each denoiser two steps,
 then samples with classifier-free guidance (the autoencoder, model.name="vae", is trained through the same CLI
 command by tests/e2e/test_latent_diffusion.py, whose latent run then uses it; the ControlNet, which adapts a trained
-base run, by tests/e2e/test_controlnet_cli.py and LoRA by tests/e2e/test_lora_cli.py). Unknown names and keys are refused
-with the closest valid one."""
+base run, by tests/e2e/test_controlnet_cli.py, LoRA by tests/e2e/test_lora_cli.py and DreamBooth by
+tests/e2e/test_dreambooth_cli.py). Unknown names and keys are refused with the closest valid one."""
 import json
 import os
 
@@ -19,10 +19,10 @@ STANDALONE = [n for n in names_of_kind("denoiser") if BACKBONES[n].pretrained is
 
 def test_every_backbone_has_a_test_of_its_kind():
     # denoisers: the parametrized test below; the one autoencoder: test_latent_diffusion.py's CLI run; the adapters of
-    # a trained run (a `pretrained` hook): test_controlnet_cli.py, test_lora_cli.py
+    # a trained run (a `pretrained` hook): test_controlnet_cli.py, test_lora_cli.py, test_dreambooth_cli.py
     assert set(names_of_kind("denoiser")) | set(names_of_kind("autoencoder")) == set(BACKBONES)
     assert KINDS == ("denoiser", "autoencoder") and names_of_kind("autoencoder") == ["vae"]
-    assert sorted(set(names_of_kind("denoiser")) - set(STANDALONE)) == ["controlnet", "lora"]
+    assert sorted(set(names_of_kind("denoiser")) - set(STANDALONE)) == ["controlnet", "dreambooth", "lora"]
 
 
 @pytest.mark.parametrize("name", STANDALONE)

@@ -149,6 +149,20 @@ def test_folder_center_crop(tmp_path):
     np.testing.assert_allclose(b["image"], 1.0)
 
 
+def test_folder_grayscale(tmp_path):
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    Image.fromarray(grey, "L").save(tmp_path / "a.png")
+    s = load_source(DataConfig(name="folder", data_dir=str(tmp_path), image_size=8, grayscale=True))
+    assert s.image_shape == (8, 8, 1)
+    np.testing.assert_allclose(s.get(np.array([0]))["image"][0, ..., 0], grey / 127.5 - 1, atol=1e-6)
+    assert load_source(DataConfig(name="folder", data_dir=str(tmp_path), image_size=8)).image_shape == (8, 8, 3)
+    with pytest.raises(ValueError, match="data.grayscale=True reads a folder's images as one channel; "
+                                         "data.name='digits'"):
+        DataConfig(name="digits", grayscale=True).validate()
+    with pytest.raises(ValueError, match="data.grayscale must be a bool"):
+        DataConfig(name="folder", data_dir="x", grayscale="yes").validate()
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does_not_exist"):
         load_source(DataConfig(name="folder", data_dir=str(tmp_path / "does_not_exist")))
