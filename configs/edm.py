@@ -25,7 +25,7 @@ DATASETS = {"cifar10": (32, 3, False), "digits": (16, 1, True), "fashion_mnist":
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     parts = (arg or "cifar10").split(",")
     dataset, debug = parts[0], "debug" in parts[1:]
-    if dataset not in DATASETS:
+    if dataset not in DATASETS or set(parts[1:]) - {"debug"}:
         raise ValueError(f"configs/edm.py arg {arg!r}: expected cifar10|digits|fashion_mnist[,debug]")
     size, channels, cpu = DATASETS[dataset]
     small = cpu or debug

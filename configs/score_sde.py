@@ -27,7 +27,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     parts = (arg or "vp").split(",")
     kind, debug = parts[0], "debug" in parts[1:]
     dataset = next((p for p in parts[1:] if p != "debug"), "cifar10")
-    if kind not in ("vp", "subvp", "ve") or dataset not in DATASETS:
+    extra = [p for p in parts[1:] if p != "debug"]
+    if kind not in ("vp", "subvp", "ve") or dataset not in DATASETS or len(extra) > 1:
         raise ValueError(f"configs/score_sde.py arg {arg!r}: expected vp|subvp|ve[,cifar10|digits|fashion_mnist]"
                          "[,debug]")
     size, channels, cpu = DATASETS[dataset]

@@ -374,11 +374,24 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
     module_spec = importlib.util.spec_from_file_location(f"_diffusion_jax_config_{abs(hash(path))}", path)
+    if module_spec is None:
+        raise ValueError(f"config file {path!r} is not a Python file (configs are .py files with get_config())")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ValueError(f"config file {path!r} line {e.lineno}: {e.msg}") from e
+    except Exception as e:   # the file's own code failed: name the file and the error, not a traceback
+        raise ValueError(f"config file {path!r} failed to load: {type(e).__name__}: {e}") from e
+    if not callable(getattr(module, "get_config", None)):
         raise ValueError(f"config file {path!r} defines no get_config()")
-    config = module.get_config(arg) if arg else module.get_config()
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except TypeError as e:
+        raise ValueError(f"get_config() of {path!r} rejected the argument {arg!r}: {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"get_config() of {path!r} returned a {type(config).__name__}, not an "
+                         "ml_collections.ConfigDict")
     return config
 
 
@@ -399,12 +412,19 @@ def _parse_like(text: str, current: Any, key: str):
         raise ValueError(f"config key '{key}' expects a bool, got {text!r}")
     if isinstance(current, str):
         return text
+    if isinstance(current, float) and text.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        value = float(text)
+        if math.isnan(value):
+            raise ValueError(f"config key '{key}' must be a number, got {text!r} (not a number)")
+        return value   # infinite: the section's validate() says whether this key allows it
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         if current is None:
             return text
-        raise ValueError(f"config key '{key}' expects {type(current).__name__}, got {text!r}") from None
+        example = {"float": " (a number such as 2e-4)", "int": " (a whole number such as 200)"}
+        raise ValueError(f"config key '{key}' expects {type(current).__name__}"
+                         f"{example.get(type(current).__name__, '')}, got {text!r}") from None
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(current, (tuple, list)):

@@ -5,6 +5,7 @@ JAX_COMPILATION_CACHE_DIR is set), so the many CLI calls and subprocesses that b
 functions compile each one once.
 """
 import atexit
+import contextlib
 import os
 import shutil
 import sys
@@ -113,3 +114,22 @@ def random_params(config, seed: int = 0):
         return path, var.replace(jnp.asarray(value, jnp.float32))
 
     return graphdef, nnx.from_flat_state([fill(p, v) for p, v in nnx.to_flat_state(abstract)])
+
+
+@contextlib.contextmanager
+def hold_workdir_lock(workdir: str, command: str = "train"):
+    """Another process holding WORKDIR's lock (fileio.WorkdirLock) until the block ends, when it is killed (-9);
+    yields its Popen (its PID is the holder's)."""
+    import subprocess
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from diffusion_jax.fileio import WorkdirLock; "
+         "WorkdirLock(sys.argv[1], sys.argv[2]).__enter__(); print('held', flush=True); time.sleep(300)",
+         workdir, command], stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()

@@ -120,11 +120,31 @@ def _likelihood(args, overrides) -> None:
           f"{'' if r.get('solver_success', True) else ', SOLVER HIT max_steps'}) -> {r['out']}")
 
 
+def _check_workdir(args, overrides) -> int:
+    if overrides:
+        raise ValueError(f"check-workdir takes no --config.* overrides (got {overrides})")
+    from diffusion_jax.train.manifest import check_workdir
+
+    rows = check_workdir(args.workdir)
+    for r in rows:
+        where = f"step {r['step']}" if r["step"] is not None else os.path.basename(r["path"])
+        print(f"{where:>12}  {r['status']:<11} {r['path']}")
+        for p in r["problems"]:
+            print(f"{'':>14}{p}")
+    bad = [r for r in rows if r["status"] == "corrupt"]
+    good = [r for r in rows if r["status"] in ("ok", "unverified")]
+    print(f"{len(good)} readable checkpoint(s) ({sum(r['status'] == 'ok' for r in good)} verified), {len(bad)} "
+          f"corrupt; readers use the newest readable one" + (f" (step {good[0]['step']})" if good else ""))
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffusion_jax.samplers import SPACINGS
 
     parser = argparse.ArgumentParser(prog="diffusion-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also accepted after "
+                        "the command, or DIFFUSION_JAX_DEBUG=1); without it a user error is one line and exit 2")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train any registered backbone from a config file (model.name: a "
@@ -220,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     lik.add_argument("--no-progress", action="store_true")
     lik.set_defaults(func=_likelihood)
 
+    check = sub.add_parser("check-workdir", help="verify every checkpoint of a workdir against its manifest",
+                           epilog="Exit 0 when no checkpoint is corrupt, 1 when one is (readers then skip it).")
+    check.add_argument("workdir")
+    check.set_defaults(func=_check_workdir)
+
     from diffusion_jax.cli.pipelines import add_convert_parser, add_export_parser, add_generate_parser
 
     add_generate_parser(sub)   # text-to-image with a Stable Diffusion folder; handlers in pipelines/cli.py
@@ -255,6 +280,9 @@ def _enable_compile_cache() -> None:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("DIFFUSION_JAX_DEBUG", "0") == "1"
+    argv = [a for a in argv if a != "--debug"]   # accepted anywhere on the line
     args, extra = parser.parse_known_args(argv)
     overrides, unknown = [], []
     for item in extra:
@@ -262,6 +290,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     overrides = [o[len("--config."):] for o in overrides]
+    from diffusion_jax.cli.errors import user_error
     from diffusion_jax.host import reuse_host_memory
     from diffusion_jax.train.faults import TrainingStopped
 
@@ -269,14 +298,17 @@ def main(argv=None) -> int:
     reuse_host_memory()      # before JAX starts its CPU backend (diffusion_jax/host.py)
     _enable_compile_cache()
     try:
-        args.func(args, overrides)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"diffusion-jax {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        code = args.func(args, overrides)   # None (done) or the command's own exit code (check-workdir)
     except TrainingStopped as e:   # preempted (128 + signal number) or non-finite (3): checkpoints kept
         print(f"diffusion-jax {args.command}: stopped: {e}", file=sys.stderr)
         return e.exit_code
-    return 0
+    except Exception as e:   # a user error: one line naming it, exit 2 (cli/errors.py); a bug: its traceback
+        line = user_error(e)
+        if line is None or debug:
+            raise
+        print(f"diffusion-jax {args.command}: error: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from diffusion_jax.data import Batches, load_source
 from diffusion_jax.fileio import read_json, write_json
 from diffusion_jax.inference.guidance.classifier import ClassifierSpec, make_log_prob_fn, make_model
 from diffusion_jax.models.functional import split_params
+from diffusion_jax.train.runner import holds_workdir
 from diffusion_jax.validate import check_int
 
 LEVEL_QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)   # where result.json reports held-out accuracy (fractions of [t0, t1])
@@ -163,6 +164,7 @@ def noised_accuracy(log_prob, params, schedule, x0, y, t, key):
     return jnp.sum(log_prob(params, xt, alpha, sigma).argmax(-1) == y)
 
 
+@holds_workdir("train-classifier")
 def train_noisy_classifier(workdir: str, out: str, recipe: ClassifierRecipe = ClassifierRecipe(), *,
                            progress: bool = True) -> dict:
     """Train (or resume, or reuse when finished) the classifier of diffusion run WORKDIR's data and schedule in OUT.
@@ -275,7 +277,7 @@ def load_noisy_classifier(folder: str) -> TrainedClassifier:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
     ckpt = Checkpointer(folder, async_save=False)
     try:
-        state = ckpt.restore(abstract, recipe.steps)
+        state, _ = ckpt.restore_newest_good(abstract, recipe.steps)
     finally:
         ckpt.close()
     return TrainedClassifier(spec, classifier_graphdef(spec), state.params, config, result)

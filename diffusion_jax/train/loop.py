@@ -127,6 +127,7 @@ def write_config(workdir: str, exp: Experiment, write: bool = True) -> None:
     runner.write_config(workdir, exp.to_dict(), {s: getattr(exp, s) for s in _FROZEN_SECTIONS}, write)
 
 
+@runner.holds_workdir("train")
 def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     """Train for exp.train.steps steps (resuming if WORKDIR has a checkpoint). Returns the final TrainState.
 

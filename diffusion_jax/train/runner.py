@@ -12,6 +12,7 @@ writes the metrics, progress bar and images.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from diffusion_jax import parallel
 from diffusion_jax.data import Batches
-from diffusion_jax.fileio import write_json
+from diffusion_jax.fileio import WorkdirLock, write_json
 from diffusion_jax.train.checkpoint import Checkpointer
 from diffusion_jax.train.faults import NonFiniteGuard, Preempted, SignalCatcher
 from diffusion_jax.train.metrics import MetricWriter, truncate_metrics
@@ -54,6 +55,21 @@ class TrainJob:
     step: Callable
     preview: Callable[[Any, int], None] | None = None
     show: tuple[str, ...] = ("loss",)         # metrics on the progress bar
+
+
+def holds_workdir(command: str):
+    """Decorator: fn(run, workdir, ...) runs holding `fileio.WorkdirLock` on `workdir` (process 0 holds it for a
+    multi-process run), so a second writer is refused with the holder's PID instead of interleaving its checkpoints
+    and metrics."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def locked(run, workdir, *args, **kwargs):
+            if not parallel.is_main_process():
+                return fn(run, workdir, *args, **kwargs)
+            with WorkdirLock(workdir, command):
+                return fn(run, workdir, *args, **kwargs)
+        return locked
+    return decorate
 
 
 def frozen_changes(workdir: str, config: Mapping, sections: Mapping[str, Any]) -> list[str]:

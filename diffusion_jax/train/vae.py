@@ -211,6 +211,7 @@ def _held_out(run: VAERun, num: int) -> np.ndarray:
     return held.get(np.arange(min(num, held.num_examples)))["image"]
 
 
+@runner.holds_workdir("train (autoencoder)")
 def train_vae(run: VAERun, workdir: str, *, progress: bool = True) -> dict:
     """Train (resuming from WORKDIR's latest checkpoint), then estimate the scaling factor and evaluate.
     Returns eval.json's dict: psnr (held-out, dB), psnr_train, scaling_factor, steps."""
@@ -288,7 +289,7 @@ def load_vae(workdir: str) -> tuple[VAEConfig, dict]:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                                 jax.eval_shape(_init_fn(run, tx)))
-        state = ckpt.restore(abstract)
+        state, _ = ckpt.restore_newest_good(abstract)
     finally:
         ckpt.close()
     return vae, state.params

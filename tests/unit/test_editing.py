@@ -378,7 +378,7 @@ def test_edit_end_to_end_tasks(sched, tiny_rgb):
     (dict(mask=np.ones((8, 8))), "no hole"),
     (dict(mask=np.ones((8, 8, 3))), "mask must be"),
     (dict(strength=0.5), "strength is for task 'img2img' only"),
-    (dict(task="img2img", mask=None), "strength must be a number in"),
+    (dict(task="img2img", mask=None), "task .img2img. needs a strength in"),
     (dict(task="colorize"), "task 'colorize' takes no mask"),
     (dict(method="repaint", spec=SamplerSpec("heun", steps=4)), "use sampler 'ddpm' or 'ddim'"),
     (dict(spec=SamplerSpec("adaptive", steps=4, spacing="karras")), "use noise='fixed'"),

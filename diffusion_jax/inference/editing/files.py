@@ -1,5 +1,6 @@
 """Images and masks from PNG (or any format PIL reads) files, for the command line. Nothing is resized: a file of
-another size than the model's is refused, naming the file and both sizes.
+another size than the model's is refused, naming the file and both sizes. Each file is scaled by its own range
+(8-bit by 255, 16-bit by 65535: `data.images.unit_array`).
 
     image = load_image("photo.png", size=32, channels=3)     # (1, 32, 32, 3) float32 in [-1, 1]
     mask = load_mask("mask.png", size=32)                    # (1, 32, 32, 1) float32 in {0, 1}, white = known
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from diffusion_jax.data.images import unit_array
 from diffusion_jax.validate import check_int, check_mask
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -38,20 +40,24 @@ def _open(path: str, what: str, size) -> Image.Image:
 
 
 def load_image(path: str, *, size, channels: int) -> np.ndarray:
-    """(1, H, W, channels) float32 in [-1, 1] (x / 127.5 - 1). Converted to L (1 channel), RGB (3) or RGBA (4)
-    as PIL does (colour -> L is ITU-R 601 luma)."""
+    """(1, H, W, channels) float32 in [-1, 1] (2 x / range - 1). Converted to L (1 channel), RGB (3) or RGBA (4)
+    as PIL does (colour -> L is ITU-R 601 luma); a 16-bit grey file keeps its 16 bits."""
     if channels not in _MODES:
         raise ValueError(f"channels must be one of {sorted(_MODES)}, got {channels!r}")
-    im = _open(path, "image", size).convert(_MODES[channels])
-    x = np.asarray(im, np.float32).reshape(im.size[1], im.size[0], channels)
-    return (x / 127.5 - 1.0)[None]
+    x = unit_array(_open(path, "image", size), _MODES[channels], f"image file {path!r}")
+    return (x * 2.0 - 1.0)[None]
 
 
 def load_mask(path: str, *, size, invert: bool = False, threshold: int | None = None) -> np.ndarray:
     """(1, H, W, 1) float32 mask of known pixels from a gray (or colour: converted to L) file: white (255) = known,
     black (0) = hole, as RePaint's gt_keep_mask; invert=True for the diffusers / Stable Diffusion convention (white
     = the area to fill). Other gray values are refused unless `threshold` is given (known = value >= threshold)."""
-    v = np.asarray(_open(path, "mask", size).convert("L"), np.float32)
+    im = _open(path, "mask", size)
+    if "A" in im.mode or "transparency" in im.info:
+        how = "a transparent palette colour" if "transparency" in im.info else "an alpha channel"
+        raise ValueError(f"mask file {path!r} has transparency (mode {im.mode}, {how}), which a mask cannot mean: "
+                         "save it black-and-white without transparency")
+    v = unit_array(im, "L", f"mask file {path!r}")[..., 0] * 255.0
     if threshold is not None:
         v = np.where(v >= check_int(threshold, "threshold", minimum=0), 255.0, 0.0)
     elif not np.isin(v, (0.0, 255.0)).all():

@@ -25,6 +25,9 @@ from diffusion_jax.samplers.grid import continuous_grid, discrete_grid
 
 
 def check_strength(strength) -> float:
+    if strength is None:
+        raise ValueError("task 'img2img' needs a strength in (0, 1] (--strength on the command line): the fraction "
+                         "of the schedule to re-noise, e.g. 0.6")
     if isinstance(strength, bool) or not (isinstance(strength, (int, float)) and 0 < strength <= 1):
         raise ValueError(f"strength must be a number in (0, 1] (the fraction of the schedule to re-noise), "
                          f"got {strength!r}")
