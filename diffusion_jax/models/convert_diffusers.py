@@ -1,7 +1,9 @@
 """Convert a diffusers `UNet2DModel` (DDPM layout) into `UNet` params.
 
 The DDPM weights released by Ho et al. 2020 are published by diffusers as `google/ddpm-cifar10-32`
-(and the LSUN / CelebA-HQ models) in `UNet2DModel` form. This module maps such a state_dict
+(and the LSUN / CelebA-HQ models) in `UNet2DModel` form; UNet2DModels at diffusers' defaults (cos-first time
+embedding, shift 0, symmetric downsampling padding, GroupNorm eps 1e-5: what diffusers' unconditional training
+example saves) convert too, through the UNetConfig fields of the same names. This module maps such a state_dict
 (torch tensors or numpy arrays; NCHW conv kernels (O, I, kh, kw), Linear weights (O, I)) onto our
 NHWC `nnx.Param` State (conv kernels (kh, kw, I, O), Linear kernels (I, O)). Nothing here imports
 torch or diffusers.
@@ -24,11 +26,10 @@ from flax import nnx
 from diffusion_jax.models.unet import UNet, UNetConfig
 
 # Diffusers settings our UNet implements (DDPM's), with the value diffusers assumes when absent.
+# Diffusers settings with a UNetConfig field of the same name, with diffusers' default.
+_OPTIONS = {"flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "norm_eps": 1e-5}
+# Diffusers settings our UNet implements only at one value, with the value diffusers assumes when absent.
 _REQUIRED = {  # key: (required value, diffusers default)
-    "flip_sin_to_cos": (False, True),
-    "freq_shift": (1, 0),
-    "downsample_padding": (0, 1),
-    "norm_eps": (1e-6, 1e-5),
     "act_fn": ("silu", "silu"),
     "time_embedding_type": ("positional", "positional"),
     "center_input_sample": (False, False),
@@ -94,7 +95,10 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], **overrides) -> UNetConfi
         channels=ch, channel_mult=tuple(b // ch for b in boc),
         num_res_blocks=cfg.get("layers_per_block", 2),
         attention_resolutions=tuple(size // 2**i for i in attn_levels), num_heads=heads.pop(),
-        dropout=cfg.get("dropout", 0.0), num_groups=groups, num_classes=cfg.get("num_class_embeds"))
+        dropout=cfg.get("dropout", 0.0), num_groups=groups, num_classes=cfg.get("num_class_embeds"),
+        **{key: cfg.get(key, default) for key, default in _OPTIONS.items()})
+    kwargs["freq_shift"] = float(kwargs["freq_shift"])
+    kwargs["norm_eps"] = float(kwargs["norm_eps"])
     kwargs.update(overrides)
     config = UNetConfig(**kwargs)
     config.validate()

@@ -38,11 +38,13 @@ ZERO_INIT = nnx.initializers.zeros_init()
 FOURIER_SEED = 0  # seed of the fixed Gaussian Fourier frequencies (see `fourier_frequencies`)
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-    """DDPM sinusoidal embedding of (possibly fractional) timesteps.
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *, flip_sin_to_cos: bool = False,
+                       freq_shift: float = 1.0) -> jax.Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps (diffusers `get_timestep_embedding`).
 
-    emb[:, i] = sin(t * w_i), emb[:, half + i] = cos(t * w_i), w_i = max_period**(-i / (half - 1)),
-    i.e. sin first and a frequency shift of 1 (diffusers `flip_sin_to_cos=False, freq_shift=1`).
+    emb[:, i] = sin(t * w_i), emb[:, half + i] = cos(t * w_i), w_i = max_period**(-i / (half - freq_shift));
+    the defaults are DDPM's (sin first, shift 1: diffusers `flip_sin_to_cos=False, freq_shift=1`), diffusers'
+    UNet2DModel default puts cos first with shift 0 (`flip_sin_to_cos=True, freq_shift=0`).
 
     Args:
       t: (B,) timesteps in DDPM units (0..T-1).
@@ -51,9 +53,11 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
       (B, dim) float32.
     """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+    denom = half - freq_shift if half - freq_shift > 0 else 1.0
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / denom)
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
-    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+    emb = jnp.concatenate(parts, axis=-1)
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
@@ -192,13 +196,13 @@ class ResBlock(nnx.Module):
 
     def __init__(self, cin: int, cout: int, emb_dim: int, *, groups: int, dropout_rate: float,
                  dtype, rngs: nnx.Rngs, resample: str | None = None, resample_filter: str = "plain",
-                 skip_rescale: bool = False):
+                 skip_rescale: bool = False, norm_eps: float = GROUPNORM_EPS):
         if resample not in (None, "up", "down"):
             raise ValueError(f"resample={resample!r} must be None, 'up' or 'down'")
-        self.norm1 = group_norm(cin, groups, rngs)
+        self.norm1 = group_norm(cin, groups, rngs, norm_eps)
         self.conv1 = conv(cin, cout, 3, rngs, dtype)
         self.time_proj = linear(emb_dim, cout, rngs, dtype)
-        self.norm2 = group_norm(cout, groups, rngs)
+        self.norm2 = group_norm(cout, groups, rngs, norm_eps)
         self.conv2 = conv(cout, cout, 3, rngs, dtype, zero=True)
         self.skip = conv(cin, cout, 1, rngs, dtype) if cin != cout or resample else None
         self.dropout_rate = dropout_rate
@@ -249,15 +253,15 @@ class AttentionBlock(nnx.Module):
     """
 
     def __init__(self, ch: int, *, num_heads: int, groups: int, context_dim: int | None,
-                 dtype, rngs: nnx.Rngs, skip_rescale: bool = False):
+                 dtype, rngs: nnx.Rngs, skip_rescale: bool = False, norm_eps: float = GROUPNORM_EPS):
         lin = lambda i, o, zero=False: linear(i, o, rngs, dtype, zero)  # noqa: E731
         self.num_heads = num_heads
         self.scale = residual_scale(skip_rescale)
-        self.norm = group_norm(ch, groups, rngs)
+        self.norm = group_norm(ch, groups, rngs, norm_eps)
         self.q, self.k, self.v = lin(ch, ch), lin(ch, ch), lin(ch, ch)
         self.proj_out = lin(ch, ch, zero=True)
         if context_dim is not None:
-            self.cross_norm = group_norm(ch, groups, rngs)
+            self.cross_norm = group_norm(ch, groups, rngs, norm_eps)
             self.cross_q, self.cross_out = lin(ch, ch), lin(ch, ch, zero=True)
             self.cross_k, self.cross_v = lin(context_dim, ch), lin(context_dim, ch)
         else:
@@ -288,14 +292,16 @@ class Downsample(nnx.Module):
     """x2 downsampling with a 3x3 conv. (B, H, W, C) -> (B, H/2, W/2, C).
 
     "plain": stride-2 conv with DDPM's TF 'SAME' padding, zero-padding one row/column at the
-      bottom/right only (diffusers `downsample_padding=0`).
+      bottom/right only (diffusers `downsample_padding=0`); `padding=1` pads one on every side instead
+      (diffusers' default `downsample_padding=1`).
     "fir": FIR blur with the [1, 3, 3, 1] kernel, then a VALID stride-2 conv (score_sde
       `Downsample(with_conv=True, fir=True)`, StyleGAN2 `conv_downsample_2d`).
     """
 
-    def __init__(self, ch: int, *, dtype, rngs: nnx.Rngs, resample_filter: str = "plain"):
+    def __init__(self, ch: int, *, dtype, rngs: nnx.Rngs, resample_filter: str = "plain", padding: int = 0):
         self.resample_filter = resample_filter
-        padding = "VALID" if resample_filter == "fir" else ((0, 1), (0, 1))
+        pad = ((0, 1), (0, 1)) if padding == 0 else ((padding, padding), (padding, padding))
+        padding = "VALID" if resample_filter == "fir" else pad
         self.conv = conv(ch, ch, 3, rngs, dtype, stride=2, padding=padding)
 
     def __call__(self, x: jax.Array) -> jax.Array:

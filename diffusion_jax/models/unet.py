@@ -156,6 +156,12 @@ class UNetConfig(UNetShape):
     resample_filter: str = "plain"          # "plain": nearest up / stride-2 conv or 2x2 mean down;
     #   "fir": StyleGAN2 upfirdn2d with the [1, 3, 3, 1] kernel
     skip_rescale: bool = False              # residual sums (ResBlocks, attention) scaled by 1/sqrt(2)
+    # diffusers UNet2DModel options, named as in its config.json; the defaults are DDPM's (google/ddpm-cifar10-32),
+    # diffusers' own defaults are True, 0, 1, 1e-5
+    flip_sin_to_cos: bool = False           # positional time embedding: [cos, sin] instead of [sin, cos]
+    freq_shift: float = 1.0                 # its frequencies 10000**(-i / (channels / 2 - freq_shift))
+    downsample_padding: int = 0             # 0: pad the bottom / right by one before the stride-2 conv; 1: every side
+    norm_eps: float = 1e-6                  # epsilon of every GroupNorm
 
     def validate(self) -> None:
         """Raise ValueError naming the offending key (e.g. `model.image_size`)."""
@@ -168,9 +174,20 @@ class UNetConfig(UNetShape):
         scale = self.fourier_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale < float("inf"):
             raise ValueError(f"model.fourier_scale={scale!r} must be a positive finite float")
-        for name in ("fourier_log_input", "skip_rescale"):
+        for name in ("fourier_log_input", "skip_rescale", "flip_sin_to_cos"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"model.{name}={getattr(self, name)!r} must be a bool")
+        shift = self.freq_shift
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 <= shift < self.channels // 2:
+            raise ValueError(f"model.freq_shift={shift!r} must be a number in [0, model.channels / 2)")
+        if self.downsample_padding not in (0, 1) or isinstance(self.downsample_padding, bool):
+            raise ValueError(f"model.downsample_padding={self.downsample_padding!r} must be 0 (DDPM) or 1 (diffusers)")
+        if self.downsample_padding and (self.resblock != "ddpm" or self.resample_filter != "plain"):
+            raise ValueError("model.downsample_padding=1 pads the plain stride-2 conv of resblock='ddpm', "
+                             f"resample_filter='plain'; this model has {self.resblock!r}, {self.resample_filter!r}")
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ValueError(f"model.norm_eps={eps!r} must be a number in (0, 1)")
         if self.learn_sigma and self.out_channels is not None and self.out_channels % 2:
             raise ValueError(f"model.out_channels={self.out_channels} must be even when model.learn_sigma=True")
 
@@ -211,16 +228,17 @@ class UNet(nnx.Module):
         dt = _DTYPES[c.dtype]
         emb_dim = 4 * c.channels
         kw = dict(groups=c.num_groups, dropout_rate=float(c.dropout), dtype=dt, rngs=rngs,
-                  resample_filter=c.resample_filter, skip_rescale=c.skip_rescale)
+                  resample_filter=c.resample_filter, skip_rescale=c.skip_rescale, norm_eps=c.norm_eps)
         attn = lambda ch: AttentionBlock(ch, num_heads=c.num_heads, groups=c.num_groups,  # noqa: E731
                                          context_dim=c.context_dim, dtype=dt, rngs=rngs,
-                                         skip_rescale=c.skip_rescale)
+                                         skip_rescale=c.skip_rescale, norm_eps=c.norm_eps)
 
         def resampler(ch, direction):
             if c.resblock == "biggan":
                 return ResBlock(ch, ch, emb_dim, resample=direction, **kw)
             layer = Downsample if direction == "down" else Upsample
-            return layer(ch, dtype=dt, rngs=rngs, resample_filter=c.resample_filter)
+            extra = {"padding": c.downsample_padding} if direction == "down" else {}
+            return layer(ch, dtype=dt, rngs=rngs, resample_filter=c.resample_filter, **extra)
 
         time_dim = 2 * c.channels if c.time_embedding == "fourier" else c.channels
         self.time_embed_1 = linear(time_dim, emb_dim, rngs)
@@ -267,7 +285,7 @@ class UNet(nnx.Module):
             up.append(_Level(res, attns, resampler(ch, "up") if i > 0 else None))
         self.up = nnx.List(up)
 
-        self.norm_out = group_norm(ch, c.num_groups, rngs)
+        self.norm_out = group_norm(ch, c.num_groups, rngs, c.norm_eps)
         self.conv_out = conv(ch, c.resolved_out_channels, 3, rngs, dt, zero=True)
 
     def time_features(self, t) -> jax.Array:
@@ -282,7 +300,7 @@ class UNet(nnx.Module):
         if c.time_embedding == "fourier":
             s = jnp.log(t) if c.fourier_log_input else t
             return fourier_embedding(s, fourier_frequencies(c.channels, c.fourier_scale))
-        return timestep_embedding(t, c.channels)
+        return timestep_embedding(t, c.channels, flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
 
     def __call__(self, x, t, y=None, context=None, *, residuals=None, train: bool = False, dropout_key=None):
         """Predict from a noisy batch.

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models.layers import add_residuals, check_network_inputs
+from diffusion_jax.models.layers import add_residuals, check_network_inputs, timestep_embedding
 from diffusion_jax.models.unet_cond_blocks import (Block, Downsample2D, ResnetBlock2D, TimestepEmbedding,
-                                                   Transformer2DModel, Upsample2D, conv, group_norm, timestep_embedding)
+                                                   Transformer2DModel, Upsample2D, conv, group_norm)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -344,7 +344,8 @@ class UNetCond(nnx.Module):
 
         if c.center_input_sample:
             x = 2.0 * x - 1.0
-        features = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+        features = timestep_embedding(t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
+                                      freq_shift=c.freq_shift)
         emb = self.time_embedding(features)
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(y)

@@ -4,7 +4,7 @@ Every module mirrors the diffusers module of the same name, attribute for attrib
 parameter path of `UNetCond` joined with "." is its diffusers state_dict key (up to `kernel`/`scale`/
 `embedding` -> `weight` and the feed-forward's `ff.proj` / `ff.out` -> `ff.net.0.proj` / `ff.net.2`; see
 `convert_unet_cond.diffusers_key`). The computations follow the installed diffusers sources:
-  embeddings.py `get_timestep_embedding` / `TimestepEmbedding`,
+  embeddings.py `TimestepEmbedding` (`get_timestep_embedding` is `layers.timestep_embedding`),
   resnet.py `ResnetBlock2D` (time_embedding_norm="default"), downsampling.py / upsampling.py
   `Downsample2D` / `Upsample2D`, transformers/transformer_2d.py `Transformer2DModel` (continuous input),
   attention.py `BasicTransformerBlock` (norm_type="layer_norm") and `FeedForward` with activations.py
@@ -16,8 +16,6 @@ Normalisations and attention logits run in float32 whatever the compute dtype (s
 `upcast_attention` is always on). Only `nnx.Param` state: dropout randomness comes from an explicit key.
 """
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -209,18 +207,6 @@ class Transformer2DModel(nnx.Module):
         else:
             h = self.proj_out(h.reshape(b, hh, ww, h.shape[-1]))
         return h + x
-
-
-def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float,
-                       max_period: float = 10000.0) -> jax.Array:
-    """diffusers `get_timestep_embedding`: w_i = exp(-ln(max_period) i / (half - freq_shift)),
-    [sin(t w), cos(t w)] ([cos, sin] if flip_sin_to_cos), zero-padded to odd `dim`. t (B,) -> (B, dim) f32."""
-    half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
-    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
-    parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
-    emb = jnp.concatenate(parts, axis=-1)
-    return jnp.pad(emb, ((0, 0), (0, 1))) if dim % 2 else emb
 
 
 class TimestepEmbedding(nnx.Module):

@@ -1,5 +1,6 @@
-"""A diffusers UNet2DModel (google/ddpm-cifar10-32's layout, built tiny and random here: no downloads) converted into
-a training workdir gives diffusers' DDIM samples from the same x_T, and `diffusion-jax sample` runs on it."""
+"""A diffusers UNet2DModel (a DDPMPipeline at diffusers' default UNet2DModel options, built tiny and random here: no
+downloads) converted into a training workdir gives diffusers' DDIM samples from the same x_T, and `diffusion-jax
+sample` runs on it."""
 import functools
 import json
 
@@ -28,8 +29,8 @@ def ddpm_folders(tmp_path_factory):
         diffusers.UNet2DModel, seed=0, perturb=0.1,
         sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, attention_head_dim=16, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
-        norm_eps=1e-6)
+        norm_num_groups=4, attention_head_dim=16)   # diffusers' defaults otherwise (cos first, shift 0, padding 1,
+    #   eps 1e-5: what diffusers' unconditional training example saves); the DDPM variant: tests/parity/test_unet.py
     scheduler = diffusers.DDPMScheduler(beta_schedule="linear", variance_type="fixed_large", clip_sample=True)
     root = tmp_path_factory.mktemp("ddpm")
     google = root / "google"

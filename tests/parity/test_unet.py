@@ -99,11 +99,40 @@ def test_parity_with_diffusers():
     assert np.all(np.asarray(params["class_embed"]["embedding"][...][-1]) == 0)
 
 
+@pytest.mark.torch
+@pytest.mark.parametrize("options", [
+    {},   # diffusers' defaults: flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, norm_eps=1e-5
+    dict(flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6),   # DDPM (ddpm-cifar10-32)
+    dict(flip_sin_to_cos=True, freq_shift=1, downsample_padding=0, norm_eps=1e-3),
+    dict(flip_sin_to_cos=False, freq_shift=0, downsample_padding=1, norm_eps=1e-5),
+])
+def test_unet2dmodel_options_convert_with_parity(options):
+    """A diffusers UNet2DModel at its defaults (what diffusers' unconditional training example saves) and the
+    variants of the time embedding, downsampling padding and norm epsilon convert and agree."""
+    _, diffusers = need("torch", "diffusers")
+    ref = random_torch_model(
+        diffusers.UNet2DModel, seed=2, perturb=0.1, sample_size=8, in_channels=1, out_channels=1,
+        block_out_channels=(16, 32), layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8, **options)
+    config = unet_config_from_diffusers(ref.config)
+    want = {"flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "norm_eps": 1e-5} | options
+    assert {k: getattr(config, k) for k in want} == want
+    params = convert_diffusers_unet(ref.state_dict(), config)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0))), nnx.Param)
+    x = np.random.RandomState(3).randn(2, 8, 8, 1).astype(np.float32)
+    t = np.array([7.0, 801.0], np.float32)
+    ours = nnx.merge(graphdef, params)(x, t)
+    out = run_nhwc(ref, x, t)
+    np.testing.assert_allclose(np.asarray(ours), out, atol=1e-4, rtol=1e-4)
+
+
 def test_converter_rejects_mismatches():
-    with pytest.raises(ValueError, match="flip_sin_to_cos"):
-        unet_config_from_diffusers({**DDPM_CIFAR10_DIFFUSERS, "flip_sin_to_cos": True})
-    with pytest.raises(ValueError, match="downsample_padding"):
-        unet_config_from_diffusers({k: v for k, v in DDPM_CIFAR10_DIFFUSERS.items() if k != "downsample_padding"})
+    with pytest.raises(ValueError, match="act_fn"):
+        unet_config_from_diffusers({**DDPM_CIFAR10_DIFFUSERS, "act_fn": "gelu"})
+    with pytest.raises(ValueError, match="resnet_time_scale_shift"):
+        unet_config_from_diffusers({**DDPM_CIFAR10_DIFFUSERS, "resnet_time_scale_shift": "scale_shift"})
+    with pytest.raises(ValueError, match="model.downsample_padding=2 must be 0"):
+        unet_config_from_diffusers({**DDPM_CIFAR10_DIFFUSERS, "downsample_padding": 2})
     with pytest.raises(ValueError, match="cross-attention"):
         convert_diffusers_unet({}, TINY)
     with pytest.raises(ValueError, match="has no"):
