@@ -17,10 +17,10 @@ _DISK = {
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
 }
-_FIX = {errno.ENOSPC: "free some space and run the same command again (what was saved before is kept)",
-        errno.EDQUOT: "free some space and run the same command again (what was saved before is kept)",
-        errno.EROFS: "choose a writable folder", errno.EACCES: "make it writable or choose another folder",
-        errno.EPERM: "make it writable or choose another folder"}
+_FREE = "free some space and run the same command again (what was saved before is kept)"
+_WRITABLE = "make it writable or choose another folder"
+_FIX = {errno.ENOSPC: _FREE, errno.EDQUOT: _FREE, errno.EROFS: "choose a writable folder", errno.EACCES: _WRITABLE,
+        errno.EPERM: _WRITABLE}
 
 
 def _chain(exc: BaseException):
@@ -40,7 +40,7 @@ def _disk_error(exc: BaseException) -> str | None:
             return f"{_DISK[code]} writing or reading {where}: {_FIX[code]}"
         text = str(e)
         if "No space left on device" in text or "RESOURCE_EXHAUSTED: Disk" in text:
-            return f"no space left on the device ({text.splitlines()[0][:200]}): {_FIX[errno.ENOSPC]}"
+            return f"no space left on the device ({text.splitlines()[0][:200]}): {_FREE}"
     return None
 
 

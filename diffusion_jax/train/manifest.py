@@ -4,7 +4,7 @@ silently wrong arrays.
 
     write_manifest(step_dir)            # after the save is complete (train.checkpoint.Checkpointer does it)
     problems = verify(step_dir)         # [] when every file matches; else one line per file that does not
-    status(step_dir)                    # "ok" | "unverified" (saved before manifests) | "corrupt"
+    rows = check_workdir(workdir)       # each checkpoint "ok" | "unverified" (no manifest) | "corrupt" | ...
 
 WORKDIR/checkpoints/<step>/manifest.json = {"algorithm": "sha256", "files": {relative path: hex digest}}, written
 atomically once orbax has finalised the step; a checkpoint without one (older runs) is restored unverified.
@@ -49,7 +49,7 @@ def has_manifest(step_dir: str) -> bool:
 
 
 def verify(step_dir: str) -> list[str]:
-    """[] when every file in the manifest is there with its hash (or there is no manifest: `status` tells); else
+    """[] when every file in the manifest is there with its hash (or there is no manifest: `has_manifest`); else
     one line per missing, changed or unreadable file, naming it."""
     path = os.path.join(step_dir, MANIFEST)
     if not os.path.isfile(path):
@@ -70,13 +70,6 @@ def verify(step_dir: str) -> list[str]:
         except OSError as e:
             problems.append(f"{full}: unreadable ({e.strerror})")
     return problems
-
-
-def status(step_dir: str) -> str:
-    """"ok", "unverified" (no manifest: saved before manifests, or cut short before it was written) or "corrupt"."""
-    if not has_manifest(step_dir):
-        return "unverified"
-    return "corrupt" if verify(step_dir) else "ok"
 
 
 def check_workdir(workdir: str) -> list[dict]:
