@@ -63,7 +63,10 @@ def _compare(args, overrides) -> None:
         nfes = tuple(int(v) for v in _csv(args.nfe))
     except ValueError:
         raise ValueError(f"--nfe must be comma-separated ints, got {args.nfe!r}") from None
-    spec = CompareSpec(samplers=tuple(_csv(args.samplers)), nfes=nfes,
+    from diffusion_jax.eval.compare import DIFFUSERS_PREFIX
+
+    samplers = tuple(_csv(args.samplers)) + tuple(DIFFUSERS_PREFIX + p for p in args.scheduler_config)
+    spec = CompareSpec(samplers=samplers, nfes=nfes,
                        num=args.num, seeds=args.seeds, spacing=args.spacing,
                        clip_denoised=args.clip or None, guidance_scale=args.guidance_scale,
                        batch_size=args.batch_size)
@@ -72,7 +75,8 @@ def _compare(args, overrides) -> None:
         from diffusion_jax.eval.solver_error import ErrorSpec
         from diffusion_jax.samplers.registry import get_entry
 
-        ode = tuple(s for s in spec.samplers if ":" not in s and not get_entry(s).stochastic)
+        ode = tuple(s for s in spec.samplers if ":" not in s and not s.startswith(DIFFUSERS_PREFIX)
+                    and not get_entry(s).stochastic)
         error_spec = ErrorSpec(samplers=ode, nfes=tuple(int(v) for v in _csv(args.solver_error_nfe)),
                                num=args.solver_error_num, spacing=args.solver_error_spacing,
                                baseline=ode[0] if ode else "ddim", rtol=args.solver_error_tol,
@@ -189,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--nfe", default="5,10,20,50,100", help="network-evaluation budgets, comma-separated")
     compare.add_argument("--num", type=int, default=1000, help="samples per cell and seed")
     compare.add_argument("--seeds", type=int, default=3, help="seeds per cell (mean and 95%% CI over them)")
+    compare.add_argument("--scheduler-config", action="append", default=[], metavar="PATH",
+                         help="repeatable: a diffusers scheduler_config.json, compared as one more sampler "
+                              "(its class, grid and options as diffusers runs them)")
     compare.add_argument("--spacing", default="trailing", choices=list(SPACINGS))
     compare.add_argument("--clip", type=float, default=1.0, help="clip x0-hat to [-c, c]; 0 disables")
     compare.add_argument("--guidance-scale", type=float, default=1.0)

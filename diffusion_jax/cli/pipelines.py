@@ -149,6 +149,10 @@ def _check_generate_flags(args) -> None:
                          f"{args.task}")
     if not os.path.isdir(args.workdir):
         raise FileNotFoundError(f"--workdir {args.workdir!r} does not exist")
+    if args.scheduler_config is not None and (args.sampler or args.spacing):
+        raise ValueError("--sampler / --spacing: the --scheduler-config chooses the sampler and its spacing; drop them")
+    if args.scheduler_config is not None and args.task != "txt2img":
+        raise ValueError(f"--scheduler-config samples --task txt2img only, got --task {args.task}")
     if len(args.control) != len(args.controlnet):
         raise ValueError(f"give one --control IMAGE per --controlnet DIR; got {len(args.control)} and "
                          f"{len(args.controlnet)}")
@@ -174,9 +178,14 @@ def _generate(args, overrides) -> None:
     from diffusion_jax.train.latent import load_text_to_image
 
     options = dict(parse_option(o) for o in args.option)
-    spec = SamplerSpec(args.sampler, args.steps, spacing=args.spacing, clip_denoised=None,
-                       options=tuple(sorted(options.items())), guidance_scale=args.guidance)
-    spec.validate()   # an unknown --option is named before the model loads
+    spec = SamplerSpec(args.sampler or "dpmpp_2m", args.steps, spacing=args.spacing or "leading", clip_denoised=None,
+                       options=tuple(sorted(options.items())), guidance_scale=args.guidance,
+                       scheduler_config=args.scheduler_config)
+    spec.validate()   # an unknown --option or a bad scheduler config is named before the model loads
+    if args.scheduler_config is not None:
+        imported = spec.imported()
+        args.sampler, args.spacing = f"{imported.scheduler} as {imported.sampler}", "its config's spacing"
+    args.sampler, args.spacing = spec.sampler if args.sampler is None else args.sampler, args.spacing or spec.spacing
     scales = control_scales(args.conditioning_scale, len(args.controlnet)) if args.controlnet else None
     model = load_text_to_image(args.workdir)
     control = None
@@ -223,9 +232,12 @@ def add_generate_parser(sub) -> None:
                                                      "a text-conditioned latent diffusion run (load_text_to_image)")
     p.add_argument("--prompt", action="append", required=True, help="repeatable: one grid row per prompt")
     p.add_argument("--negative-prompt", default="", help="the unconditional branch of guidance (default: '')")
-    p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: dpmpp_2m")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--spacing", default="leading", choices=list(SPACINGS))
+    p.add_argument("--spacing", default=None, choices=list(SPACINGS), help="default: leading")
+    p.add_argument("--scheduler-config", default=None, metavar="PATH",
+                   help="sample as diffusers does with this scheduler_config.json (e.g. the SD folder's scheduler/) "
+                        "instead of --sampler / --spacing")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance weight (1 = off)")
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                    help="any sampler option, repeatable, e.g. --option eta=1")

@@ -17,6 +17,12 @@ def _sampler_spec(args, exp):
 
     from diffusion_jax.inference.sampling import SamplerSpec
 
+    config = getattr(args, "scheduler_config", None)
+    if config is not None:
+        chosen = [f"--{f}" for f in ("sampler", "spacing", "eta", "variance", "clip") if getattr(args, f) is not None]
+        if chosen:
+            raise ValueError(f"{', '.join(chosen)}: the --scheduler-config chooses the sampler, its spacing and "
+                             f"clipping; drop {'them' if len(chosen) > 1 else 'it'} (--steps and --option still apply)")
     for flag, key in (("sampler", "sampler"), ("steps", "steps"), ("spacing", "spacing"), ("clip", "clip_denoised"),
                       ("num", "num")):
         if getattr(args, flag) is None:
@@ -31,9 +37,15 @@ def _sampler_spec(args, exp):
     top = exp.schedule.num_timesteps if exp.schedule.kind == "discrete" else float("inf")
     if not 1 <= args.steps <= top:
         raise ValueError(f"--steps must be in [1, {top}], got {args.steps}")
-    config = dataclasses.replace(exp.sample, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
+    sample_config = dataclasses.replace(exp.sample, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
                                  clip_denoised=args.clip)
-    return SamplerSpec.from_config(config, options=explicit, guidance_scale=args.guidance_scale)
+    spec = SamplerSpec.from_config(sample_config, options=explicit, guidance_scale=args.guidance_scale)
+    if getattr(args, "scheduler_config", None) is None:
+        return spec
+    spec = dataclasses.replace(spec, options=tuple(sorted(explicit.items())), clip_denoised=None,
+                               scheduler_config=args.scheduler_config)
+    args.sampler = f"{spec.imported().scheduler} as {spec.imported().sampler}"
+    return spec
 
 
 def _load_run(args, num_of):
@@ -112,6 +124,8 @@ def _sample(args, overrides) -> None:
         raise ValueError("--classifier-scale needs --classifier DIR (a classifier from diffusion-jax train-classifier)")
     if args.classifier is not None and args.classifier_scale is None:
         args.classifier_scale = 1.0
+    if args.classifier is not None and args.scheduler_config is not None:
+        raise ValueError("--classifier guidance with --scheduler-config is not supported; drop one")
     controlled = bool(args.control or args.control_from or args.controlnet)
     if controlled and args.classifier is not None:
         raise ValueError("--classifier guidance with ControlNet control images is not supported; drop one")
@@ -203,6 +217,9 @@ def add_sample_parser(sub) -> None:
     sample = sub.add_parser("sample", help="sample from the EMA params of a trained workdir",
                             epilog="Flags left out take their value from the run's config.sample.")
     sample.add_argument("--workdir", required=True)
+    sample.add_argument("--scheduler-config", default=None, metavar="PATH",
+                        help="sample with a diffusers scheduler_config.json (its class, grid, clipping) as diffusers "
+                             "does; the model's betas must match it")
     _add_sampler_flags(sample)
     sample.add_argument("--num-devices", type=int, default=0,
                         help="split the samples over this many devices (0 = all); the samples do not depend on it")

@@ -32,17 +32,26 @@ from diffusion_jax.eval.evaluate import Scorer, divergence, generate
 from diffusion_jax.eval.report import cell_name
 from diffusion_jax.fileio import atomic_write, read_json, write_json
 from diffusion_jax.inference.sampling import SamplerSpec
+from diffusion_jax.samplers.diffusers_import import check_scheduler_class, load_scheduler_config, steps_for_nfe_diffusers
 from diffusion_jax.samplers.registry import get_sampler, steps_for_nfe
 
 METRICS = ("fd", "kid", "is", "precision", "recall", "class_acc")
 LABELS = "balanced"   # class labels of conditional samples: evaluate.balanced_labels (stratified, same in every cell)
 
 
+DIFFUSERS_PREFIX = "diffusers="
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
     """'ddim:eta=0.5' -> ("ddim", {"eta": 0.5}); options separated by ':' ('edm:s_churn=40:s_noise=1.003'),
-    values Python literals or strings. The whole text labels the variant in tables and file names."""
+    values Python literals or strings. 'diffusers=PATH' (a diffusers scheduler_config.json, `--scheduler-config`)
+    -> ("diffusers", {"scheduler_config": PATH}). The whole text labels the variant in tables and file names."""
     import ast
 
+    if text.startswith(DIFFUSERS_PREFIX):
+        path = text[len(DIFFUSERS_PREFIX):]
+        check_scheduler_class(load_scheduler_config(path))
+        return "diffusers", {"scheduler_config": path}
     name, *parts = text.split(":")
     options = {}
     for part in parts:
@@ -102,7 +111,10 @@ def plan(spec: CompareSpec, schedule) -> tuple[list[Cell], list[str]]:
         name, options = parse_variant(variant)
         for nfe in spec.nfes:
             try:
-                steps, used = steps_for_nfe(name, schedule, nfe, spacing=spec.spacing, options=options)
+                if name == "diffusers":
+                    steps, used = steps_for_nfe_diffusers(options["scheduler_config"], nfe)
+                else:
+                    steps, used = steps_for_nfe(name, schedule, nfe, spacing=spec.spacing, options=options)
             except ValueError as e:
                 notes.append(f"{variant} at NFE {nfe}: skipped ({e})")
                 continue
@@ -119,8 +131,10 @@ def _run_cell(cell, seed, spec, exp, graphdef, params, scorer, out, context: dic
             and os.path.exists(path[:-5] + ".npz"):
         return row
     name, options = parse_variant(cell.sampler)
+    config = options.pop("scheduler_config", None)           # a diffusers scheduler config sets the rest itself
     sampler = SamplerSpec(name, steps=cell.steps, spacing=spec.spacing, clip_denoised=spec.clip_denoised,
-                          options=tuple(sorted(options.items())), guidance_scale=spec.guidance_scale)
+                          options=tuple(sorted(options.items())), guidance_scale=spec.guidance_scale,
+                          scheduler_config=config)
     t0 = time.perf_counter()
     raw, labels, nfe = generate(exp, graphdef, params, sampler, num=spec.num, seed=seed,
                                 batch_size=spec.batch_size, clip=False)

@@ -12,6 +12,7 @@ from diffusion_jax import parallel
 from diffusion_jax.models.functional import make_apply_fn
 from diffusion_jax.objectives.edm import edm_denoise
 from diffusion_jax.samplers import Guidance, run_sampler, sampler_options
+from diffusion_jax.samplers.diffusers_import import sampler_from_diffusers
 from diffusion_jax.samplers.registry import get_sampler
 
 
@@ -23,6 +24,8 @@ class SamplerSpec:
     (("s_churn", 40.0),) for edm; `samplers.sampler_options(name)` lists them.
     guidance_scale: classifier-free guidance weight w for class-conditional models (1 = off), the
     unconditional branch using the null class.
+    scheduler_config: a diffusers scheduler_config.json to sample with instead (`samplers.sampler_from_diffusers`:
+    it chooses the sampler, grid, spacing and clipping; steps, options and guidance still apply).
     """
     sampler: str = "ddim"
     steps: int = 50
@@ -31,9 +34,23 @@ class SamplerSpec:
     options: tuple[tuple[str, Any], ...] = ()
     guidance_scale: float = 1.0
     guidance_rescale: float = 0.0
+    scheduler_config: str | None = None
 
     def validate(self) -> None:
-        get_sampler(self.sampler, **dict(self.options))  # unknown sampler or option -> ValueError naming it
+        if self.scheduler_config is not None:
+            self.imported()
+        else:
+            get_sampler(self.sampler, **dict(self.options))  # unknown sampler or option -> ValueError naming it
+
+    def imported(self, schedule=None):
+        """The `ImportedScheduler` of scheduler_config (a diffusers scheduler_config.json path) at self.steps, with
+        self.options on top; checked against `schedule` (the model's noise schedule) when given. None without one."""
+        if self.scheduler_config is None:
+            return None
+        imp = sampler_from_diffusers(self.scheduler_config, self.steps, options=dict(self.options))
+        if schedule is not None:
+            imp.check_schedule(schedule)
+        return imp
 
     @classmethod
     def from_config(cls, sample, *, options: dict | None = None, guidance_scale: float = 1.0) -> "SamplerSpec":
@@ -46,9 +63,27 @@ class SamplerSpec:
                    options=tuple(sorted(merged.items())), guidance_scale=guidance_scale)
 
 
-def check_model_fits(spec: SamplerSpec, learn_sigma: bool, num_classes: int | None) -> None:
+def run_spec(spec: SamplerSpec, imported, denoise_fn, schedule, key, shape, *, prediction: str, guidance: Guidance,
+             uncond_fn=None, x_T=None, options: dict | None = None):
+    """(x, info) of spec's sampler on denoise_fn: the diffusers scheduler `imported` (spec.imported(schedule)) when
+    not None, x_T then being the standard-normal latents it scales by init_noise_sigma, as a diffusers pipeline
+    does; else `run_sampler` with spec's sampler, spacing and clipping."""
+    guidance = guidance if guidance.active else None
+    if imported is not None:
+        return imported.sample(denoise_fn, key, shape, noise=x_T, guidance=guidance, uncond_fn=uncond_fn)
+    return run_sampler(spec.sampler, denoise_fn, schedule, key, shape, steps=spec.steps, prediction=prediction,
+                       spacing=spec.spacing, clip_denoised=spec.clip_denoised or None, guidance=guidance,
+                       uncond_fn=uncond_fn, options=dict(spec.options) if options is None else options, x_T=x_T)
+
+
+def learned_variance(spec: SamplerSpec, imported=None) -> bool:
+    """Whether the sampler reads the network's learned variance channels."""
+    return imported.plan.learned_variance if imported is not None else dict(spec.options).get("variance") == "learned"
+
+
+def check_model_fits(spec: SamplerSpec, learn_sigma: bool, num_classes: int | None, imported=None) -> None:
     """The sampler's needs that depend on the model: learned variances, and class labels for guidance."""
-    if dict(spec.options).get("variance") == "learned" and not learn_sigma:
+    if learned_variance(spec, imported) and not learn_sigma:
         raise ValueError("sampler option variance='learned' needs a model trained with model.learn_sigma=True")
     if spec.guidance_scale != 1.0 and num_classes is None:
         raise ValueError("guidance needs a class-conditional model (model.num_classes); this one is unconditional")
@@ -91,7 +126,8 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
     denoise_fn; default net(y). aux: a pytree passed through jit to it (e.g. a guiding classifier's params,
     `guidance.sampling`). Classifier-free guidance (spec.guidance_scale) runs on top, its unconditional branch
     being the network with the null class. x_T: a (N,H,W,C) float32 start to use instead of the one drawn from `key`
-    (e.g. the same start for several samplers, `solver_error`).
+    (e.g. the same start for several samplers, `solver_error`); with spec.scheduler_config, the standard-normal z
+    that the scheduler scales by its init_noise_sigma.
     control: a ControlNet's {"control": (N, S, S, k) images in [0, 1] (a tuple, one per ControlNet), optional
     "conditioning_scale": scalar or (num ControlNets,)} (traced: a new scale does not recompile), given to both
     branches of guidance; with `guess_mode` (diffusers) only the conditional branch sees it, with the residuals
@@ -103,7 +139,9 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
         parallel.check_divisible(shape[0], mesh, "the number of samples", hint="fewer devices")
         sharding = parallel.batch_sharding(mesh)
     options = dict(spec.options)
-    check_model_fits(spec, learn_sigma, num_classes)
+    imported = spec.imported(schedule)
+    check_model_fits(spec, learn_sigma, num_classes, imported)
+    keep_variance = learned_variance(spec, imported)
     apply = make_apply_fn(graphdef)
     guidance = Guidance(spec.guidance_scale, spec.guidance_rescale)
 
@@ -113,17 +151,15 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
 
         def net(label, control=control):
             return network_denoise_fn(apply, params, label, channels=shape[-1],
-                                      keep_variance=options.get("variance") == "learned", sharding=sharding,
+                                      keep_variance=keep_variance, sharding=sharding,
                                       schedule=schedule, control=control)
 
         uncond = None
         if guidance.active:
             uncond = net(jnp.full(shape[:1], num_classes, jnp.int32), None if guess_mode else control)
         cond = net(y) if condition is None else condition(net, y, aux)
-        x, info = run_sampler(spec.sampler, cond, schedule, key, shape, steps=spec.steps, prediction=prediction,
-                              spacing=spec.spacing, clip_denoised=spec.clip_denoised or None,
-                              guidance=guidance if guidance.active else None, uncond_fn=uncond, options=options,
-                              x_T=x_T)
+        x, info = run_spec(spec, imported, cond, schedule, key, shape, prediction=prediction, guidance=guidance,
+                           uncond_fn=uncond, x_T=x_T, options=options)
         return x, info["nfe"]
 
     if sharding is None:

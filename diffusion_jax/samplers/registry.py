@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from diffusion_jax import validate
 from diffusion_jax.process import check_process
-from diffusion_jax.samplers import adaptive, ddim, ddpm, dpm_solver, euler, pndm, sde_solvers, unipc
+from diffusion_jax.samplers import adaptive, ddim, ddpm, deis, dpm_solver, euler, kdpm2, lms, pndm, sde_solvers, unipc
 from diffusion_jax.samplers.checks import check_key
 from diffusion_jax.samplers.grid import continuous_grid, discrete_grid
 from diffusion_jax.samplers.wrapper import Guidance, make_denoiser
@@ -58,8 +58,19 @@ SAMPLERS: dict[str, Entry] = {
     "dpmpp_3m": _e(dpm_solver.dpm_solver_multistep, "DPM-Solver++(3M) multistep", order=3),
     "dpmpp_2m_sde": _e(dpm_solver.dpm_solver_multistep, "SDE-DPM-Solver++(2M)", True, order=2,
                        algorithm="sde-dpmsolver++"),
+    "dpm_multistep": _e(dpm_solver.dpm_solver_multistep, "DPM-Solver(++) multistep, any order / algorithm "
+                        "(diffusers' DPMSolverMultistepScheduler options)", True),
+    "dpm_singlestep": _e(dpm_solver.dpm_solver_singlestep, "DPM-Solver(++) singlestep, any order / algorithm "
+                         "(diffusers' DPMSolverSinglestepScheduler options)", True),
     "unipc_bh1": _e(unipc.unipc, "UniPC with B(h) = h (Zhao et al. 2023)", variant="bh1"),
     "unipc_bh2": _e(unipc.unipc, "UniPC with B(h) = e^h - 1", variant="bh2"),
+    "lms": _e(lms.lms, "LMS: linear multistep in sigma (k-diffusion / diffusers' LMSDiscreteScheduler), order 1-4"),
+    "kdpm2": _e(kdpm2.kdpm2, "KDPM2: DPM-Solver-2 with the midpoint in log sigma (k-diffusion / diffusers)",
+                from_process=kdpm2.kdpm2_options),
+    "kdpm2_ancestral": _e(kdpm2.kdpm2_ancestral, "KDPM2 ancestral (k-diffusion / diffusers)", True,
+                          from_process=kdpm2.kdpm2_ancestral_options),
+    "deis": _e(deis.deis, "DEIS multistep, log-rho AB (Zhang & Chen 2023; diffusers' DEISMultistepScheduler), "
+                          "order 1-3"),
     "euler_maruyama": _e(sde_solvers.euler_maruyama, "Euler-Maruyama on the reverse SDE (Song et al. 2021)", True,
                          from_process=sde_solvers.sde_options),
     "pc": _e(sde_solvers.predictor_corrector, "score_sde predictor-corrector (Langevin corrector)", True,
@@ -177,22 +188,31 @@ def steps_for_nfe(name: str, schedule, nfe: int, *, spacing: str = "leading", op
     correctors)), so a bisection over steps finds it in a few traces. ValueError when no step count fits
     (or for the adaptive solver, which takes rtol / atol instead).
     """
-    @functools.lru_cache(maxsize=None)   # each count traces the sampler once (or runs it, for PC / EM)
     def count(k):
-        try:
-            return count_nfe(name, schedule, k, spacing=spacing, options=options)
-        except ValueError:                # too few steps for the sampler, or a spacing that cannot give k
-            return None
+        return count_nfe(name, schedule, k, spacing=spacing, options=options)
 
     if name == "adaptive":
         raise ValueError("sampler 'adaptive' chooses its own steps; give it rtol / atol instead of an NFE")
     hi = min(nfe, schedule.num_timesteps) if schedule.discrete else nfe
-    lo = next((k for k in range(1, hi + 1) if count(k) is not None), None)
-    if lo is None or count(lo) > nfe:
-        raise ValueError(f"sampler {name!r} with spacing {spacing!r} cannot run in {nfe} network evaluations "
-                         f"(its fewest is {None if lo is None else count(lo)})")
-    while lo < hi:                        # invariant: count(lo) <= nfe
+    return most_steps_within(count, nfe, hi, f"sampler {name!r} with spacing {spacing!r}")
+
+
+def most_steps_within(count, nfe: int, hi: int, what: str) -> tuple[int, int]:
+    """(steps, count(steps)): the most steps in [1, hi] whose count(steps) (the NFE; a ValueError: cannot run at
+    that many steps) does not exceed `nfe`, by bisection (counts grow with steps). ValueError naming `what` if none."""
+    @functools.lru_cache(maxsize=None)   # each count traces the sampler once (or runs it, for PC / EM)
+    def n_of(k):
+        try:
+            return count(k)
+        except ValueError:                # too few steps for the sampler, or a spacing that cannot give k
+            return None
+
+    lo = next((k for k in range(1, hi + 1) if n_of(k) is not None), None)
+    if lo is None or n_of(lo) > nfe:
+        raise ValueError(f"{what} cannot run in {nfe} network evaluations "
+                         f"(its fewest is {None if lo is None else n_of(lo)})")
+    while lo < hi:                        # invariant: n_of(lo) <= nfe
         mid = (lo + hi + 1) // 2
-        n = count(mid)
+        n = n_of(mid)
         lo, hi = (mid, hi) if n is not None and n <= nfe else (lo, mid - 1)
-    return lo, count(lo)
+    return lo, n_of(lo)

@@ -60,15 +60,43 @@ class Guidance:
         return self.scale != 1.0
 
 
-def predict_x0_eps(out, x, alpha, sigma, prediction: str, clip_denoised):
+@dataclasses.dataclass(frozen=True)
+class Threshold:
+    """Dynamic thresholding (Saharia et al. 2022, "Imagen", sec. 2.3): per example, s = the `ratio` quantile of
+    |x0_hat| over all its values, clamped to [1, max_value]; x0_hat <- clip(x0_hat, -s, s) / s (diffusers'
+    thresholding=True with dynamic_thresholding_ratio, sample_max_value)."""
+
+    ratio: float = 0.995
+    max_value: float = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.ratio, (int, float)) and 0 < self.ratio <= 1):
+            raise ValueError(f"threshold.ratio (dynamic_thresholding_ratio) must be in (0, 1], got {self.ratio!r}")
+        if not (isinstance(self.max_value, (int, float)) and self.max_value >= 1):
+            raise ValueError(f"threshold.max_value (sample_max_value) must be >= 1, got {self.max_value!r}")
+
+    def __call__(self, x0):
+        flat = x0.reshape(x0.shape[0], -1)
+        s = jnp.quantile(jnp.abs(flat).astype(jnp.float32), self.ratio, axis=1)      # linear, as torch.quantile
+        s = jnp.clip(s, 1.0, self.max_value).reshape((-1,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)
+        return jnp.clip(x0, -s, s) / s
+
+
+def predict_x0_eps(out, x, alpha, sigma, prediction: str, clip_denoised, threshold: Threshold | None = None,
+                   rederive_eps: bool = True):
     """(x0_hat, eps_hat) from a raw output of kind `prediction` (any of WRAPPER_PREDICTIONS; for "edm" the output
-    is x0_hat). With clipping, x0_hat is clipped to [-c, c] and eps_hat re-derived from it (DDIM / ADM)."""
+    is x0_hat). With clipping, x0_hat is clipped to [-c, c]; with `threshold` it is dynamically thresholded instead;
+    either way eps_hat is re-derived from it (DDIM / ADM) unless rederive_eps=False (diffusers' DDIM without
+    use_clipped_model_output keeps the network's eps_hat)."""
     if prediction == "edm":
         x0, eps = out, eps_from_x0(x, out, alpha, sigma)
     else:
         x0, eps = to_x0_eps(prediction, out, x, alpha, sigma)
-    if clip_denoised is not None:
+    if threshold is not None:
+        x0 = threshold(x0)
+    elif clip_denoised is not None:
         x0 = jnp.clip(x0, -clip_denoised, clip_denoised)
+    if (threshold is not None or clip_denoised is not None) and rederive_eps:
         eps = eps_from_x0(x, x0, alpha, sigma)
     return x0, eps
 
@@ -93,13 +121,15 @@ def batched_pair(net, y, y_null):
 
 def make_denoiser(denoise_fn, prediction: str, *, clip_denoised: float | None = None,
                   guidance: Guidance | None = None, uncond_fn=None, pair_fn=None,
-                  learned_variance: bool = False) -> Denoiser:
+                  learned_variance: bool = False, threshold: Threshold | None = None,
+                  rederive_eps: bool = True) -> Denoiser:
     """The denoiser(x, t, alpha, sigma) -> (x0_hat, eps_hat) of a network `denoise_fn(x, t)` (see module doc).
 
     With guidance.scale != 1 exactly one of uncond_fn(x, t) / pair_fn(x, t) -> (cond, uncond) is required.
     learned_variance: the network returns 2 C channels, [prediction, v] (improved DDPM); the denoiser returns
     (x0_hat, eps_hat, v), guiding the prediction half only and keeping the conditional v.
-    Never call it at a clean level (sigma = 0): eps_hat would divide by zero.
+    threshold: dynamic thresholding of x0_hat (`Threshold`) in place of clip_denoised; rederive_eps: see
+    `predict_x0_eps`. Never call it at a clean level (sigma = 0): eps_hat would divide by zero.
     """
     if prediction not in WRAPPER_PREDICTIONS:
         raise ValueError(f"sampler.prediction={prediction!r} is unknown; choose from {WRAPPER_PREDICTIONS}")
@@ -107,6 +137,9 @@ def make_denoiser(denoise_fn, prediction: str, *, clip_denoised: float | None = 
         raise ValueError(f"sampler.clip_denoised must be None or > 0, got {clip_denoised!r}")
     if guidance is not None and not isinstance(guidance, Guidance):
         raise ValueError(f"guidance must be a Guidance or None, got {type(guidance).__name__}")
+    if threshold is not None and not isinstance(threshold, Threshold):
+        raise ValueError(f"threshold must be a Threshold or None, got {type(threshold).__name__}")
+    post = dict(threshold=threshold, rederive_eps=rederive_eps)
     guided = guidance is not None and guidance.active
     if guided and (uncond_fn is None) == (pair_fn is None):
         raise ValueError("guidance.scale != 1 needs exactly one of uncond_fn(x, t) or pair_fn(x, t) -> (cond, uncond)")
@@ -144,9 +177,9 @@ def make_denoiser(denoise_fn, prediction: str, *, clip_denoised: float | None = 
             s = sigma / alpha
             out = jax.lax.cond((s >= lo) & (s <= hi), cond_and_uncond, cond_only, xn, tn)
         if not learned_variance:
-            return predict_x0_eps(out, x, alpha, sigma, prediction, clip_denoised)
+            return predict_x0_eps(out, x, alpha, sigma, prediction, clip_denoised, **post)
         out, v = split(out, x)
-        return (*predict_x0_eps(out, x, alpha, sigma, prediction, clip_denoised), v)
+        return (*predict_x0_eps(out, x, alpha, sigma, prediction, clip_denoised, **post), v)
 
     return denoiser
 

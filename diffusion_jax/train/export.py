@@ -23,6 +23,7 @@ options, an unfinished autoencoder run, and a target that exists and is not empt
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 from flax import nnx
@@ -47,6 +48,7 @@ from diffusion_jax.train.ddpm_import import DIFFUSERS_SPACINGS
 # the importers' maps (diffusers -> ours) inverted; sigmoid, which diffusers' DDPMScheduler computes as we do, is
 # written though the importer does not read it
 _BETAS = {ours: theirs for theirs, ours in DIFFUSERS_BETAS.items()} | {"sigmoid": "sigmoid"}
+log = logging.getLogger(__name__)
 _PREDICTIONS = {ours: theirs for theirs, ours in DIFFUSERS_PREDICTIONS.items()}
 
 
@@ -71,6 +73,32 @@ def scheduler_config(exp) -> dict:
             "steps_offset": 0, "rescale_betas_zero_snr": sc.zero_terminal_snr}
 
 
+def sampler_scheduler_config(exp, classes: tuple[str, ...] | None = None) -> tuple[dict, str]:
+    """(scheduler_config, note): the run's sampler (config.sample: sampler, steps, spacing, eta / variance, clip) as
+    the diffusers scheduler that runs it exactly (`samplers.diffusers_export.to_diffusers_config`) when there is one
+    (and its class is in `classes`: a DDPMPipeline calls neither scale_model_input nor init_noise_sigma, so only
+    DDPMScheduler / DDIMScheduler run right there); else the DDPMScheduler of `scheduler_config`, the note saying why."""
+    from diffusion_jax.samplers.diffusers_export import to_diffusers_config
+    from diffusion_jax.samplers.registry import sampler_options
+
+    base, sample = scheduler_config(exp), exp.sample
+    accepted = sampler_options(sample.sampler)
+    options = {k: getattr(sample, k) for k in ("eta", "variance") if k in accepted}
+    if options.get("eta") == 0.0 and sample.sampler == "ddim":
+        options.pop("eta")                                   # DDIM's default: no config key needed
+    try:
+        if set(options) - {"variance"}:
+            raise ValueError(f"{options}: pipeline arguments in diffusers, not scheduler config keys")
+        cfg = to_diffusers_config(sample.sampler, sample.steps, schedule_config=base, spacing=sample.spacing,
+                                  options=options, clip_denoised=sample.clip_denoised or None)
+    except ValueError as e:
+        return base, f"the run's sampler is written as DDPMScheduler: {e}"
+    if classes is not None and cfg["_class_name"] not in classes:
+        return base, (f"the run's sampler ({cfg['_class_name']}) is written as DDPMScheduler: this pipeline runs "
+                      f"only {', '.join(classes)} right")
+    return cfg, f"the run's sampler ({sample.sampler}, {sample.spacing}) is written as {cfg['_class_name']}"
+
+
 def _experiment(workdir: str):
     from diffusion_jax.config import Experiment
 
@@ -81,7 +109,8 @@ def _export_unet(workdir: str, target: str, exp=None) -> None:
     from diffusion_jax.train.checkpoint import load_trained
 
     exp = exp or _experiment(workdir)
-    scheduler = scheduler_config(exp)      # the refusals before anything is restored or written
+    scheduler_config(exp)                  # the refusals before anything is restored or written
+    scheduler, note = sampler_scheduler_config(exp, ("DDPMScheduler", "DDIMScheduler"))
     unet = unet2d_config(exp.model)
     _, _, params, _ = load_trained(workdir)
     state_dict = unet2d_state_dict(params, exp.model)
@@ -89,18 +118,21 @@ def _export_unet(workdir: str, target: str, exp=None) -> None:
     fileio.write_json(os.path.join(target, "scheduler", "scheduler_config.json"), scheduler)
     fileio.write_json(os.path.join(target, "model_index.json"),
                       {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
-                       "scheduler": ["diffusers", "DDPMScheduler"]})
+                       "scheduler": ["diffusers", scheduler["_class_name"]]})
+    log.info("export: %s", note)
 
 
 def _export_unet_cond(workdir: str, target: str, exp=None) -> None:
     from diffusion_jax.train.checkpoint import load_trained
 
     exp = exp or _experiment(workdir)
-    scheduler = scheduler_config(exp)
+    scheduler_config(exp)
+    scheduler, note = sampler_scheduler_config(exp)
     unet = unet_cond_diffusers_config(exp.model.diffusers_config())
     _, _, params, _ = load_trained(workdir, allow_latent=True)
     save_model_folder(os.path.join(target, "unet"), unet, unet_cond_state_dict(params["net"]))
     fileio.write_json(os.path.join(target, "scheduler", "scheduler_config.json"), scheduler)
+    log.info("export: %s", note)
 
 
 def _export_controlnet(workdir: str, target: str) -> None:

@@ -128,3 +128,58 @@ def test_sample_defaults_come_from_the_run_config(capsys, trained_workdir, tmp_p
     code, out = run(capsys, "sample", "--workdir", trained_workdir, "--sampler", "heun", "--steps", "3",
                     "--spacing", "karras", "--num", "2", "--out", str(tmp_path / "h.png"))
     assert code == 0 and "(heun, 3 steps, NFE 5" in out.out  # Heun: 2K - 1 network calls
+
+
+def _run_scheduler_config(workdir, tmp_path, name: str, **keys) -> str:
+    """A diffusers scheduler config of class `name` on the run's own betas (export's DDPMScheduler keys + `keys`)."""
+    import json
+
+    from diffusion_jax.config import Experiment, load_workdir_config
+    from diffusion_jax.train.export import scheduler_config
+
+    cfg = {**scheduler_config(Experiment.from_config(load_workdir_config(workdir))), "_class_name": name, **keys}
+    assert cfg["num_train_timesteps"] == 1000
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def test_sample_with_a_diffusers_scheduler_config(capsys, trained_workdir, tmp_path):
+    """--scheduler-config DDIMScheduler (leading, no clipping) gives our ddim's samples; EulerDiscreteScheduler runs as
+    euler; flags it decides, another noise schedule and refused classes are named errors (exit 2)."""
+    ddim = _run_scheduler_config(trained_workdir, tmp_path, "DDIMScheduler", timestep_spacing="leading",
+                                 clip_sample=False, steps_offset=0, set_alpha_to_one=True)
+    common = ["sample", "--workdir", trained_workdir, "--steps", "3", "--num", "4", "--seed", "2"]
+    code, out = run(capsys, *common, "--scheduler-config", ddim, "--out", str(tmp_path / "a.png"),
+                    "--npz", str(tmp_path / "a.npz"))
+    assert code == 0 and "DDIMScheduler as ddim" in out.out and "NFE 3" in out.out, out.err
+    code, out = run(capsys, *common, "--sampler", "ddim", "--spacing", "leading", "--clip", "0", "--out",
+                    str(tmp_path / "b.png"), "--npz", str(tmp_path / "b.npz"))
+    assert code == 0, out.err
+    np.testing.assert_allclose(np.load(tmp_path / "a.npz")["x"], np.load(tmp_path / "b.npz")["x"], rtol=1e-5,
+                               atol=1e-5)
+    euler = _run_scheduler_config(trained_workdir, tmp_path, "EulerDiscreteScheduler", use_karras_sigmas=True)
+    code, out = run(capsys, *common, "--scheduler-config", euler, "--out", str(tmp_path / "c.png"))
+    assert code == 0 and "EulerDiscreteScheduler as euler" in out.out, out.err
+    for extra, match in ((["--scheduler-config", ddim, "--sampler", "heun"], "--sampler: the --scheduler-config"),
+                         (["--scheduler-config", _run_scheduler_config(trained_workdir, tmp_path, "DDIMScheduler",
+                                                                       trained_betas=[0.01] * 1000, timestep_spacing="leading")],
+                          "another noise schedule"),
+                         (["--scheduler-config", _run_scheduler_config(trained_workdir, tmp_path, "LCMScheduler")],
+                          "consistency")):
+        code, out = run(capsys, *common, *extra, "--out", str(tmp_path / "d.png"))
+        assert code == 2 and match in out.err, out.err
+        assert not (tmp_path / "d.png").exists()
+
+
+def test_compare_takes_scheduler_configs(capsys, trained_workdir, tmp_path, metrics_cache):
+    euler = _run_scheduler_config(trained_workdir, tmp_path, "HeunDiscreteScheduler")
+    out_dir = tmp_path / "cmp"
+    code, out = run(capsys, "compare", "--workdir", trained_workdir, "--samplers", "heun", "--scheduler-config",
+                    euler, "--nfe", "5", "--num", "8", "--seeds", "1", "--out", str(out_dir), "--no-progress")
+    assert code == 0, out.err
+    import csv
+
+    rows = {r["sampler"]: r for r in csv.DictReader(open(out_dir / "results.csv"))}
+    assert set(rows) == {"heun", f"diffusers={euler}"}
+    assert rows[f"diffusers={euler}"]["nfe"] == "5" and rows[f"diffusers={euler}"]["steps"] == "3"

@@ -33,10 +33,10 @@ from diffusion_jax.inference.editing.api import default_mask
 from diffusion_jax.inference.editing.known import known
 from diffusion_jax.inference.editing.projection import sample_known
 from diffusion_jax.inference.editing.sdedit import check_strength, img2img
-from diffusion_jax.inference.sampling import SamplerSpec, network_denoise_fn
+from diffusion_jax.inference.sampling import SamplerSpec, network_denoise_fn, run_spec
 from diffusion_jax.models.functional import make_apply_fn
 from diffusion_jax.models.vae import VAEConfig, decode, encode, from_diffusion_latents, to_diffusion_latents
-from diffusion_jax.samplers import Guidance, run_sampler
+from diffusion_jax.samplers import Guidance
 
 TASKS = ("txt2img", "img2img", "inpaint", "outpaint")
 
@@ -95,7 +95,8 @@ def make_pipeline(pipe: LatentPipeline, spec: SamplerSpec, task: str = "txt2img"
     image: (1 | num, H, W, C) in [-1, 1] (img2img, inpaint, outpaint); mask: (H, W[, 1]) or (1 | num, H, W, 1)
     of {0, 1}, 1 = keep (inpaint / outpaint; default `editing.api.default_mask`: a centre hole, or a border of
     min(H, W) // 4). strength: img2img only, in [0, 1]. latents: txt2img's initial noise z_T
-    (num, H / f, W / f, c) (default: drawn from key), e.g. to reproduce another implementation's run.
+    (num, H / f, W / f, c) (default: drawn from key), e.g. to reproduce another implementation's run; with
+    spec.scheduler_config the standard-normal latents that the scheduler scales by init_noise_sigma (diffusers').
     mesh: split the num images over its "data" axis; the noise is drawn for the whole batch, so a seed gives
     the same images on 1 or 8 devices. compiler_options: passed to `jax.jit` (`models.vae.make_vae_fns`).
     control: for a U-Net with ControlNets (`models.controlnet.ControlledUNet`, `stable_diffusion.with_controlnets`):
@@ -115,6 +116,9 @@ def make_pipeline(pipe: LatentPipeline, spec: SamplerSpec, task: str = "txt2img"
     elif strength is not None:
         raise ValueError(f"strength is for task 'img2img' only, got strength={strength!r} with task {task!r}")
     num = validate.check_int(num, "num")
+    imported = spec.imported(pipe.schedule)
+    if imported is not None and task != "txt2img":
+        raise ValueError(f"a diffusers scheduler config (scheduler_config) samples task 'txt2img' only, got {task!r}")
     shape = pipe.latent_shape(num, image_size)
     factor = pipe.vae.downsample_factor
     guidance = Guidance(spec.guidance_scale, spec.guidance_rescale)
@@ -137,8 +141,8 @@ def make_pipeline(pipe: LatentPipeline, spec: SamplerSpec, task: str = "txt2img"
         uncond = net(null_context, None if guess_mode else control) if guidance.active else None
         nfe = jnp.zeros((), jnp.int32)
         if task == "txt2img":
-            z, info = run_sampler(spec.sampler, net(context), pipe.schedule, key, shape, steps=spec.steps,
-                                  uncond_fn=uncond, x_T=latents, **run_options)
+            z, info = run_spec(spec, imported, net(context), pipe.schedule, key, shape, prediction=pipe.prediction,
+                               guidance=guidance, uncond_fn=uncond, x_T=latents)
             nfe = info["nfe"]
         else:
             z0 = to_diffusion_latents(encode(params["vae"], image, pipe.vae).mode(), pipe.vae)
