@@ -87,9 +87,11 @@ class ImportedScheduler:
 
 
 def load_scheduler_config(source) -> dict:
-    """A config dict, or the path of a scheduler_config.json (or of a folder holding one, or its scheduler/)."""
+    """A config dict, or the path of a scheduler_config.json (or of a folder holding one, or its scheduler/). As in
+    diffusers' from_config, the keys listed in `_use_default_values` (an in-memory `scheduler.config` carries it)
+    are dropped, so that the class's own defaults apply."""
     if isinstance(source, dict):
-        return dict(source)
+        return _without_used_defaults(source)
     path = os.fspath(source)
     if os.path.isdir(path):
         for cand in (os.path.join(path, "scheduler_config.json"), os.path.join(path, "scheduler", "scheduler_config.json")):
@@ -105,7 +107,12 @@ def load_scheduler_config(source) -> dict:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} is not a JSON object (a diffusers scheduler config)")
-    return cfg
+    return _without_used_defaults(cfg)
+
+
+def _without_used_defaults(cfg: dict) -> dict:
+    used = cfg.get("_use_default_values") or []
+    return {k: v for k, v in cfg.items() if k not in used and k != "_use_default_values"}
 
 
 def check_scheduler_class(cfg: dict) -> str:

@@ -199,7 +199,8 @@ def _dpm_levels(c, K: int, *, karras_last: bool = False, round_kinds=("karras",)
     T, abar, table = _table(c)
     last = T
     if "lambda_min_clipped" in c.defaults:
-        lam = 0.5 * (np.log(abar) - np.log1p(-abar))                     # lambda_t = log alpha_t - log sigma_t
+        with np.errstate(divide="ignore"):                              # abar = 0 (zero terminal SNR): -inf
+            lam = 0.5 * (np.log(abar) - np.log1p(-abar))                 # lambda_t = log alpha_t - log sigma_t
         last = T - int(np.searchsorted(lam[::-1], float(c["lambda_min_clipped"])))
     spacing = c.choice("timestep_spacing", lv.SPACINGS) if "timestep_spacing" in c.defaults else "linspace"
     offset = c.int("steps_offset") if "steps_offset" in c.defaults else 0

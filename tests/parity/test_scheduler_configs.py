@@ -17,7 +17,16 @@ import itertools
 import jax
 import numpy as np
 import pytest
-from harness import CHEAP_COMPILE, diffusers_loop, need, patch_randn, rel_err, to_torch, torch_model
+from harness import (
+    CHEAP_COMPILE,
+    diffusers_loop,
+    mixture_network,
+    need,
+    patch_randn,
+    rel_err,
+    to_torch,
+    torch_model,
+)
 
 from diffusion_jax.process.discrete import DiscreteSchedule
 from diffusion_jax.samplers.diffusers_import import sampler_from_diffusers
@@ -165,7 +174,7 @@ def _diffusers(cls, cfg, K, sched, prediction, monkeypatch):
     if cls in STOCHASTIC_MODULES:
         module = importlib.import_module(f"diffusers.schedulers.{STOCHASTIC_MODULES[cls]}")
         patch_randn(monkeypatch, module, jax.random.fold_in(KEY, 1))
-    net = torch_model(lambda x, t: discrete_denoise_fn(MIX, sched, prediction)(x, t))
+    net = torch_model(functools.partial(mixture_network(prediction), MIX, sched))       # jitted once per prediction
     model = lambda x, t: net(x.float(), t).double()          # the reference state in float64
     x_T = to_torch(Z, dtype=np.float64) * ref.init_noise_sigma
     return np.asarray(diffusers_loop(ref, model, x_T, scale_input=True)[-1], np.float64)

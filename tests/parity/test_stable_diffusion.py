@@ -104,3 +104,42 @@ def test_bad_folders_are_named(tmp_path, sd_folder):
         generate(model, "a cat", SamplerSpec("ddim", 2, clip_denoised=None))
     with pytest.raises(ValueError, match="clip_denoised"):
         generate(model, ["a cat"], SamplerSpec("ddim", 2))
+
+
+@pytest.mark.parametrize("cls, keys, steps", [
+    ("DDIMScheduler", {"set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}, 5),
+    ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading"}, 6),
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "solver_order": 2}, 6),
+    ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}, 5),
+    ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, 5)])
+def test_scheduler_config_end_to_end(sd_folder, tmp_path, cls, keys, steps, monkeypatch):
+    """The pipeline with a diffusers scheduler config (SD 1.x's DDIM and PNDM, DPM-Solver++(2M) Karras, Euler
+    ancestral with our noise): `generate` with SamplerSpec(scheduler_config=...) from the same latents gives diffusers'
+    decoded images to 1e-3."""
+    import json
+
+    import jax
+
+    folder, ref = sd_folder
+    saved = {k: v for k, v in ref.scheduler.config.items() if k != "_use_default_values"}     # as a json file has it
+    config = {**saved, "_class_name": cls, **keys}
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps(config))
+    latents = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    if cls == "EulerAncestralDiscreteScheduler":   # its step noise = ours: fold_in(fold_in(key(seed), 1), i), NHWC
+        from diffusers.schedulers import scheduling_euler_ancestral_discrete as module
+        key, calls = jax.random.fold_in(jax.random.PRNGKey(0), 1), []
+
+        def randn_tensor(shape, *args, **kwargs):
+            n, c, h, w = shape
+            calls.append(len(calls))
+            return to_torch(np.asarray(jax.random.normal(jax.random.fold_in(key, calls[-1]), (n, h, w, c))),
+                            nchw_from_nhwc=True)
+        monkeypatch.setattr(module, "randn_tensor", randn_tensor)
+    with torch.no_grad():
+        ref.scheduler = getattr(diffusers, cls).from_config(config)
+        want = ref(PROMPTS, num_inference_steps=steps, guidance_scale=4.0, latents=to_torch(latents),
+                   output_type="np").images
+    spec = SamplerSpec("ddim", steps, clip_denoised=None, guidance_scale=4.0, scheduler_config=str(path))
+    got, _ = generate(load_text_to_image(folder), PROMPTS, spec, latents=nhwc(latents), seed=0)
+    assert np.abs(got * 0.5 + 0.5 - want).max() <= 1e-3, np.abs(got * 0.5 + 0.5 - want).max()

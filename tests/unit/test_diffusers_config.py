@@ -83,6 +83,10 @@ def test_keys_of_other_classes_are_listed_and_logged(caplog):
     assert imp.ignored == ("clip_sample", "set_alpha_to_one", "skip_prk_steps")
     assert "not options of EulerDiscreteScheduler" in caplog.text and "_diffusers_version" not in caplog.text
     assert "timestep_spacing" in imp.honoured and imp.sampler == "euler"
+    # diffusers' in-memory configs list the keys that took their defaults: the new class's defaults apply to them
+    moved = sampler_from_diffusers({**cfg, "timestep_spacing": "leading", "_use_default_values": ["timestep_spacing"]},
+                                   10)
+    assert np.array_equal(np.asarray(moved.grid.t), np.asarray(imp.grid.t))       # Euler's default: linspace
 
 
 def test_config_files(tmp_path):
@@ -172,3 +176,13 @@ def test_to_diffusers_config_round_trips_or_says_why():
             ("ddim", "quadratic", {}, "no diffusers timestep_spacing")]:
         with pytest.raises(ValueError, match=match):
             to_diffusers_config(name, 12, schedule_config=base, spacing=spacing, **kw)
+
+
+def test_docs_schedulers_md_is_generated_from_the_code():
+    """docs/schedulers.md is `python -m diffusion_jax.samplers.diffusers_docs`: regenerate it when a builder changes."""
+    import pathlib
+
+    from diffusion_jax.samplers.diffusers_docs import scheduler_markdown
+
+    path = pathlib.Path(__file__).parents[2] / "docs" / "schedulers.md"
+    assert path.read_text() == scheduler_markdown(), "docs/schedulers.md is stale: regenerate it (module doc)"
