@@ -27,20 +27,24 @@ from diffusion_jax.models.unet import UNet, UNetConfig
 
 # Diffusers settings our UNet implements (DDPM's), with the value diffusers assumes when absent.
 # Diffusers settings with a UNetConfig field of the same name, with diffusers' default.
-_OPTIONS = {"flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "norm_eps": 1e-5}
+_OPTIONS = {"flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "norm_eps": 1e-5, "act_fn": "silu",
+            "resnet_time_scale_shift": "default", "center_input_sample": False, "mid_block_scale_factor": 1,
+            "add_attention": True, "attn_norm_num_groups": None}
 # Diffusers settings our UNet implements only at one value, with the value diffusers assumes when absent.
 _REQUIRED = {  # key: (required value, diffusers default)
-    "act_fn": ("silu", "silu"),
     "time_embedding_type": ("positional", "positional"),
-    "center_input_sample": (False, False),
-    "mid_block_scale_factor": (1, 1),
-    "resnet_time_scale_shift": ("default", "default"),
     "downsample_type": ("conv", "conv"),
     "upsample_type": ("conv", "conv"),
-    "add_attention": (True, True),
     "mid_block_type": ("UNetMidBlock2D", "UNetMidBlock2D"),
     "class_embed_type": (None, None),
 }
+
+BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D")
+# every UNet2DModel block type diffusers ships (get_down_block / get_up_block), for the docs' table
+STRUCTURAL = BLOCK_TYPES + ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D", "SkipDownBlock2D",
+                            "AttnSkipDownBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D", "AttnDownEncoderBlock2D",
+                            "DownEncoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D", "KDownBlock2D",
+                            "KUpBlock2D")
 
 _MODULES = {  # our module name -> diffusers module name
     "time_embed_1": "time_embedding.linear_1", "time_embed_2": "time_embedding.linear_2",
@@ -71,8 +75,10 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], **overrides) -> UNetConfi
     if cfg.get("time_embedding_dim") not in (None, 4 * ch):
         raise ValueError(f"diffusers time_embedding_dim={cfg['time_embedding_dim']} must be 4 * {ch}")
     groups = cfg.get("norm_num_groups", 32)
-    if cfg.get("attn_norm_num_groups") not in (None, groups):
-        raise ValueError("diffusers attn_norm_num_groups must be None or norm_num_groups")
+    if (cfg.get("resnet_time_scale_shift") == "scale_shift" and cfg.get("attn_norm_num_groups") is None
+            and cfg.get("add_attention", True)):
+        raise ValueError("diffusers resnet_time_scale_shift='scale_shift' with attn_norm_num_groups=None has a "
+                         "middle-block attention without GroupNorm, which is not supported; set attn_norm_num_groups")
     size = cfg.get("sample_size")
     if isinstance(size, (list, tuple)):
         if len(set(size)) != 1:
@@ -80,7 +86,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], **overrides) -> UNetConfi
         size = size[0]
     down = list(cfg["down_block_types"])
     up = list(cfg["up_block_types"])
-    known = {"DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"}
+    known = set(BLOCK_TYPES)
     if not set(down + up) <= known:
         raise ValueError(f"diffusers block types {sorted(set(down + up) - known)} are not supported")
     attn_levels = [i for i, t in enumerate(down) if t.startswith("Attn")]
@@ -88,17 +94,16 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], **overrides) -> UNetConfi
         raise ValueError(f"diffusers up_block_types={up} do not mirror down_block_types={down}")
     head_dim = cfg.get("attention_head_dim", 8)
     heads = {1 if head_dim is None else boc[i] // head_dim for i in attn_levels + [len(boc) - 1]}
-    if len(heads) != 1:
-        raise ValueError(f"diffusers attention_head_dim={head_dim} gives different head counts {heads}")
+    per_level = {"head_dim": head_dim} if len(heads) > 1 else {}   # diffusers: heads = channels // head_dim
     kwargs = dict(
         image_size=size, in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
         channels=ch, channel_mult=tuple(b // ch for b in boc),
         num_res_blocks=cfg.get("layers_per_block", 2),
-        attention_resolutions=tuple(size // 2**i for i in attn_levels), num_heads=heads.pop(),
+        attention_resolutions=tuple(size // 2**i for i in attn_levels), num_heads=min(heads), **per_level,
         dropout=cfg.get("dropout", 0.0), num_groups=groups, num_classes=cfg.get("num_class_embeds"),
         **{key: cfg.get(key, default) for key, default in _OPTIONS.items()})
-    kwargs["freq_shift"] = float(kwargs["freq_shift"])
-    kwargs["norm_eps"] = float(kwargs["norm_eps"])
+    for key in ("freq_shift", "norm_eps", "mid_block_scale_factor"):
+        kwargs[key] = float(kwargs[key])
     kwargs.update(overrides)
     config = UNetConfig(**kwargs)
     config.validate()

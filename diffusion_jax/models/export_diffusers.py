@@ -51,7 +51,7 @@ def check_unet2d(config: UNetConfig) -> None:
     check_ddpm_unet(config)
     widths = [config.channels * m for m in config.channel_mult]
     attended = [w for w, r in zip(widths, config.resolutions) if r in config.attention_resolutions] + [widths[-1]]
-    if config.num_heads > 1 and len({w // config.num_heads for w in attended}) != 1:
+    if config.head_dim is None and config.num_heads > 1 and len({w // config.num_heads for w in attended}) != 1:
         raise ValueError(f"model.num_heads={config.num_heads} gives different head widths {sorted(set(attended))} "
                          "at the attention levels; UNet2DModel has one attention_head_dim")
 
@@ -67,14 +67,17 @@ def unet2d_config(config: UNetConfig) -> dict:
         "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
         "layers_per_block": config.num_res_blocks,
-        "attention_head_dim": None if config.num_heads == 1 else widths[-1] // config.num_heads,
+        "attention_head_dim": config.head_dim if config.head_dim is not None else (
+            None if config.num_heads == 1 else widths[-1] // config.num_heads),
         "norm_num_groups": config.num_groups, "norm_eps": config.norm_eps, "dropout": config.dropout,
         "num_class_embeds": None if config.num_classes is None else config.num_classes + 1,
         "flip_sin_to_cos": config.flip_sin_to_cos, "freq_shift": config.freq_shift,
-        "downsample_padding": config.downsample_padding, "act_fn": "silu",
-        "time_embedding_type": "positional", "center_input_sample": False, "mid_block_scale_factor": 1,
-        "resnet_time_scale_shift": "default", "downsample_type": "conv", "upsample_type": "conv",
-        "add_attention": True, "class_embed_type": None,
+        "downsample_padding": config.downsample_padding, "act_fn": config.act_fn,
+        "time_embedding_type": "positional", "center_input_sample": config.center_input_sample,
+        "mid_block_scale_factor": config.mid_block_scale_factor,
+        "resnet_time_scale_shift": config.resnet_time_scale_shift, "downsample_type": "conv", "upsample_type": "conv",
+        "add_attention": config.add_attention, "attn_norm_num_groups": config.attn_norm_num_groups,
+        "class_embed_type": None,
     }
 
 

@@ -181,34 +181,46 @@ def residual_scale(skip_rescale: bool) -> float:
     return 1.0 / math.sqrt(2.0) if skip_rescale else 1.0
 
 
+def _mish(x):
+    return x * jnp.tanh(jax.nn.softplus(x))
+
+
+# diffusers' get_activation names -> functions (gelu: the exact erf form, as torch.nn.GELU())
+ACTIVATIONS = {"silu": nnx.silu, "swish": nnx.silu, "mish": _mish, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+
+
 class ResBlock(nnx.Module):
-    """Pre-activation residual block (DDPM Appendix B; ADM without scale-shift norm), optionally
+    """Pre-activation residual block (DDPM Appendix B; ADM with scale_shift, its use_scale_shift_norm), optionally
     BigGAN-style with x2 resampling inside (score_sde `ResnetBlockBigGANpp`, Brock et al. 2019).
 
-    a = silu(norm1(x));  if resample: a, x = R(a), R(x)   (R = up / down, plain or FIR, no params)
-    h = conv1(a) + time_proj(silu(emb))[:, None, None]
-    h = conv2(dropout(silu(norm2(h))))
+    a = act(norm1(x));  if resample: a, x = R(a), R(x)   (R = up / down, plain or FIR, no params)
+    h = conv1(a) + time_proj(act(emb))[:, None, None];   h = conv2(dropout(act(norm2(h))))
+    scale_shift (ADM; diffusers' resnet_time_scale_shift="scale_shift"): time_proj gives 2 cout = [scale, shift],
+        h = conv2(dropout(act(norm2(conv1(a)) (1 + scale) + shift)))
     out = (skip(x) + h) * s, with a 1x1 `skip` conv when cin != cout or resampling, and
-    s = 1/sqrt(2) if skip_rescale else 1.
+    s = 1/sqrt(2) if skip_rescale else 1, divided by output_scale (diffusers' mid_block_scale_factor).
+    act: one of ACTIVATIONS (diffusers' act_fn).
 
     Shapes: x (B, H, W, cin), emb (B, emb_dim) -> (B, H', W', cout), H' = 2H ("up"), H/2 ("down"), H.
     """
 
     def __init__(self, cin: int, cout: int, emb_dim: int, *, groups: int, dropout_rate: float,
                  dtype, rngs: nnx.Rngs, resample: str | None = None, resample_filter: str = "plain",
-                 skip_rescale: bool = False, norm_eps: float = GROUPNORM_EPS):
+                 skip_rescale: bool = False, norm_eps: float = GROUPNORM_EPS, act: str = "silu",
+                 scale_shift: bool = False, output_scale: float = 1.0):
         if resample not in (None, "up", "down"):
             raise ValueError(f"resample={resample!r} must be None, 'up' or 'down'")
         self.norm1 = group_norm(cin, groups, rngs, norm_eps)
         self.conv1 = conv(cin, cout, 3, rngs, dtype)
-        self.time_proj = linear(emb_dim, cout, rngs, dtype)
+        self.time_proj = linear(emb_dim, 2 * cout if scale_shift else cout, rngs, dtype)
+        self.act, self.scale_shift = act, scale_shift
         self.norm2 = group_norm(cout, groups, rngs, norm_eps)
         self.conv2 = conv(cout, cout, 3, rngs, dtype, zero=True)
         self.skip = conv(cin, cout, 1, rngs, dtype) if cin != cout or resample else None
         self.dropout_rate = dropout_rate
         self.resample = resample
         self.resample_filter = resample_filter
-        self.scale = residual_scale(skip_rescale)
+        self.scale = residual_scale(skip_rescale) / output_scale
 
     def _resample(self, x: jax.Array) -> jax.Array:
         if self.resample == "up":
@@ -218,11 +230,17 @@ class ResBlock(nnx.Module):
         return x
 
     def __call__(self, x: jax.Array, emb: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        h = self._resample(nnx.silu(self.norm1(x)))
+        act = ACTIVATIONS[self.act]
+        h = self._resample(act(self.norm1(x)))
         x = self._resample(x)
         h = self.conv1(h)
-        h = h + self.time_proj(nnx.silu(emb))[:, None, None, :]
-        h = dropout(nnx.silu(self.norm2(h)), self.dropout_rate, key)
+        t = self.time_proj(act(emb))[:, None, None, :]
+        if self.scale_shift:
+            scale, shift = jnp.split(t, 2, axis=-1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + t)
+        h = dropout(act(h), self.dropout_rate, key)
         h = self.conv2(h)
         skip = x if self.skip is None else self.skip(x)
         out = skip + h
@@ -247,16 +265,18 @@ class AttentionBlock(nnx.Module):
 
     h = (x + proj_out(MHA(q(norm(x)), k(norm(x)), v(norm(x))))) * s
     if context_dim: h = (h + cross_out(MHA(cross_q(cross_norm(h)), cross_k(ctx), cross_v(ctx)))) * s
-    with s = 1/sqrt(2) if skip_rescale (score_sde `AttnBlockpp`) else 1.
+    with s = 1/sqrt(2) if skip_rescale (score_sde `AttnBlockpp`) else 1, divided by output_scale (diffusers'
+    rescale_output_factor, the mid block's mid_block_scale_factor).
 
     Shapes: x (B, H, W, C), context (B, L, context_dim) -> (B, H, W, C).
     """
 
     def __init__(self, ch: int, *, num_heads: int, groups: int, context_dim: int | None,
-                 dtype, rngs: nnx.Rngs, skip_rescale: bool = False, norm_eps: float = GROUPNORM_EPS):
+                 dtype, rngs: nnx.Rngs, skip_rescale: bool = False, norm_eps: float = GROUPNORM_EPS,
+                 output_scale: float = 1.0):
         lin = lambda i, o, zero=False: linear(i, o, rngs, dtype, zero)  # noqa: E731
         self.num_heads = num_heads
-        self.scale = residual_scale(skip_rescale)
+        self.scale = residual_scale(skip_rescale) / output_scale
         self.norm = group_norm(ch, groups, rngs, norm_eps)
         self.q, self.k, self.v = lin(ch, ch), lin(ch, ch), lin(ch, ch)
         self.proj_out = lin(ch, ch, zero=True)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.models.layers import (
+    ACTIVATIONS,
     AttentionBlock,
     Downsample,
     ResBlock,
@@ -48,81 +49,12 @@ from diffusion_jax.models.layers import (
     timestep_embedding,
 )
 from diffusion_jax.models.resample import RESAMPLE_FILTERS
+from diffusion_jax.models.unet_shape import UNetShape
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _CHOICES = {"time_embedding": ("positional", "fourier"), "resblock": ("ddpm", "biggan"),
-            "resample_filter": RESAMPLE_FILTERS}
-
-
-class UNetShape:
-    """What every U-Net config (this one, `unet_cond_backbone.UNetCondBackboneConfig`) derives from and checks on
-    the fields they share (name, image_size, in_channels, out_channels, channels, channel_mult, num_res_blocks,
-    attention_resolutions, num_heads, num_groups, dropout, num_classes, context_dim, learn_sigma)."""
-
-    def __post_init__(self):
-        # Accept lists (e.g. from ml_collections) but keep the dataclass hashable.
-        for name in ("channel_mult", "attention_resolutions"):
-            value = getattr(self, name)
-            if isinstance(value, (list, tuple)):
-                object.__setattr__(self, name, tuple(value))
-
-    @property
-    def resolved_out_channels(self) -> int:
-        if self.out_channels is not None:
-            return self.out_channels
-        return self.in_channels * (2 if self.learn_sigma else 1)
-
-    @property
-    def resolutions(self) -> tuple[int, ...]:
-        """Feature-map size of each level: image_size // 2**level."""
-        return tuple(self.image_size // 2**i for i in range(len(self.channel_mult)))
-
-    def validate_shape(self, name: str) -> None:
-        """The checks every U-Net config shares (ValueError naming `model.<key>`): model.name, sizes and counts,
-        channel_mult, dropout, image_size against the downsamplings, num_groups against every level's width,
-        attention_resolutions against the feature-map sizes, num_heads against every attending level's width."""
-        if self.name != name:
-            raise ValueError(f"model.name={self.name!r} does not name this config ({name})")
-
-        def positive_int(key, value):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{key}={value!r} must be a positive int")
-
-        for key in ("image_size", "in_channels", "channels", "num_res_blocks", "num_heads", "num_groups"):
-            positive_int(key, getattr(self, key))
-        for key in ("out_channels", "num_classes", "context_dim"):
-            if getattr(self, key) is not None:
-                positive_int(key, getattr(self, key))
-        if not isinstance(self.channel_mult, tuple) or not self.channel_mult:
-            raise ValueError(f"model.channel_mult={self.channel_mult!r} must be a non-empty tuple of ints")
-        for i, m in enumerate(self.channel_mult):
-            positive_int(f"channel_mult[{i}]", m)
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"model.dropout={self.dropout!r} must be in [0, 1)")
-        n_down = len(self.channel_mult) - 1
-        if self.image_size % 2**n_down:
-            raise ValueError(
-                f"model.image_size={self.image_size} is not divisible by 2**{n_down} = {2**n_down} "
-                "(len(model.channel_mult)-1 downsamplings)")
-        for i, m in enumerate(self.channel_mult):
-            ch = self.channels * m
-            if ch % self.num_groups:
-                raise ValueError(
-                    f"model.channels * model.channel_mult[{i}] = {ch} is not divisible by "
-                    f"model.num_groups={self.num_groups}")
-        resolutions = self.resolutions
-        for r in self.attention_resolutions:
-            if r not in resolutions:
-                raise ValueError(
-                    f"model.attention_resolutions contains {r}, which never occurs; the feature-map "
-                    f"sizes are {list(resolutions)}")
-        attn_levels = [i for i, r in enumerate(resolutions) if r in self.attention_resolutions]
-        for i in attn_levels + [len(self.channel_mult) - 1]:  # the middle block always attends
-            ch = self.channels * self.channel_mult[i]
-            if ch % self.num_heads:
-                raise ValueError(
-                    f"model.num_heads={self.num_heads} does not divide the {ch} channels of an "
-                    f"attention block at resolution {resolutions[i]}")
+            "resample_filter": RESAMPLE_FILTERS, "act_fn": tuple(ACTIVATIONS),
+            "resnet_time_scale_shift": ("default", "scale_shift")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +94,13 @@ class UNetConfig(UNetShape):
     freq_shift: float = 1.0                 # its frequencies 10000**(-i / (channels / 2 - freq_shift))
     downsample_padding: int = 0             # 0: pad the bottom / right by one before the stride-2 conv; 1: every side
     norm_eps: float = 1e-6                  # epsilon of every GroupNorm
+    act_fn: str = "silu"                    # the ResBlocks' nonlinearity (silu | swish | mish | gelu)
+    resnet_time_scale_shift: str = "default"   # "scale_shift": ADM's FiLM, norm(h) (1 + scale) + shift
+    center_input_sample: bool = False       # the network sees 2 x - 1
+    mid_block_scale_factor: float = 1.0     # the middle block's residual sums are divided by it
+    add_attention: bool = True              # False: no attention in the middle block
+    attn_norm_num_groups: int | None = None   # GroupNorm groups of the middle block's attention (None: num_groups)
+    head_dim: int | None = None             # heads per attention block = its channels // head_dim (None: num_heads)
 
     def validate(self) -> None:
         """Raise ValueError naming the offending key (e.g. `model.image_size`)."""
@@ -174,7 +113,7 @@ class UNetConfig(UNetShape):
         scale = self.fourier_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale < float("inf"):
             raise ValueError(f"model.fourier_scale={scale!r} must be a positive finite float")
-        for name in ("fourier_log_input", "skip_rescale", "flip_sin_to_cos"):
+        for name in ("fourier_log_input", "skip_rescale", "flip_sin_to_cos", "center_input_sample", "add_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"model.{name}={getattr(self, name)!r} must be a bool")
         shift = self.freq_shift
@@ -188,6 +127,13 @@ class UNetConfig(UNetShape):
         eps = self.norm_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
             raise ValueError(f"model.norm_eps={eps!r} must be a number in (0, 1)")
+        f = self.mid_block_scale_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < float("inf"):
+            raise ValueError(f"model.mid_block_scale_factor={f!r} must be a positive number")
+        for name in ("attn_norm_num_groups", "head_dim"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"model.{name}={v!r} must be None or a positive int")
         if self.learn_sigma and self.out_channels is not None and self.out_channels % 2:
             raise ValueError(f"model.out_channels={self.out_channels} must be even when model.learn_sigma=True")
 
@@ -228,10 +174,12 @@ class UNet(nnx.Module):
         dt = _DTYPES[c.dtype]
         emb_dim = 4 * c.channels
         kw = dict(groups=c.num_groups, dropout_rate=float(c.dropout), dtype=dt, rngs=rngs,
-                  resample_filter=c.resample_filter, skip_rescale=c.skip_rescale, norm_eps=c.norm_eps)
-        attn = lambda ch: AttentionBlock(ch, num_heads=c.num_heads, groups=c.num_groups,  # noqa: E731
-                                         context_dim=c.context_dim, dtype=dt, rngs=rngs,
-                                         skip_rescale=c.skip_rescale, norm_eps=c.norm_eps)
+                  resample_filter=c.resample_filter, skip_rescale=c.skip_rescale, norm_eps=c.norm_eps,
+                  act=c.act_fn, scale_shift=c.resnet_time_scale_shift == "scale_shift")
+        attn = lambda ch, scale=1.0, groups=c.num_groups: AttentionBlock(  # noqa: E731
+            ch, num_heads=c.num_heads if c.head_dim is None else ch // c.head_dim, groups=groups,
+            context_dim=c.context_dim, dtype=dt, rngs=rngs, skip_rescale=c.skip_rescale, norm_eps=c.norm_eps,
+            output_scale=scale)
 
         def resampler(ch, direction):
             if c.resblock == "biggan":
@@ -266,9 +214,10 @@ class UNet(nnx.Module):
                 skip_chs.append(ch)
         self.down = nnx.List(down)
 
-        self.mid_res1 = ResBlock(ch, ch, emb_dim, **kw)
-        self.mid_attn = attn(ch)
-        self.mid_res2 = ResBlock(ch, ch, emb_dim, **kw)
+        mid = float(c.mid_block_scale_factor)
+        self.mid_res1 = ResBlock(ch, ch, emb_dim, output_scale=mid, **kw)
+        self.mid_attn = attn(ch, mid, c.attn_norm_num_groups or c.num_groups) if c.add_attention else None
+        self.mid_res2 = ResBlock(ch, ch, emb_dim, output_scale=mid, **kw)
         self.skip_channels = tuple(skip_chs)   # width of each skip, in the order `encode` returns them
         if encoder_only:                       # a ControlNet's trainable copy (models/controlnet.py)
             return
@@ -330,6 +279,7 @@ class UNet(nnx.Module):
         c = self.config
         dt = _DTYPES[c.dtype]
         x, t, use_dropout = check_network_inputs(x, t, c.in_channels, train and c.dropout > 0, dropout_key)
+        x = 2 * x - 1 if c.center_input_sample else x
         b = x.shape[0]
 
         if self.class_embed is None and y is not None:
@@ -375,7 +325,7 @@ class UNet(nnx.Module):
                 skips.append(h)
 
         h = self.mid_res1(h, emb, key())
-        h = self.mid_attn(h, context)
+        h = h if self.mid_attn is None else self.mid_attn(h, context)
         return skips, self.mid_res2(h, emb, key())
 
     def decode(self, h, skips, emb, context, key):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.models.layers import add_residuals
-from diffusion_jax.models.unet import UNetShape
+from diffusion_jax.models.unet_shape import UNetShape
 from diffusion_jax.models.unet_cond import UNetCond, UNetCondConfig
 
 

@@ -11,6 +11,7 @@ from flax import nnx
 from harness import meta_model, need, random_torch_model, run_nhwc, torch_param_count
 
 from diffusion_jax.models import UNet, UNetConfig, convert_diffusers_unet, unet_config_from_diffusers
+from diffusion_jax.models.export_diffusers import unet2d_config
 
 DDPM_CIFAR10_PARAMS = 35_746_307  # diffusers UNet2DModel for google/ddpm-cifar10-32
 
@@ -105,18 +106,29 @@ def test_parity_with_diffusers():
     dict(flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6),   # DDPM (ddpm-cifar10-32)
     dict(flip_sin_to_cos=True, freq_shift=1, downsample_padding=0, norm_eps=1e-3),
     dict(flip_sin_to_cos=False, freq_shift=0, downsample_padding=1, norm_eps=1e-5),
+    dict(resnet_time_scale_shift="scale_shift", attn_norm_num_groups=2),              # ADM's scale-shift norm
+    dict(act_fn="mish", center_input_sample=True),
+    dict(act_fn="gelu", mid_block_scale_factor=1.41421356),                           # score_sde's mid-block scale
+    dict(add_attention=False, act_fn="swish"),
+    dict(attention_head_dim=4),                                                        # 4 and 8 heads: per level
+    dict(attention_head_dim=None, attn_norm_num_groups=8),
 ])
 def test_unet2dmodel_options_convert_with_parity(options):
     """A diffusers UNet2DModel at its defaults (what diffusers' unconditional training example saves) and the
-    variants of the time embedding, downsampling padding and norm epsilon convert and agree."""
+    variants of the time embedding, downsampling padding, norm epsilon, activation, scale-shift norm, input
+    centering, middle block (scale, attention, its norm groups) and per-level head counts convert and agree, and
+    export back to the same config."""
     _, diffusers = need("torch", "diffusers")
     ref = random_torch_model(
         diffusers.UNet2DModel, seed=2, perturb=0.1, sample_size=8, in_channels=1, out_channels=1,
         block_out_channels=(16, 32), layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8, **options)
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, **{"attention_head_dim": 8, **options})
     config = unet_config_from_diffusers(ref.config)
     want = {"flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "norm_eps": 1e-5} | options
+    want.pop("attention_head_dim", None)
     assert {k: getattr(config, k) for k in want} == want
+    exported = unet2d_config(config)
+    assert {k: exported[k] for k in options} == options
     params = convert_diffusers_unet(ref.state_dict(), config)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0))), nnx.Param)
     x = np.random.RandomState(3).randn(2, 8, 8, 1).astype(np.float32)
@@ -127,10 +139,12 @@ def test_unet2dmodel_options_convert_with_parity(options):
 
 
 def test_converter_rejects_mismatches():
-    with pytest.raises(ValueError, match="act_fn"):
-        unet_config_from_diffusers({**DDPM_CIFAR10_DIFFUSERS, "act_fn": "gelu"})
-    with pytest.raises(ValueError, match="resnet_time_scale_shift"):
+    with pytest.raises(ValueError, match="model.act_fn='relu' must be one of"):
+        unet_config_from_diffusers({**DDPM_CIFAR10_DIFFUSERS, "act_fn": "relu"})
+    with pytest.raises(ValueError, match="attention without GroupNorm"):
         unet_config_from_diffusers({**DDPM_CIFAR10_DIFFUSERS, "resnet_time_scale_shift": "scale_shift"})
+    with pytest.raises(ValueError, match="time_embedding_type='fourier' is not supported"):
+        unet_config_from_diffusers({**DDPM_CIFAR10_DIFFUSERS, "time_embedding_type": "fourier"})
     with pytest.raises(ValueError, match="model.downsample_padding=2 must be 0"):
         unet_config_from_diffusers({**DDPM_CIFAR10_DIFFUSERS, "downsample_padding": 2})
     with pytest.raises(ValueError, match="cross-attention"):

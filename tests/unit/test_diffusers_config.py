@@ -186,3 +186,12 @@ def test_docs_schedulers_md_is_generated_from_the_code():
 
     path = pathlib.Path(__file__).parents[2] / "docs" / "schedulers.md"
     assert path.read_text() == scheduler_markdown(), "docs/schedulers.md is stale: regenerate it (module doc)"
+
+
+def test_docs_diffusers_models_md_is_generated_from_the_code():
+    import pathlib
+
+    from diffusion_jax.models.diffusers_docs import unet2d_markdown
+
+    path = pathlib.Path(__file__).parents[2] / "docs" / "diffusers_models.md"
+    assert path.read_text() == unet2d_markdown(), "docs/diffusers_models.md is stale: regenerate it (module doc)"
