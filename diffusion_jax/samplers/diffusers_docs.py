@@ -25,6 +25,7 @@ PROBES = {
     "final_sigmas_type": ("zero", "sigma_min"),
     "interpolation_type": ("linear", "log_linear"),
     "timestep_type": ("discrete", "continuous"),
+    "sigma_schedule": ("karras", "exponential"),
     "time_shift_type": ("exponential", "linear"),
     "solver_order": (1, 2, 3, 4),
     "solver_p": (None, "a scheduler"),
@@ -70,7 +71,7 @@ def scheduler_markdown() -> str:
              f"every value below was imported at {STEPS} inference steps of 1000 (`sampler_from_diffusers`). A config "
              "key that is not an option of its class is listed and logged as ignored (diffusers ignores it too); "
              "`_class_name` and `_diffusers_version` change nothing. The numbers are checked against diffusers on a "
-             "grid of 297 configurations (tests/parity/test_scheduler_configs.py).", "",
+             "grid of 314 configurations (tests/parity/test_scheduler_configs.py).", "",
              "| diffusers class | runs as | our solver |", "|---|---|---|"]
     for cls in sorted(SCHEDULERS):
         imp = sampler_from_diffusers({"_class_name": cls}, STEPS)

@@ -44,7 +44,7 @@ class ImportedScheduler:
     scheduler: str
     steps: int
     plan: Plan
-    abar: np.ndarray
+    abar: np.ndarray | None
     honoured: tuple[str, ...]
     ignored: tuple[str, ...]
 
@@ -78,7 +78,14 @@ class ImportedScheduler:
         return x * self.plan.out_scale, info
 
     def check_schedule(self, schedule, what: str = "the model") -> None:
-        """ValueError unless a `DiscreteSchedule` has the config's alphas_cumprod (num_train_timesteps, the betas)."""
+        """ValueError unless a `DiscreteSchedule` has the config's alphas_cumprod (num_train_timesteps, the betas),
+        or, for an EDM scheduler, unless the model is an EDM process with the config's sigma_data."""
+        sd = self.plan.edm_sigma_data
+        if sd is not None:
+            if getattr(schedule, "kind", None) != "edm" or not np.isclose(schedule.sigma_data, sd, rtol=1e-6):
+                raise ValueError(f"scheduler config {self.scheduler} runs an EDM-preconditioned network with "
+                                 f"sigma_data={sd}; {what} is not one (schedule.kind='edm' with that sigma_data)")
+            return
         ours = np.asarray(getattr(schedule, "alphas_cumprod", None) if getattr(schedule, "discrete", False) else [])
         if ours.shape != self.abar.shape or not np.allclose(ours, self.abar, rtol=1e-4, atol=1e-7):
             raise ValueError(f"scheduler config {self.scheduler}: its betas (num_train_timesteps, beta_schedule, "
@@ -157,13 +164,14 @@ def sampler_from_diffusers(config, steps: int, *, options: dict | None = None) -
     entry = SCHEDULERS[name]
     c = Keys(name, cfg, entry.defaults)
     T = c.int("num_train_timesteps", 1)
-    if steps > T:
+    if steps > T and name not in ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"):
         raise ValueError(f"steps={steps} exceeds num_train_timesteps={T} of the scheduler config")
     plan = entry.build(c, int(steps))
     if options:
         plan.options = {**plan.options, **options}
     get_sampler(plan.sampler, **plan.options)                   # an option the solver lacks -> ValueError naming it
-    abar = np.cumprod(1.0 - betas_from_config(Keys(name, cfg, entry.defaults)))
+    abar = None if plan.edm_sigma_data is not None else np.cumprod(
+        1.0 - betas_from_config(Keys(name, cfg, entry.defaults)))
     ignored = tuple(sorted(k for k in cfg if k not in entry.defaults and k not in META_KEYS))
     if ignored and (name, ignored) not in _WARNED:
         _WARNED.add((name, ignored))

@@ -3,6 +3,7 @@ diffusers' defaults that records which keys were read, and `Plan`, what the conf
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from diffusion_jax.samplers.grid import Grid
 from diffusion_jax.samplers.wrapper import Threshold
@@ -24,6 +25,7 @@ class Plan:
     noise_scale: float = 1.0
     out_scale: float = 1.0
     learned_variance: bool = False
+    edm_sigma_data: float | None = None    # an EDM scheduler: the network must be EDM-preconditioned with this sigma_data
     extra: dict = dataclasses.field(default_factory=dict)    # solver arguments that are not options (half_grid)
 
 
@@ -55,6 +57,12 @@ class Keys:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < lo:
             raise self.bad(key, f"must be an int >= {lo}")
         return int(v)
+
+    def number(self, key) -> float:
+        v = self[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise self.bad(key, "must be a positive number")
+        return float(v)
 
     def flag(self, key) -> bool:
         v = self[key]

@@ -118,6 +118,13 @@ def ve_grid(ts: np.ndarray, sig: np.ndarray) -> Grid:
     return _grid(np.append(np.asarray(ts, np.float64), -1.0), a, s * a)
 
 
+def edm_grid(sig) -> Grid:
+    """Grid of an EDM scheduler: levels sigma (K + 1,) with alpha = 1 (x = x0 + sigma eps); t = sigma (the network
+    time of an EDM process), the clean end's t = 0 (a placeholder)."""
+    s = np.asarray(sig, np.float64)
+    return _grid(s, np.ones_like(s), s)
+
+
 def _grid(t, a, s) -> Grid:
     f32 = lambda v: jnp.asarray(np.asarray(v, np.float64), jnp.float32)
     return Grid(t=f32(t), alpha=f32(a), sigma=f32(s))

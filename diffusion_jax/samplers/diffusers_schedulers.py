@@ -278,6 +278,47 @@ def deis(c, K):
     return Plan("deis", options, lv.ve_grid(ts, sig), _prediction(c), **_x0_post(c))
 
 
+# ------------------------------------------------------------------------------------------- EDM schedulers
+def _edm_plan(c, K: int, sampler: str, options: dict, *, repeat_last: bool, **extra) -> Plan:
+    """EDMEuler / EDMDPMSolverMultistep: K levels between sigma_max and sigma_min (Karras et al. eq. 5 with rho, or
+    uniform in log sigma), alpha = 1 (VE), the network's D(x; sigma) read directly (prediction "edm": the project's
+    EDM preconditioning, c_noise = log(sigma) / 4, is diffusers' precondition_inputs / _noise / _outputs with
+    prediction_type "epsilon"), x_T = sqrt(sigma_max^2 + 1) z (their init_noise_sigma)."""
+    s_min, s_max, rho = c.number("sigma_min"), c.number("sigma_max"), c.number("rho")
+    if not 0 < s_min < s_max:
+        raise c.bad("sigma_min", f"must be in (0, sigma_max={s_max})")
+    c.only("prediction_type", ("epsilon",), "is not supported: the project's EDM preconditioning is diffusers' "
+           "'epsilon' (c_out > 0)")
+    if c.choice("sigma_schedule", ("karras", "exponential")) == "karras":           # EDM eq. 5
+        sig = (s_max ** (1 / rho) + np.linspace(0, 1, K) * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    else:
+        sig = np.exp(np.linspace(math.log(s_min), math.log(s_max), K))[::-1]
+    sig = np.asarray(sig, np.float32).astype(np.float64)
+    last = 0.0
+    if c.choice("final_sigmas_type", ("zero", "sigma_min")) == "sigma_min":
+        last = float(sig[-1]) if repeat_last else s_min
+    s = np.append(sig, last)
+    grid = lv.edm_grid(s)
+    return Plan(sampler, options, grid, "edm", noise_scale=math.sqrt(s_max ** 2 + 1),
+                edm_sigma_data=c.number("sigma_data"), **extra)
+
+
+def edm_euler(c, K):
+    return _edm_plan(c, K, "euler", {}, repeat_last=True)
+
+
+def edm_dpm_multistep(c, K):
+    algorithm = c.choice("algorithm_type", ("dpmsolver++", "sde-dpmsolver++"))
+    order = c.int("solver_order", 1)
+    if order > 3 or (algorithm == "sde-dpmsolver++" and order == 3):
+        raise c.bad("solver_order", "must be 1, 2 or 3 (1 or 2 with sde-dpmsolver++)")
+    options = {"order": order, "algorithm": algorithm, "solver_type": c.choice("solver_type", ("midpoint", "heun")),
+               "lower_order_final": c.flag("lower_order_final"), "euler_at_final": c.flag("euler_at_final")}
+    if order == 3:
+        options["diffusers_3m"] = True
+    return _edm_plan(c, K, "dpm_multistep", options, repeat_last=False, **_x0_post(c))
+
+
 # ------------------------------------------------------------------------------------------------ the table
 @dataclasses.dataclass(frozen=True)
 class Scheduler:
@@ -338,6 +379,14 @@ SCHEDULERS: dict[str, Scheduler] = {
         lower_order_final=True), _FLOW_NEUTRAL),
 }
 
+_EDM = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "sigma_schedule": "karras",
+        "num_train_timesteps": 1000, "prediction_type": "epsilon", "rho": 7.0}
+SCHEDULERS["EDMEulerScheduler"] = Scheduler(edm_euler, _d(_EDM, final_sigmas_type="zero"),
+                                            {"num_train_timesteps": "not used by the EDM schedulers' levels"})
+SCHEDULERS["EDMDPMSolverMultistepScheduler"] = Scheduler(edm_dpm_multistep, _d(
+    _EDM, _X0, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
+    euler_at_final=False, final_sigmas_type="zero"), {"num_train_timesteps": "not used by the EDM schedulers' levels"})
+
 _FLOW_WHY = "needs a flow-matching model (velocity prediction on x_t = (1 - t) x0 + t eps), not in diffusion_jax yet"
 _CONSISTENCY_WHY = "needs a consistency / latent-consistency model, not in diffusion_jax yet"
 REFUSED: dict[str, str] = {
@@ -346,8 +395,5 @@ REFUSED: dict[str, str] = {
     "LCMScheduler": _CONSISTENCY_WHY,
     "TCDScheduler": _CONSISTENCY_WHY,
     "DPMSolverSDEScheduler": "draws its noise from torchsde's Brownian tree, which no JAX key reproduces",
-    "EDMEulerScheduler": "runs an EDM-preconditioned network (c_in, c_noise = log(sigma) / 4); not mapped yet",
-    "EDMDPMSolverMultistepScheduler": "runs an EDM-preconditioned network (c_in, c_noise = log(sigma) / 4); "
-                                      "not mapped yet",
     "KarrasVeScheduler": "was removed from diffusers",
 }

@@ -15,6 +15,7 @@ import functools
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from harness import (
@@ -33,7 +34,7 @@ from diffusion_jax.samplers.diffusers_import import sampler_from_diffusers
 from diffusion_jax.samplers.diffusers_levels import betas_from_config
 from diffusion_jax.samplers.diffusers_schedulers import SCHEDULERS, Keys
 from diffusion_jax.samplers.registry import get_sampler
-from diffusion_jax.testbed import GaussianMixture, discrete_denoise_fn
+from diffusion_jax.testbed import GaussianMixture, discrete_denoise_fn, edm_denoiser
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")   # diffusers' np.log on tensors, 1e4 per run
 B, D = 3, 6
@@ -109,6 +110,13 @@ def _combos():
     add("UniPCMultistepScheduler", [{"predict_x0": False, "final_sigmas_type": "sigma_min"},
                                     {"disable_corrector": [0, 2]}, V, {"thresholding": True},
                                     {"steps_offset": 1, "timestep_spacing": "leading"}])
+    add("EDMEulerScheduler", _grid([{}, {"sigma_schedule": "exponential"}], [{}, {"final_sigmas_type": "sigma_min"}],
+                                   [{}, {"sigma_data": 0.7, "sigma_max": 20.0, "rho": 5.0}]))
+    add("EDMDPMSolverMultistepScheduler", _grid([{"solver_order": 1}, {"solver_order": 2}, {"solver_order": 3}],
+                                                [{}, {"sigma_schedule": "exponential", "final_sigmas_type":
+                                                      "sigma_min"}]))
+    add("EDMDPMSolverMultistepScheduler", [{"algorithm_type": "sde-dpmsolver++"}, {"solver_type": "heun"},
+                                           {"thresholding": True, "sample_max_value": 1.5}, {"euler_at_final": True}])
     # what diffusers itself cannot run (and we can: a finite sample)
     add("UniPCMultistepScheduler", [{"lower_order_final": False}, {"solver_type": "bh1"}], fails="not finite")
     add("DPMSolverMultistepScheduler", [{"algorithm_type": "dpmsolver"}], fails="ValueError")
@@ -120,6 +128,26 @@ COMBOS = _combos()
 IDS = [f"{i}-{cls[:-9]}-{'-'.join(f'{k}={v}' for k, v in cfg.items())}-K{K}" for i, (cls, cfg, K, _) in enumerate(COMBOS)]
 
 
+def _network(prediction, sched, x, t):
+    """The exact network: the mixture's prediction at DDPM timestep t, or for "edm" its D(x; sigma = t)."""
+    if prediction == "edm":
+        return edm_denoiser(MIX)(x, t.reshape((-1,) + (1,) * (x.ndim - 1)))
+    return discrete_denoise_fn(MIX, sched, prediction)(x, t)
+
+
+@functools.lru_cache(maxsize=None)
+def _edm_raw_network(sigma_data: float):
+    """diffusers' side of an EDM scheduler: the raw F with c_skip x + c_out F(c_in x, c_noise) = D(x; sigma), sigma =
+    exp(4 c_noise) (EDM's preconditioning, diffusers' precondition_inputs / _noise / _outputs), jitted."""
+    def f(x_in, c_noise):
+        sigma = jnp.exp(4.0 * c_noise).reshape((-1,) + (1,) * (x_in.ndim - 1))
+        var = sigma ** 2 + sigma_data ** 2
+        x = x_in * jnp.sqrt(var)
+        d = edm_denoiser(MIX)(x, sigma)
+        return (d - sigma_data ** 2 / var * x) / (sigma * sigma_data / jnp.sqrt(var))
+    return jax.jit(f)
+
+
 @functools.lru_cache(maxsize=None)
 def _runner(sampler, options_items, prediction, clip, threshold, rederive, learned, K):
     """jit((grid, extra, sched, x_T, key) -> x): our solver on the exact network; one compilation per solver setup."""
@@ -127,7 +155,7 @@ def _runner(sampler, options_items, prediction, clip, threshold, rederive, learn
 
     def run(grid, extra, sched, x_T, key):
         from diffusion_jax.samplers.wrapper import make_denoiser
-        den = make_denoiser(lambda x, t: discrete_denoise_fn(MIX, sched, prediction)(x, t), prediction,
+        den = make_denoiser(functools.partial(_network, prediction, sched), prediction,
                             clip_denoised=clip, threshold=threshold, rederive_eps=rederive)
         return get_sampler(sampler, **options)(den, grid, x_T, key, **extra)[0]
     return jax.jit(run, compiler_options=CHEAP_COMPILE)
@@ -145,7 +173,8 @@ def _ours(imp, sched):
 STOCHASTIC_MODULES = {"DDPMScheduler": "scheduling_ddpm", "EulerAncestralDiscreteScheduler":
                       "scheduling_euler_ancestral_discrete", "DPMSolverMultistepScheduler": "scheduling_dpmsolver_multistep",
                       "DPMSolverSinglestepScheduler": "scheduling_dpmsolver_singlestep",
-                      "KDPM2AncestralDiscreteScheduler": "scheduling_k_dpm_2_ancestral_discrete"}
+                      "KDPM2AncestralDiscreteScheduler": "scheduling_k_dpm_2_ancestral_discrete",
+                      "EDMDPMSolverMultistepScheduler": "scheduling_edm_dpmsolver_multistep"}
 
 
 def _float64_tables(ref, cls, cfg):
@@ -153,6 +182,8 @@ def _float64_tables(ref, cls, cfg):
     the config's betas: a float64 reference, whose fractional timesteps are not moved across an integer (diffusers'
     int64 casts) by float32 rounding of the table."""
     torch = need("torch")
+    if cls.startswith("EDM"):
+        return ref
     abar = torch.from_numpy(np.cumprod(1.0 - betas_from_config(Keys(cls, cfg, SCHEDULERS[cls].defaults))))
     if cfg.get("rescale_betas_zero_snr") and float(ref.alphas_cumprod[-1]) == 2.0 ** -24:
         abar[-1] = 2.0 ** -24                                  # diffusers' stand-in for abar = 0 in sigma schedulers
@@ -174,7 +205,10 @@ def _diffusers(cls, cfg, K, sched, prediction, monkeypatch):
     if cls in STOCHASTIC_MODULES:
         module = importlib.import_module(f"diffusers.schedulers.{STOCHASTIC_MODULES[cls]}")
         patch_randn(monkeypatch, module, jax.random.fold_in(KEY, 1))
-    net = torch_model(functools.partial(mixture_network(prediction), MIX, sched))       # jitted once per prediction
+    if prediction == "edm":
+        net = torch_model(_edm_raw_network(float(ref.config.sigma_data)))
+    else:
+        net = torch_model(functools.partial(mixture_network(prediction), MIX, sched))   # jitted once per prediction
     model = lambda x, t: net(x.float(), t).double()          # the reference state in float64
     x_T = to_torch(Z, dtype=np.float64) * ref.init_noise_sigma
     return np.asarray(diffusers_loop(ref, model, x_T, scale_input=True)[-1], np.float64)
@@ -185,7 +219,8 @@ def _diffusers(cls, cfg, K, sched, prediction, monkeypatch):
 def test_scheduler_config_matches_diffusers(cls, cfg, K, fails, monkeypatch):
     """Parity, or where diffusers fails (`fails`: how), that it does fail and that our sample is finite."""
     imp = sampler_from_diffusers({"_class_name": cls, **cfg}, K)
-    sched = DiscreteSchedule.from_betas(betas_from_config(Keys(cls, cfg, SCHEDULERS[cls].defaults)))
+    sched = None if cls.startswith("EDM") else DiscreteSchedule.from_betas(
+        betas_from_config(Keys(cls, cfg, SCHEDULERS[cls].defaults)))
     ours = _ours(imp, sched)
     assert np.all(np.isfinite(ours)), f"{cls} {cfg}: our sample is not finite"
     if fails is not None:

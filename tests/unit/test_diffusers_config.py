@@ -195,3 +195,20 @@ def test_docs_diffusers_models_md_is_generated_from_the_code():
 
     path = pathlib.Path(__file__).parents[2] / "docs" / "diffusers_models.md"
     assert path.read_text() == unet2d_markdown(), "docs/diffusers_models.md is stale: regenerate it (module doc)"
+
+
+def test_edm_schedulers_need_an_edm_model_with_their_sigma_data():
+    from diffusion_jax.process.sde import EDMSchedule
+
+    imp = sampler_from_diffusers({"_class_name": "EDMEulerScheduler", "sigma_data": 0.6}, 8)
+    assert imp.sampler == "euler" and imp.plan.prediction == "edm" and imp.abar is None
+    np.testing.assert_allclose(float(imp.grid.sigma[0]), 80.0, rtol=1e-6)
+    assert np.all(np.asarray(imp.grid.alpha) == 1.0) and float(imp.grid.sigma[-1]) == 0.0
+    imp.check_schedule(EDMSchedule(sigma_data=0.6))
+    for other in (EDMSchedule(sigma_data=0.5), make_schedule("linear", 1000)):
+        with pytest.raises(ValueError, match="EDM-preconditioned network with sigma_data=0.6"):
+            imp.check_schedule(other)
+    with pytest.raises(ValueError, match="prediction_type='v_prediction' is not supported"):
+        sampler_from_diffusers({"_class_name": "EDMEulerScheduler", "prediction_type": "v_prediction"}, 8)
+    with pytest.raises(ValueError, match="sigma_min=90.0 must be in"):
+        sampler_from_diffusers({"_class_name": "EDMDPMSolverMultistepScheduler", "sigma_min": 90.0}, 8)
