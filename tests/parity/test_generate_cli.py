@@ -132,6 +132,19 @@ def test_bad_arguments_are_named(converted, tmp_path, capsys):
         assert folder in capsys.readouterr().err
 
 
+def test_generate_with_the_pipelines_own_scheduler_config(converted, sd_folder, tmp_path, capsys):  # noqa: F811
+    """--scheduler-config SD_FOLDER/scheduler (the pipeline's own DDIM) runs it as diffusers would; the flags it
+    decides and the tasks it does not run are named errors."""
+    folder, converted = sd_folder[0], converted[1]
+    argv = ["generate", "--workdir", converted, "--prompt", "a cat", "--steps", "2", "--guidance", "2",
+            "--scheduler-config", os.path.join(folder, "scheduler")]
+    assert main([*argv, "--out", str(tmp_path / "s.png")]) == 0
+    assert "DDIMScheduler as ddim" in capsys.readouterr().out and (tmp_path / "s_000.png").exists()
+    assert main([*argv, "--sampler", "heun"]) == 2 and "--sampler / --spacing" in capsys.readouterr().err
+    assert main([*argv, "--task", "img2img", "--image", "x.png"]) == 2
+    assert "txt2img only" in capsys.readouterr().err
+
+
 def test_generate_with_controlnets(converted, sd_folder, tmp_path, capsys):  # noqa: F811
     """A diffusers ControlNetModel made from the pipeline's U-Net: zero-initialised it changes nothing (the PNGs
     are identical); perturbed, it changes the images (several ControlNets and guess mode: the unit tests and
