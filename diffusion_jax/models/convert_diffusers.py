@@ -33,15 +33,15 @@ _OPTIONS = {"flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "
 # Diffusers settings our UNet implements only at one value, with the value diffusers assumes when absent.
 _REQUIRED = {  # key: (required value, diffusers default)
     "time_embedding_type": ("positional", "positional"),
-    "downsample_type": ("conv", "conv"),
-    "upsample_type": ("conv", "conv"),
     "mid_block_type": ("UNetMidBlock2D", "UNetMidBlock2D"),
     "class_embed_type": (None, None),
 }
 
-BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D")
+RESAMPLE_TYPES = ("conv", "resnet")     # downsample_type / upsample_type: every level the same way
+BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D", "ResnetDownsampleBlock2D",
+               "ResnetUpsampleBlock2D")
 # every UNet2DModel block type diffusers ships (get_down_block / get_up_block), for the docs' table
-STRUCTURAL = BLOCK_TYPES + ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D", "SkipDownBlock2D",
+STRUCTURAL = BLOCK_TYPES + ("SkipDownBlock2D",
                             "AttnSkipDownBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D", "AttnDownEncoderBlock2D",
                             "DownEncoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D", "KDownBlock2D",
                             "KUpBlock2D")
@@ -90,6 +90,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], **overrides) -> UNetConfi
     if not set(down + up) <= known:
         raise ValueError(f"diffusers block types {sorted(set(down + up) - known)} are not supported")
     attn_levels = [i for i, t in enumerate(down) if t.startswith("Attn")]
+    resampling = _resampling(cfg, down, up)
     if [len(up) - 1 - i for i, t in enumerate(up) if t.startswith("Attn")][::-1] != attn_levels:
         raise ValueError(f"diffusers up_block_types={up} do not mirror down_block_types={down}")
     head_dim = cfg.get("attention_head_dim", 8)
@@ -101,13 +102,34 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], **overrides) -> UNetConfi
         num_res_blocks=cfg.get("layers_per_block", 2),
         attention_resolutions=tuple(size // 2**i for i in attn_levels), num_heads=min(heads), **per_level,
         dropout=cfg.get("dropout", 0.0), num_groups=groups, num_classes=cfg.get("num_class_embeds"),
-        **{key: cfg.get(key, default) for key, default in _OPTIONS.items()})
+        **{**{key: cfg.get(key, default) for key, default in _OPTIONS.items()}, **resampling})
     for key in ("freq_shift", "norm_eps", "mid_block_scale_factor"):
         kwargs[key] = float(kwargs[key])
     kwargs.update(overrides)
     config = UNetConfig(**kwargs)
     config.validate()
     return config
+
+
+def _resampling(cfg, down: list, up: list) -> dict:
+    """The UNetConfig fields of how the levels resample: every downsampler and upsampler a 3x3 conv (DownBlock2D,
+    Attn*Block2D with downsample_type / upsample_type "conv": resblock "ddpm") or every one a ResnetBlock2D(down /
+    up) with 2x2 mean / nearest resampling and no shortcut conv (Resnet{Down,Up}sampleBlock2D, Attn* with "resnet":
+    resblock "biggan", resample_shortcut False). The last down level and the last up level do not resample."""
+    kinds = set()
+    for types, key in ((down, "downsample_type"), (up, "upsample_type")):
+        for t in types[:-1]:
+            kinds.add("resnet" if t.startswith("Resnet") else cfg.get(key) or "conv" if t.startswith("Attn") else "conv")
+    if not kinds <= set(RESAMPLE_TYPES):
+        raise ValueError(f"diffusers downsample_type / upsample_type {sorted(kinds - set(RESAMPLE_TYPES))} are not "
+                         f"supported (need one of {RESAMPLE_TYPES})")
+    if len(kinds) > 1:
+        raise ValueError(f"diffusers blocks {down} / {up} with downsample_type={cfg.get('downsample_type')!r}, "
+                         f"upsample_type={cfg.get('upsample_type')!r} mix conv and resnet resampling; the U-Net "
+                         "resamples every level one way")
+    if kinds == {"resnet"}:                 # downsample_padding pads a stride-2 conv these models do not have
+        return {"resblock": "biggan", "resample_shortcut": False, "downsample_padding": 0}
+    return {}
 
 
 def check_ddpm_unet(config: UNetConfig) -> None:
@@ -117,7 +139,10 @@ def check_ddpm_unet(config: UNetConfig) -> None:
         raise ValueError(f"model.context_dim={config.context_dim}: UNet2DModel has no cross-attention; use a config "
                          "with model.context_dim=None")
     default = UNetConfig()
-    for name in ("time_embedding", "resblock", "resample_filter", "skip_rescale"):   # score_sde options
+    if config.resblock == "biggan" and config.resample_shortcut:
+        raise ValueError("model.resblock='biggan' with model.resample_shortcut=True (score_sde's) has no diffusers "
+                         "UNet2DModel counterpart; its Resnet*sampleBlock2D resample without a shortcut conv")
+    for name in ("time_embedding", "resample_filter", "skip_rescale"):   # score_sde options
         if getattr(config, name) != getattr(default, name):
             raise ValueError(f"model.{name}={getattr(config, name)!r} has no diffusers UNet2DModel counterpart "
                              f"(UNet2DModel is the DDPM U-Net: need {getattr(default, name)!r})")

@@ -5,7 +5,7 @@ UNet2DModel config keys change the project's U-Net and how, which are accepted a
 """
 from __future__ import annotations
 
-from diffusion_jax.models.convert_diffusers import _OPTIONS, _REQUIRED, BLOCK_TYPES, STRUCTURAL
+from diffusion_jax.models.convert_diffusers import _OPTIONS, _REQUIRED, BLOCK_TYPES, RESAMPLE_TYPES, STRUCTURAL
 from diffusion_jax.models.unet import _CHOICES
 
 _VALUES = {**_CHOICES, "downsample_padding": (0, 1), "attn_norm_num_groups": ("None", "a divisor of the middle width")}
@@ -27,6 +27,8 @@ def unet2d_markdown() -> str:
              "| option | diffusers default | in diffusion_jax |", "|---|---|---|"]
     lines += [f"| `{k}` | `{v!r}` | {', '.join(map(str, _VALUES[k])) if k in _VALUES else 'any value'} |"
               for k, v in _OPTIONS.items()]
+    lines += [f"| `{k}` | `'conv'` | {', '.join(RESAMPLE_TYPES)}: every resampling level the same way "
+              "(Resnet*sampleBlock2D resample by ResnetBlock2D) |" for k in ("downsample_type", "upsample_type")]
     lines += [f"| `{k}` | `{default!r}` | only `{want!r}` |" for k, (want, default) in _REQUIRED.items()]
     lines += ["", "| block type | in diffusion_jax |", "|---|---|"]
     lines += [f"| `{b}` | {'supported' if b in BLOCK_TYPES else 'refused'} |" for b in STRUCTURAL]

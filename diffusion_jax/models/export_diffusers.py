@@ -56,16 +56,25 @@ def check_unet2d(config: UNetConfig) -> None:
                          "at the attention levels; UNet2DModel has one attention_head_dim")
 
 
+def _block(attn: bool, direction: str, resnet: bool) -> str:
+    """A level's UNet2DModel block type: attention or not, resampling by a ResnetBlock2D (`resnet`) or not (a conv,
+    or no resampling at the last level)."""
+    if attn:
+        return f"Attn{direction}Block2D"
+    return f"Resnet{direction}sampleBlock2D" if resnet else f"{direction}Block2D"
+
+
 def unet2d_config(config: UNetConfig) -> dict:
     """The diffusers UNet2DModel config.json of `config` (the inverse of `unet_config_from_diffusers`)."""
     check_unet2d(config)
     widths = [config.channels * m for m in config.channel_mult]
     attn = [r in config.attention_resolutions for r in config.resolutions]
+    resnet = config.resblock == "biggan"            # check_ddpm_unet: then without shortcut convs, plain resampling
     return {
         "_class_name": "UNet2DModel", "sample_size": config.image_size, "in_channels": config.in_channels,
         "out_channels": config.resolved_out_channels, "block_out_channels": widths,
-        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "down_block_types": [_block(a, "Down", resnet and i < len(attn) - 1) for i, a in enumerate(attn)],
+        "up_block_types": [_block(a, "Up", resnet and i < len(attn) - 1) for i, a in enumerate(attn[::-1])],
         "layers_per_block": config.num_res_blocks,
         "attention_head_dim": config.head_dim if config.head_dim is not None else (
             None if config.num_heads == 1 else widths[-1] // config.num_heads),
@@ -75,7 +84,8 @@ def unet2d_config(config: UNetConfig) -> dict:
         "downsample_padding": config.downsample_padding, "act_fn": config.act_fn,
         "time_embedding_type": "positional", "center_input_sample": config.center_input_sample,
         "mid_block_scale_factor": config.mid_block_scale_factor,
-        "resnet_time_scale_shift": config.resnet_time_scale_shift, "downsample_type": "conv", "upsample_type": "conv",
+        "resnet_time_scale_shift": config.resnet_time_scale_shift, "downsample_type": "resnet" if resnet else "conv",
+        "upsample_type": "resnet" if resnet else "conv",
         "add_attention": config.add_attention, "attn_norm_num_groups": config.attn_norm_num_groups,
         "class_embed_type": None,
     }

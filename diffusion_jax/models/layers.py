@@ -197,7 +197,8 @@ class ResBlock(nnx.Module):
     h = conv1(a) + time_proj(act(emb))[:, None, None];   h = conv2(dropout(act(norm2(h))))
     scale_shift (ADM; diffusers' resnet_time_scale_shift="scale_shift"): time_proj gives 2 cout = [scale, shift],
         h = conv2(dropout(act(norm2(conv1(a)) (1 + scale) + shift)))
-    out = (skip(x) + h) * s, with a 1x1 `skip` conv when cin != cout or resampling, and
+    out = (skip(x) + h) * s, with a 1x1 `skip` conv when cin != cout or resampling (unless not resample_shortcut:
+    diffusers' ResnetBlock2D(down / up) resamples x without one), and
     s = 1/sqrt(2) if skip_rescale else 1, divided by output_scale (diffusers' mid_block_scale_factor).
     act: one of ACTIVATIONS (diffusers' act_fn).
 
@@ -207,7 +208,7 @@ class ResBlock(nnx.Module):
     def __init__(self, cin: int, cout: int, emb_dim: int, *, groups: int, dropout_rate: float,
                  dtype, rngs: nnx.Rngs, resample: str | None = None, resample_filter: str = "plain",
                  skip_rescale: bool = False, norm_eps: float = GROUPNORM_EPS, act: str = "silu",
-                 scale_shift: bool = False, output_scale: float = 1.0):
+                 scale_shift: bool = False, output_scale: float = 1.0, resample_shortcut: bool = True):
         if resample not in (None, "up", "down"):
             raise ValueError(f"resample={resample!r} must be None, 'up' or 'down'")
         self.norm1 = group_norm(cin, groups, rngs, norm_eps)
@@ -216,7 +217,7 @@ class ResBlock(nnx.Module):
         self.act, self.scale_shift = act, scale_shift
         self.norm2 = group_norm(cout, groups, rngs, norm_eps)
         self.conv2 = conv(cout, cout, 3, rngs, dtype, zero=True)
-        self.skip = conv(cin, cout, 1, rngs, dtype) if cin != cout or resample else None
+        self.skip = conv(cin, cout, 1, rngs, dtype) if cin != cout or (resample and resample_shortcut) else None
         self.dropout_rate = dropout_rate
         self.resample = resample
         self.resample_filter = resample_filter

@@ -101,6 +101,8 @@ class UNetConfig(UNetShape):
     add_attention: bool = True              # False: no attention in the middle block
     attn_norm_num_groups: int | None = None   # GroupNorm groups of the middle block's attention (None: num_groups)
     head_dim: int | None = None             # heads per attention block = its channels // head_dim (None: num_heads)
+    resample_shortcut: bool = True          # biggan: a 1x1 conv on the resampled x (score_sde); False: none when
+    #   the widths match (diffusers' downsample_type / upsample_type "resnet", Resnet{Down,Up}sampleBlock2D)
 
     def validate(self) -> None:
         """Raise ValueError naming the offending key (e.g. `model.image_size`)."""
@@ -113,7 +115,8 @@ class UNetConfig(UNetShape):
         scale = self.fourier_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale < float("inf"):
             raise ValueError(f"model.fourier_scale={scale!r} must be a positive finite float")
-        for name in ("fourier_log_input", "skip_rescale", "flip_sin_to_cos", "center_input_sample", "add_attention"):
+        for name in ("fourier_log_input", "skip_rescale", "flip_sin_to_cos", "center_input_sample", "add_attention",
+                     "resample_shortcut"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"model.{name}={getattr(self, name)!r} must be a bool")
         shift = self.freq_shift
@@ -183,7 +186,7 @@ class UNet(nnx.Module):
 
         def resampler(ch, direction):
             if c.resblock == "biggan":
-                return ResBlock(ch, ch, emb_dim, resample=direction, **kw)
+                return ResBlock(ch, ch, emb_dim, resample=direction, resample_shortcut=c.resample_shortcut, **kw)
             layer = Downsample if direction == "down" else Upsample
             extra = {"padding": c.downsample_padding} if direction == "down" else {}
             return layer(ch, dtype=dt, rngs=rngs, resample_filter=c.resample_filter, **extra)

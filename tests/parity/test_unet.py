@@ -112,6 +112,10 @@ def test_parity_with_diffusers():
     dict(add_attention=False, act_fn="swish"),
     dict(attention_head_dim=4),                                                        # 4 and 8 heads: per level
     dict(attention_head_dim=None, attn_norm_num_groups=8),
+    dict(down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D"),     # resampling ResnetBlock2Ds
+         up_block_types=("AttnUpBlock2D", "UpBlock2D"), downsample_type="resnet", upsample_type="resnet"),
+    dict(down_block_types=("ResnetDownsampleBlock2D", "DownBlock2D"), up_block_types=("ResnetUpsampleBlock2D",
+         "UpBlock2D"), add_attention=False, resnet_time_scale_shift="scale_shift"),
 ])
 def test_unet2dmodel_options_convert_with_parity(options):
     """A diffusers UNet2DModel at its defaults (what diffusers' unconditional training example saves) and the
@@ -119,16 +123,20 @@ def test_unet2dmodel_options_convert_with_parity(options):
     centering, middle block (scale, attention, its norm groups) and per-level head counts convert and agree, and
     export back to the same config."""
     _, diffusers = need("torch", "diffusers")
+    blocks = {"down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+              "attention_head_dim": 8}
     ref = random_torch_model(
         diffusers.UNet2DModel, seed=2, perturb=0.1, sample_size=8, in_channels=1, out_channels=1,
-        block_out_channels=(16, 32), layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, **{"attention_head_dim": 8, **options})
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4, **{**blocks, **options})
     config = unet_config_from_diffusers(ref.config)
     want = {"flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "norm_eps": 1e-5} | options
-    want.pop("attention_head_dim", None)
+    structure = {k: want.pop(k) for k in (*blocks, "downsample_type", "upsample_type") if k in want}
+    if "ResnetDownsampleBlock2D" in structure.get("down_block_types", ()):   # resampling ResnetBlock2Ds
+        assert config.resblock == "biggan" and not config.resample_shortcut
+        want.pop("downsample_padding")                                      # no stride-2 conv to pad
     assert {k: getattr(config, k) for k in want} == want
     exported = unet2d_config(config)
-    assert {k: exported[k] for k in options} == options
+    assert {k: tuple(exported[k]) if k.endswith("block_types") else exported[k] for k in options} == options
     params = convert_diffusers_unet(ref.state_dict(), config)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0))), nnx.Param)
     x = np.random.RandomState(3).randn(2, 8, 8, 1).astype(np.float32)
