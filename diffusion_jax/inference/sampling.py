@@ -42,14 +42,16 @@ class SamplerSpec:
         else:
             get_sampler(self.sampler, **dict(self.options))  # unknown sampler or option -> ValueError naming it
 
-    def imported(self, schedule=None):
+    def imported(self, schedule=None, prediction: str | None = None):
         """The `ImportedScheduler` of scheduler_config (a diffusers scheduler_config.json path) at self.steps, with
-        self.options on top; checked against `schedule` (the model's noise schedule) when given. None without one."""
+        self.options on top; checked against `schedule` (the model's noise schedule) and `prediction` (the model's
+        parameterization) when given. None without one."""
         if self.scheduler_config is None:
             return None
         imp = sampler_from_diffusers(self.scheduler_config, self.steps, options=dict(self.options))
         if schedule is not None:
-            imp.check_schedule(schedule)
+            edm = getattr(schedule, "kind", None) == "edm"
+            imp.check_schedule(schedule, prediction=None if edm else prediction)
         return imp
 
     @classmethod
@@ -139,7 +141,7 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
         parallel.check_divisible(shape[0], mesh, "the number of samples", hint="fewer devices")
         sharding = parallel.batch_sharding(mesh)
     options = dict(spec.options)
-    imported = spec.imported(schedule)
+    imported = spec.imported(schedule, prediction)
     check_model_fits(spec, learn_sigma, num_classes, imported)
     keep_variance = learned_variance(spec, imported)
     apply = make_apply_fn(graphdef)

@@ -23,7 +23,7 @@ import numpy as np
 
 from diffusion_jax.samplers.diffusers_levels import betas_from_config
 from diffusion_jax.samplers.diffusers_keys import Keys, Plan
-from diffusion_jax.samplers.diffusers_schedulers import REFUSED, SCHEDULERS
+from diffusion_jax.samplers.diffusers_schedulers import PREDICTIONS, REFUSED, SCHEDULERS
 from diffusion_jax.samplers.grid import Grid
 from diffusion_jax.samplers.registry import get_sampler, most_steps_within
 from diffusion_jax.samplers.wrapper import Guidance, make_denoiser
@@ -77,9 +77,10 @@ class ImportedScheduler:
         x, info = solver(den, self.plan.grid, jnp.asarray(noise) * self.plan.noise_scale, key, **self.plan.extra)
         return x * self.plan.out_scale, info
 
-    def check_schedule(self, schedule, what: str = "the model") -> None:
-        """ValueError unless a `DiscreteSchedule` has the config's alphas_cumprod (num_train_timesteps, the betas),
-        or, for an EDM scheduler, unless the model is an EDM process with the config's sigma_data."""
+    def check_schedule(self, schedule, what: str = "the model", prediction: str | None = None) -> None:
+        """ValueError unless a `DiscreteSchedule` has the config's alphas_cumprod (num_train_timesteps, the betas)
+        and, when given, the model's `prediction` is the config's prediction_type; or, for an EDM scheduler, unless
+        the model is an EDM process with the config's sigma_data."""
         sd = self.plan.edm_sigma_data
         if sd is not None:
             if getattr(schedule, "kind", None) != "edm" or not np.isclose(schedule.sigma_data, sd, rtol=1e-6):
@@ -91,6 +92,11 @@ class ImportedScheduler:
             raise ValueError(f"scheduler config {self.scheduler}: its betas (num_train_timesteps, beta_schedule, "
                              f"beta_start, beta_end, trained_betas, rescale_betas_zero_snr) give another noise "
                              f"schedule than {what}'s; give the scheduler config the model was trained with")
+        if prediction is not None and prediction != self.plan.prediction:
+            theirs = {v: k for k, v in PREDICTIONS.items()}
+            raise ValueError(f"scheduler config {self.scheduler}: prediction_type="
+                             f"{theirs.get(self.plan.prediction, self.plan.prediction)!r}, but {what} predicts "
+                             f"{prediction!r} (prediction_type={theirs.get(prediction, prediction)!r})")
 
 
 def load_scheduler_config(source) -> dict:

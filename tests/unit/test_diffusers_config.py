@@ -144,6 +144,9 @@ def test_check_schedule_names_the_betas():
     imp.check_schedule(make_schedule("linear", 1000))
     with pytest.raises(ValueError, match="beta_schedule, beta_start"):
         imp.check_schedule(make_schedule("cosine", 1000))
+    imp.check_schedule(make_schedule("linear", 1000), prediction="eps")
+    with pytest.raises(ValueError, match="prediction_type='epsilon', but the model predicts 'v'"):
+        imp.check_schedule(make_schedule("linear", 1000), prediction="v")
 
 
 def test_nfe_search_and_jit():

@@ -116,7 +116,7 @@ def make_pipeline(pipe: LatentPipeline, spec: SamplerSpec, task: str = "txt2img"
     elif strength is not None:
         raise ValueError(f"strength is for task 'img2img' only, got strength={strength!r} with task {task!r}")
     num = validate.check_int(num, "num")
-    imported = spec.imported(pipe.schedule)
+    imported = spec.imported(pipe.schedule, pipe.prediction)
     if imported is not None and task != "txt2img":
         raise ValueError(f"a diffusers scheduler config (scheduler_config) samples task 'txt2img' only, got {task!r}")
     shape = pipe.latent_shape(num, image_size)
