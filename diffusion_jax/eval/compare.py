@@ -32,7 +32,11 @@ from diffusion_jax.eval.evaluate import Scorer, divergence, generate
 from diffusion_jax.eval.report import cell_name
 from diffusion_jax.fileio import atomic_write, read_json, write_json
 from diffusion_jax.inference.sampling import SamplerSpec
-from diffusion_jax.samplers.diffusers_import import check_scheduler_class, load_scheduler_config, steps_for_nfe_diffusers
+from diffusion_jax.samplers.diffusers_import import (
+    check_scheduler_class,
+    load_scheduler_config,
+    steps_for_nfe_diffusers,
+)
 from diffusion_jax.samplers.registry import get_sampler, steps_for_nfe
 
 METRICS = ("fd", "kid", "is", "precision", "recall", "class_acc")

@@ -119,7 +119,8 @@ def _resampling(cfg, down: list, up: list) -> dict:
     kinds = set()
     for types, key in ((down, "downsample_type"), (up, "upsample_type")):
         for t in types[:-1]:
-            kinds.add("resnet" if t.startswith("Resnet") else cfg.get(key) or "conv" if t.startswith("Attn") else "conv")
+            attn_kind = cfg.get(key) or "conv"         # Attn*Block2D resample as downsample_type / upsample_type
+            kinds.add("resnet" if t.startswith("Resnet") else attn_kind if t.startswith("Attn") else "conv")
     if not kinds <= set(RESAMPLE_TYPES):
         raise ValueError(f"diffusers downsample_type / upsample_type {sorted(kinds - set(RESAMPLE_TYPES))} are not "
                          f"supported (need one of {RESAMPLE_TYPES})")

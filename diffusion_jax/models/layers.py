@@ -186,7 +186,8 @@ def _mish(x):
 
 
 # diffusers' get_activation names -> functions (gelu: the exact erf form, as torch.nn.GELU())
-ACTIVATIONS = {"silu": nnx.silu, "swish": nnx.silu, "mish": _mish, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+ACTIVATIONS = {"silu": nnx.silu, "swish": nnx.silu, "mish": _mish,
+               "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
 class ResBlock(nnx.Module):

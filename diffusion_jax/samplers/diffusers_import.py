@@ -107,7 +107,9 @@ def load_scheduler_config(source) -> dict:
         return _without_used_defaults(source)
     path = os.fspath(source)
     if os.path.isdir(path):
-        for cand in (os.path.join(path, "scheduler_config.json"), os.path.join(path, "scheduler", "scheduler_config.json")):
+        candidates = (os.path.join(path, "scheduler_config.json"),
+                      os.path.join(path, "scheduler", "scheduler_config.json"))
+        for cand in candidates:
             if os.path.isfile(cand):
                 path = cand
                 break

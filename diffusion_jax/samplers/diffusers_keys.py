@@ -25,7 +25,7 @@ class Plan:
     noise_scale: float = 1.0
     out_scale: float = 1.0
     learned_variance: bool = False
-    edm_sigma_data: float | None = None    # an EDM scheduler: the network must be EDM-preconditioned with this sigma_data
+    edm_sigma_data: float | None = None    # an EDM scheduler: the network's EDM preconditioning has this sigma_data
     extra: dict = dataclasses.field(default_factory=dict)    # solver arguments that are not options (half_grid)
 
 

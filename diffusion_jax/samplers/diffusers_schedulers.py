@@ -26,15 +26,15 @@ def _prediction(c) -> str:
 
 
 def _x0_post(c) -> dict:
-    """clip_sample / clip_sample_range and thresholding (Imagen's dynamic thresholding) of the classes that have them."""
+    """clip_sample / clip_sample_range and thresholding (Imagen's dynamic thresholding), in the classes with them."""
     out = {}
     if c.get("thresholding", False):
-        out["threshold"] = Threshold(float(c["dynamic_thresholding_ratio"]), float(c["sample_max_value"]))
+        out["threshold"] = Threshold(c.number("dynamic_thresholding_ratio"), c.number("sample_max_value"))
     else:
         for k in ("dynamic_thresholding_ratio", "sample_max_value"):
             c.get(k)
     if c.get("clip_sample", False) and "threshold" not in out:
-        out["clip_denoised"] = float(c["clip_sample_range"])
+        out["clip_denoised"] = c.number("clip_sample_range")
     else:
         c.get("clip_sample_range")
     return out
@@ -43,9 +43,9 @@ def _x0_post(c) -> dict:
 def _no_flow(c):
     """The flow-matching switches of the VP solvers: refused until diffusion_jax has flow models (issue 26)."""
     why = "needs a flow-matching model, which diffusion_jax does not have yet"
-    c.only("use_flow_sigmas", (False,), why) if "use_flow_sigmas" in c.defaults else None
-    c.only("use_dynamic_shifting", (False,), why) if "use_dynamic_shifting" in c.defaults else None
-    c.only("shift_terminal", (None,), why) if "shift_terminal" in c.defaults else None
+    for key, off in (("use_flow_sigmas", False), ("use_dynamic_shifting", False), ("shift_terminal", None)):
+        if key in c.defaults:
+            c.only(key, (off,), why)
 
 
 def _sigma_kind(c) -> str | None:
@@ -125,7 +125,9 @@ def _euler_levels(c, K: int, *, kinds: bool = True, final_key: bool = False, rou
     """(timesteps (K,), sigmas (K + 1,)) of EulerDiscreteScheduler.set_timesteps and its siblings."""
     T, _, table = _table(c)
     ts = lv.select(c.choice("timestep_spacing", lv.SPACINGS), T, K, c.int("steps_offset"), round_linspace=False)
-    interp = c.choice("interpolation_type", ("linear", "log_linear")) if "interpolation_type" in c.defaults else "linear"
+    interp = "linear"
+    if "interpolation_type" in c.defaults:
+        interp = c.choice("interpolation_type", ("linear", "log_linear"))
     if interp == "linear":
         sig = np.interp(ts, np.arange(T), table)
     else:                           # diffusers: K + 1 levels from s_max to s_min, and the final level after them
@@ -266,7 +268,8 @@ def unipc(c, K):
     ts, sig = _dpm_levels(c, K, karras_last=True)
     options = {"order": order, "predict_x0": c.flag("predict_x0"), "lower_order_final": c.flag("lower_order_final"),
                "disable_corrector": tuple(int(i) for i in c["disable_corrector"])}
-    return Plan("unipc_" + c.choice("solver_type", ("bh1", "bh2")), options, lv.ve_grid(ts, sig), _prediction(c), **_x0_post(c))
+    variant = c.choice("solver_type", ("bh1", "bh2"))
+    return Plan("unipc_" + variant, options, lv.ve_grid(ts, sig), _prediction(c), **_x0_post(c))
 
 
 def deis(c, K):

@@ -77,7 +77,8 @@ def sampler_scheduler_config(exp, classes: tuple[str, ...] | None = None) -> tup
     """(scheduler_config, note): the run's sampler (config.sample: sampler, steps, spacing, eta / variance, clip) as
     the diffusers scheduler that runs it exactly (`samplers.diffusers_export.to_diffusers_config`) when there is one
     (and its class is in `classes`: a DDPMPipeline calls neither scale_model_input nor init_noise_sigma, so only
-    DDPMScheduler / DDIMScheduler run right there); else the DDPMScheduler of `scheduler_config`, the note saying why."""
+    DDPMScheduler / DDIMScheduler run right there); else the DDPMScheduler of `scheduler_config`, the note says
+    why."""
     from diffusion_jax.samplers.diffusers_export import to_diffusers_config
     from diffusion_jax.samplers.registry import sampler_options
 

@@ -162,8 +162,9 @@ def test_sample_with_a_diffusers_scheduler_config(capsys, trained_workdir, tmp_p
     code, out = run(capsys, *common, "--scheduler-config", euler, "--out", str(tmp_path / "c.png"))
     assert code == 0 and "EulerDiscreteScheduler as euler" in out.out, out.err
     for extra, match in ((["--scheduler-config", ddim, "--sampler", "heun"], "--sampler: the --scheduler-config"),
-                         (["--scheduler-config", _run_scheduler_config(trained_workdir, tmp_path, "DDIMScheduler",
-                                                                       trained_betas=[0.01] * 1000, timestep_spacing="leading")],
+                         (["--scheduler-config", _run_scheduler_config(
+                             trained_workdir, tmp_path, "DDIMScheduler", trained_betas=[0.01] * 1000,
+                             timestep_spacing="leading")],
                           "another noise schedule"),
                          (["--scheduler-config", _run_scheduler_config(trained_workdir, tmp_path, "LCMScheduler")],
                           "consistency")):

@@ -125,7 +125,8 @@ def _combos():
 
 
 COMBOS = _combos()
-IDS = [f"{i}-{cls[:-9]}-{'-'.join(f'{k}={v}' for k, v in cfg.items())}-K{K}" for i, (cls, cfg, K, _) in enumerate(COMBOS)]
+IDS = [f"{i}-{cls[:-9]}-{'-'.join(f'{k}={v}' for k, v in cfg.items())}-K{K}"
+       for i, (cls, cfg, K, _) in enumerate(COMBOS)]
 
 
 def _network(prediction, sched, x, t):
@@ -170,8 +171,9 @@ def _ours(imp, sched):
     return np.asarray(x, np.float64) * p.out_scale
 
 
-STOCHASTIC_MODULES = {"DDPMScheduler": "scheduling_ddpm", "EulerAncestralDiscreteScheduler":
-                      "scheduling_euler_ancestral_discrete", "DPMSolverMultistepScheduler": "scheduling_dpmsolver_multistep",
+STOCHASTIC_MODULES = {"DDPMScheduler": "scheduling_ddpm",
+                      "EulerAncestralDiscreteScheduler": "scheduling_euler_ancestral_discrete",
+                      "DPMSolverMultistepScheduler": "scheduling_dpmsolver_multistep",
                       "DPMSolverSinglestepScheduler": "scheduling_dpmsolver_singlestep",
                       "KDPM2AncestralDiscreteScheduler": "scheduling_k_dpm_2_ancestral_discrete",
                       "EDMDPMSolverMultistepScheduler": "scheduling_edm_dpmsolver_multistep"}
