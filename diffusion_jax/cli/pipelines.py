@@ -181,11 +181,13 @@ def _generate(args, overrides) -> None:
     spec = SamplerSpec(args.sampler or "dpmpp_2m", args.steps, spacing=args.spacing or "leading", clip_denoised=None,
                        options=tuple(sorted(options.items())), guidance_scale=args.guidance,
                        scheduler_config=args.scheduler_config)
-    spec.validate()   # an unknown --option or a bad scheduler config is named before the model loads
-    if args.scheduler_config is not None:
+    # an unknown --option or a bad scheduler config is named before the model loads; the names are for the report
+    if args.scheduler_config is None:
+        spec.validate()
+        args.sampler, args.spacing = spec.sampler, spec.spacing
+    else:
         imported = spec.imported()
         args.sampler, args.spacing = f"{imported.scheduler} as {imported.sampler}", "its config's spacing"
-    args.sampler, args.spacing = spec.sampler if args.sampler is None else args.sampler, args.spacing or spec.spacing
     scales = control_scales(args.conditioning_scale, len(args.controlnet)) if args.controlnet else None
     model = load_text_to_image(args.workdir)
     control = None

@@ -40,11 +40,12 @@ def _sampler_spec(args, exp):
     sample_config = dataclasses.replace(exp.sample, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
                                  clip_denoised=args.clip)
     spec = SamplerSpec.from_config(sample_config, options=explicit, guidance_scale=args.guidance_scale)
-    if getattr(args, "scheduler_config", None) is None:
+    if config is None:
         return spec
     spec = dataclasses.replace(spec, options=tuple(sorted(explicit.items())), clip_denoised=None,
-                               scheduler_config=args.scheduler_config)
-    args.sampler = f"{spec.imported().scheduler} as {spec.imported().sampler}"
+                               scheduler_config=config)
+    imported = spec.imported()
+    args.sampler = f"{imported.scheduler} as {imported.sampler}"
     return spec
 
 

@@ -62,7 +62,7 @@ def _probe(cls: str, key, value) -> str | None:
 
 
 def _fmt(v) -> str:
-    return f"`{v!r}`" if not isinstance(v, str) or v.startswith("a ") is False else v
+    return v if isinstance(v, str) and v.startswith("a ") else f"`{v!r}`"    # "a list of T betas": a description
 
 
 def scheduler_markdown() -> str:

@@ -26,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.process.discrete import beta_schedule, rescale_zero_terminal_snr
-from diffusion_jax.samplers.grid import Grid
+from diffusion_jax.samplers.grid import MIN_ALPHA_BAR, Grid
 
+# diffusers' beta_schedule / prediction_type names -> ours (also read by the Stable Diffusion importer and the export)
 DIFFUSERS_BETAS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 SPACINGS = ("leading", "trailing", "linspace")
 SIGMA_KINDS = ("karras", "exponential", "beta")
-ZERO_SNR_ALPHA_BAR = 2.0 ** -24        # diffusers' stand-in for abar_{T-1} = 0 in its sigma schedulers
 KARRAS_RHO = 7.0
 
 
@@ -57,7 +58,7 @@ def betas_from_config(c) -> np.ndarray:
 
 def sigma_table(abar: np.ndarray) -> np.ndarray:
     """s_t = sqrt((1 - abar_t) / abar_t) for t = 0 .. T-1 (increasing), abar_{T-1} = 0 replaced by 2^-24."""
-    abar = np.where(abar > 0, abar, ZERO_SNR_ALPHA_BAR)
+    abar = np.where(abar > 0, abar, MIN_ALPHA_BAR)
     return np.sqrt((1.0 - abar) / abar)
 
 

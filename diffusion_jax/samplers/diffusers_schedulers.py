@@ -17,7 +17,7 @@ from diffusion_jax.samplers import diffusers_levels as lv
 from diffusion_jax.samplers.diffusers_keys import Keys, Plan
 from diffusion_jax.samplers.wrapper import Threshold
 
-PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+PREDICTIONS = lv.DIFFUSERS_PREDICTIONS
 
 
 # ------------------------------------------------------------------------------------------------ shared reads

@@ -35,7 +35,7 @@ from diffusion_jax.samplers.spacing import select_timesteps
 SPACINGS = ("leading", "trailing", "linspace", "uniform", "quadratic", "karras", "logsnr")
 FINALS = ("zero", "last")
 DISCRETE_ONLY_SPACINGS = ("leading", "trailing", "linspace")
-_MIN_ALPHA_BAR = 2.0 ** -24   # stands in for alpha_bar = 0 (zero terminal SNR) where log s is needed, as diffusers
+MIN_ALPHA_BAR = 2.0 ** -24   # stands in for alpha_bar = 0 (zero terminal SNR) where log s is needed, as diffusers
 
 
 @flax.struct.dataclass
@@ -151,7 +151,7 @@ def discrete_grid(schedule, steps: int, spacing: str = "leading", *, rho: float 
     alpha_tab = np.asarray(schedule.sqrt_alphas_cumprod, np.float64)
     sigma_tab = np.asarray(schedule.sqrt_one_minus_alphas_cumprod, np.float64)
     if spacing in ("karras", "logsnr"):
-        abar = np.maximum(alpha_tab ** 2, _MIN_ALPHA_BAR)
+        abar = np.maximum(alpha_tab ** 2, MIN_ALPHA_BAR)
         log_s = 0.5 * (np.log(sigma_tab ** 2) - np.log(abar))            # log sigma_ve, increasing in t
         if spacing == "karras":
             s = _karras(math.exp(log_s[-1]), math.exp(log_s[0]), n, rho)

@@ -38,7 +38,7 @@ from diffusion_jax.samplers.euler import (
     noisy_targets,
     with_trajectory,
 )
-from diffusion_jax.samplers.grid import _MIN_ALPHA_BAR, Grid, concrete_or_none
+from diffusion_jax.samplers.grid import MIN_ALPHA_BAR, Grid, concrete_or_none
 from diffusion_jax.samplers.wrapper import ode_derivative
 
 
@@ -58,7 +58,7 @@ def kdpm2_half_grid(process, grid: Grid, ancestral: bool = False) -> Grid:
     noisy = s_down > 0
     s_mid = np.where(noisy, np.sqrt(s[:-1] * np.where(noisy, s_down, 1.0)), s[:-1])
     if process.discrete:
-        abar = np.maximum(np.asarray(process.sqrt_alphas_cumprod, np.float64) ** 2, _MIN_ALPHA_BAR)
+        abar = np.maximum(np.asarray(process.sqrt_alphas_cumprod, np.float64) ** 2, MIN_ALPHA_BAR)
         log_s = 0.5 * (np.log(np.asarray(process.sqrt_one_minus_alphas_cumprod, np.float64) ** 2) - np.log(abar))
         t_mid = np.interp(np.log(s_mid), log_s, np.arange(len(log_s), dtype=np.float64))
         a_mid = 1.0 / np.sqrt(1.0 + s_mid ** 2)

@@ -37,11 +37,8 @@ from diffusion_jax.models.text.convert import load_clip_text
 from diffusion_jax.models.unet_cond import UNetCond, UNetCondConfig
 from diffusion_jax.models.vae import VAE, VAEConfig
 from diffusion_jax.process.discrete import make_schedule
+from diffusion_jax.samplers.diffusers_levels import DIFFUSERS_BETAS, DIFFUSERS_PREDICTIONS  # their names -> ours
 
-# diffusers scheduler_config.json -> make_schedule / our prediction names (read by the importers; train/export.py
-# writes their inverses)
-DIFFUSERS_BETAS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
-DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
