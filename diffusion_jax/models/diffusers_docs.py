@@ -5,8 +5,10 @@ UNet2DModel config keys change the project's U-Net and how, which are accepted a
 """
 from __future__ import annotations
 
-from diffusion_jax.models.convert_diffusers import _OPTIONS, _REQUIRED, BLOCK_TYPES, RESAMPLE_TYPES, STRUCTURAL
-from diffusion_jax.models.unet import _CHOICES
+from diffusion_jax.models.convert_diffusers import (_OPTIONS, _REQUIRED, BLOCK_TYPES, NCSNPP, RESAMPLE_TYPES,
+                                                    SKIP_TYPES, STRUCTURAL)
+from diffusion_jax.models.unet_config import _CHOICES
+from diffusion_jax.models.unet_cond import _FIELDS, _IRRELEVANT, _ONLY
 
 _VALUES = {**_CHOICES, "downsample_padding": (0, 1), "attn_norm_num_groups": ("None", "a divisor of the middle width")}
 
@@ -14,6 +16,21 @@ STRUCTURE_NOTE = ("`block_out_channels` (multiples of the first), `layers_per_bl
                   "`in_channels`, `out_channels`, `norm_num_groups`, `dropout`, `num_class_embeds` (+ a null class), "
                   "`attention_head_dim` (heads = channels // head dim per block; one count -> num_heads), "
                   "`time_embedding_dim` (4 x the first width only)")
+# what each accepted value of a `_REQUIRED` key becomes
+_MEANING = {
+    ("time_embedding_type", "positional"): "sinusoids of the timestep (`flip_sin_to_cos`, `freq_shift`)",
+    ("time_embedding_type", "fourier"): "`time_embedding='fourier'` of log(sigma) with W = `time_proj.weight` "
+                                        "(`fourier_weights`), output / sigma (`scale_by_sigma`)",
+    ("mid_block_type", "UNetMidBlock2D"): "ResBlock, attention (`add_attention`), ResBlock",
+    ("class_embed_type", None): "a table of `num_class_embeds` labels, plus a zero null class",
+    ("class_embed_type", "timestep"): "`class_embed_type='timestep'`: y (B,) through the time features and its own "
+                                      "MLP (`class_embedding.linear_1/2`); y required",
+    ("class_embed_type", "identity"): "`class_embed_type='identity'`: y (B, 4 x first width) added; y required",
+}
+_NCSNPP_FIELDS = ", ".join(f"{k}={v!r}" for k, v in NCSNPP.items())
+_SKIP_NOTE = (f"NCSN++ (google/ncsnpp-*): every level a Skip type; `UNetConfig` {_NCSNPP_FIELDS}, middle-block "
+              "scale / sqrt(2); needs norm_num_groups 32, every width >= 128 (its GroupNorms use min(width // 4, 32) "
+              "groups) and 3 image channels")
 
 
 def unet2d_markdown() -> str:
@@ -29,11 +46,36 @@ def unet2d_markdown() -> str:
               for k, v in _OPTIONS.items()]
     lines += [f"| `{k}` | `'conv'` | {', '.join(RESAMPLE_TYPES)}: every resampling level the same way "
               "(Resnet*sampleBlock2D resample by ResnetBlock2D) |" for k in ("downsample_type", "upsample_type")]
-    lines += [f"| `{k}` | `{default!r}` | only `{want!r}` |" for k, (want, default) in _REQUIRED.items()]
+    lines += [f"| `{k}` | `{default!r}` | " + "; ".join(f"`{v!r}`: {_MEANING[k, v]}" for v in allowed) + " |"
+              for k, (allowed, default) in _REQUIRED.items()]
     lines += ["", "| block type | in diffusion_jax |", "|---|---|"]
-    lines += [f"| `{b}` | {'supported' if b in BLOCK_TYPES else 'refused'} |" for b in STRUCTURAL]
+    support = lambda b: ("supported: NCSN++, below" if b in SKIP_TYPES else "supported") if b in BLOCK_TYPES \
+        else "refused"   # noqa: E731
+    lines += [f"| `{b}` | {support(b)} |" for b in STRUCTURAL]
+    lines += ["", f"Skip*Block2D: {_SKIP_NOTE}."]
     return "\n".join(lines) + "\n"
 
 
+def unet_cond_markdown() -> str:
+    """The UNet2DConditionModel audit (models/unet_cond.py `UNetCondConfig.from_diffusers`)."""
+    lines = ["## UNet2DConditionModel (Stable Diffusion 1.x / 2.x)", "",
+             "`UNetCondConfig.from_diffusers` (models/unet_cond.py) reads these keys into the field of the same name "
+             "(`attention_head_dim`, diffusers' historic name of the head count, into `num_attention_heads`; per-block "
+             "values as an int or a list): " + ", ".join(f"`{k}`" for k in _FIELDS) + ". `use_linear_projection` "
+             "(SD 2.x) and per-block head counts change the layout; `upcast_attention` is accepted and changes "
+             "nothing here, as attention logits are always float32. Keys read by diffusers only for block types or "
+             "embeddings refused here: " + ", ".join(f"`{k}`" for k in _IRRELEVANT) + ".", "",
+             "| option | diffusers default | accepted |", "|---|---|---|"]
+    lines += [f"| `{k}` | `{default!r}` | {', '.join(f'`{v!r}`' for v in allowed)} |"
+              for k, (allowed, default) in _ONLY.items()]
+    lines += ["| `only_cross_attention` | `False` | `False` (per block: all False) |"]
+    return "\n".join(lines) + "\n"
+
+
+def markdown() -> str:
+    """The whole of docs/diffusers_models.md."""
+    return unet2d_markdown() + "\n" + unet_cond_markdown()
+
+
 if __name__ == "__main__":
-    print(unet2d_markdown(), end="")
+    print(markdown(), end="")

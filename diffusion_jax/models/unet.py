@@ -15,8 +15,9 @@ References:
       NCSN++ (VE):  UNetConfig(time_embedding="fourier", resblock="biggan", resample_filter="fir",
                                skip_rescale=True)
     score_sde's `init_scale=0.` (last conv of every residual branch and the output conv start at
-    zero) is what this U-Net always does. Not implemented: NCSN++'s progressive input / output
-    pyramids, and its single attention block per decoder level (here: one after each ResBlock).
+    zero) is what this U-Net always does. NCSN++'s progressive input / output image pyramids and its
+    single attention per decoder level are `skip_pyramid` and `up_attention="last"`, as diffusers'
+    Skip*Block2D build them (google/ncsnpp-*; `convert_diffusers` maps those checkpoints).
 
 Used functionally:
     model = UNet(UNetConfig(), rngs=nnx.Rngs(0))
@@ -26,15 +27,14 @@ Used functionally:
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from diffusion_jax.models.layers import (
-    ACTIVATIONS,
     AttentionBlock,
     Downsample,
     ResBlock,
@@ -48,106 +48,26 @@ from diffusion_jax.models.layers import (
     linear,
     timestep_embedding,
 )
-from diffusion_jax.models.resample import RESAMPLE_FILTERS
-from diffusion_jax.models.unet_shape import UNetShape
+from diffusion_jax.models.resample import downsample_2d, upsample_2d
+from diffusion_jax.models.unet_config import _DTYPES, UNetConfig
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_CHOICES = {"time_embedding": ("positional", "fourier"), "resblock": ("ddpm", "biggan"),
-            "resample_filter": RESAMPLE_FILTERS, "act_fn": tuple(ACTIVATIONS),
-            "resnet_time_scale_shift": ("default", "scale_shift")}
-
-
-@dataclasses.dataclass(frozen=True)
-class UNetConfig(UNetShape):
-    """Hyper-parameters of `UNet`; errors name keys as `model.<field>`."""
-
-    name: str = "unet"                      # the backbone (models/registry.py)
-    image_size: int = 32
-    in_channels: int = 3
-    out_channels: int | None = None        # None -> in_channels, doubled when learn_sigma
-    channels: int = 128
-    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
-    num_res_blocks: int = 2
-    attention_resolutions: tuple[int, ...] = (16,)   # feature-map sizes (pixels) with self-attention
-    num_heads: int = 1
-    dropout: float = 0.1
-    num_groups: int = 32                    # GroupNorm groups
-    num_classes: int | None = None          # class-conditional; label == num_classes is the null class
-    context_dim: int | None = None          # cross-attention on a (B, L, context_dim) context
-    learn_sigma: bool = False               # output 2*C channels (improved DDPM learned variance)
-    dtype: str = "float32"                  # compute dtype ("float32" | "bfloat16"); params float32
-    # score_sde DDPM++ / NCSN++ options (Song et al. 2021); the defaults are DDPM's.
-    time_embedding: str = "positional"      # "positional": DDPM sinusoids of t, width `channels`;
-    #   "fourier": Gaussian Fourier features [sin(2 pi W s), cos(2 pi W s)], width 2 * channels, of
-    #   s = log(t) (t = sigma, VE) or s = t; W ~ N(0, fourier_scale^2), fixed (not a Param)
-    fourier_scale: float = 16.0             # std of the Fourier frequencies W (score_sde: 16)
-    fourier_log_input: bool = True          # fourier: embed log(t) (score_sde NCSN++ gets sigma > 0);
-    #   False embeds t as given (e.g. EDM's c_noise = ln(sigma) / 4, already a log)
-    resblock: str = "ddpm"                  # "ddpm": separate Downsample / Upsample layers (3x3 conv);
-    #   "biggan": ResBlocks that resample inside the block (score_sde ResnetBlockBigGANpp)
-    resample_filter: str = "plain"          # "plain": nearest up / stride-2 conv or 2x2 mean down;
-    #   "fir": StyleGAN2 upfirdn2d with the [1, 3, 3, 1] kernel
-    skip_rescale: bool = False              # residual sums (ResBlocks, attention) scaled by 1/sqrt(2)
-    # diffusers UNet2DModel options, named as in its config.json; the defaults are DDPM's (google/ddpm-cifar10-32),
-    # diffusers' own defaults are True, 0, 1, 1e-5
-    flip_sin_to_cos: bool = False           # positional time embedding: [cos, sin] instead of [sin, cos]
-    freq_shift: float = 1.0                 # its frequencies 10000**(-i / (channels / 2 - freq_shift))
-    downsample_padding: int = 0             # 0: pad the bottom / right by one before the stride-2 conv; 1: every side
-    norm_eps: float = 1e-6                  # epsilon of every GroupNorm
-    act_fn: str = "silu"                    # the ResBlocks' nonlinearity (silu | swish | mish | gelu)
-    resnet_time_scale_shift: str = "default"   # "scale_shift": ADM's FiLM, norm(h) (1 + scale) + shift
-    center_input_sample: bool = False       # the network sees 2 x - 1
-    mid_block_scale_factor: float = 1.0     # the middle block's residual sums are divided by it
-    add_attention: bool = True              # False: no attention in the middle block
-    attn_norm_num_groups: int | None = None   # GroupNorm groups of the middle block's attention (None: num_groups)
-    head_dim: int | None = None             # heads per attention block = its channels // head_dim (None: num_heads)
-    resample_shortcut: bool = True          # biggan: a 1x1 conv on the resampled x (score_sde); False: none when
-    #   the widths match (diffusers' downsample_type / upsample_type "resnet", Resnet{Down,Up}sampleBlock2D)
-
-    def validate(self) -> None:
-        """Raise ValueError naming the offending key (e.g. `model.image_size`)."""
-        self.validate_shape("unet")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"model.dtype={self.dtype!r} must be one of {sorted(_DTYPES)}")
-        for name, choices in _CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"model.{name}={getattr(self, name)!r} must be one of {list(choices)}")
-        scale = self.fourier_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale < float("inf"):
-            raise ValueError(f"model.fourier_scale={scale!r} must be a positive finite float")
-        for name in ("fourier_log_input", "skip_rescale", "flip_sin_to_cos", "center_input_sample", "add_attention",
-                     "resample_shortcut"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"model.{name}={getattr(self, name)!r} must be a bool")
-        shift = self.freq_shift
-        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 <= shift < self.channels // 2:
-            raise ValueError(f"model.freq_shift={shift!r} must be a number in [0, model.channels / 2)")
-        if self.downsample_padding not in (0, 1) or isinstance(self.downsample_padding, bool):
-            raise ValueError(f"model.downsample_padding={self.downsample_padding!r} must be 0 (DDPM) or 1 (diffusers)")
-        if self.downsample_padding and (self.resblock != "ddpm" or self.resample_filter != "plain"):
-            raise ValueError("model.downsample_padding=1 pads the plain stride-2 conv of resblock='ddpm', "
-                             f"resample_filter='plain'; this model has {self.resblock!r}, {self.resample_filter!r}")
-        eps = self.norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-            raise ValueError(f"model.norm_eps={eps!r} must be a number in (0, 1)")
-        f = self.mid_block_scale_factor
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < float("inf"):
-            raise ValueError(f"model.mid_block_scale_factor={f!r} must be a positive number")
-        for name in ("attn_norm_num_groups", "head_dim"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"model.{name}={v!r} must be None or a positive int")
-        if self.learn_sigma and self.out_channels is not None and self.out_channels % 2:
-            raise ValueError(f"model.out_channels={self.out_channels} must be even when model.learn_sigma=True")
-
+__all__ = ["UNet", "UNetConfig"]
 
 class _Level(nnx.Module):
-    """One resolution level: ResBlocks, attention after each (if any), optional resampling."""
+    """One resolution level: ResBlocks, attention after each (or after the last), optional resampling, and with
+    `skip_pyramid` the pyramid's convs (down: skip_conv 1x1 from the image; up: skip_norm, skip_conv 3x3 to it)."""
 
-    def __init__(self, res: list, attn: list, resample):
+    def __init__(self, res: list, attn: list, resample, skip_conv=None, skip_norm=None):
         self.res = nnx.List(res)
-        self.attn = nnx.List(attn)  # empty, or one AttentionBlock per ResBlock
+        self.attn = nnx.List(attn)  # empty, one AttentionBlock per ResBlock, or one after the last
         self.resample = resample    # Downsample / Upsample / a resampling ResBlock (biggan) / None
+        self.skip_conv, self.skip_norm = skip_conv, skip_norm
+
+    def attention_after(self, j: int):
+        """The AttentionBlock that follows ResBlock j, or None."""
+        if len(self.attn) == len(self.res):
+            return self.attn[j]
+        return self.attn[0] if len(self.attn) and j == len(self.res) - 1 else None
 
     def apply_resample(self, h, emb, key):
         if isinstance(self.resample, ResBlock):
@@ -167,7 +87,10 @@ class UNet(nnx.Module):
       up levels i = L-1..0: (num_res_blocks + 1) x [concat skip, ResBlock(C_i) (+ Attention)],
         unless i == 0: Upsample or ResBlock(up) -> GroupNorm, SiLU, conv_out 3x3.
     Every resampling follows `resample_filter`; every residual sum is scaled by 1/sqrt(2) when
-    `skip_rescale` (the U-Net's concatenated skips are not).
+    `skip_rescale` (the U-Net's concatenated skips are not). `skip_pyramid` (NCSN++): the input image,
+    resampled, enters each downsampled level through a 1x1 conv; every up level but the last adds
+    conv3x3(SiLU(GroupNorm(h))) to the output pyramid (upsampled level by level), which is added to the
+    output. `scale_by_sigma`: the output is divided by t.
     """
 
     def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, encoder_only: bool = False):
@@ -196,6 +119,8 @@ class UNet(nnx.Module):
         self.time_embed_2 = linear(emb_dim, emb_dim, rngs)
         self.class_embed = (nnx.Embed(c.num_classes + 1, emb_dim, rngs=rngs)
                             if c.num_classes is not None else None)
+        if c.class_embed_type == "timestep":   # y through the time features and an MLP of its own (diffusers)
+            self.class_embed_1, self.class_embed_2 = linear(time_dim, emb_dim, rngs), linear(emb_dim, emb_dim, rngs)
         self.conv_in = conv(c.in_channels, c.channels, 3, rngs, dt)
 
         n_levels = len(c.channel_mult)
@@ -212,7 +137,9 @@ class UNet(nnx.Module):
                     attns.append(attn(ch))
                 skip_chs.append(ch)
             last = i == n_levels - 1
-            down.append(_Level(res, attns, None if last else resampler(ch, "down")))
+            pyramid = c.skip_pyramid and not last    # the image, resampled to this level's output, joins it
+            down.append(_Level(res, attns, None if last else resampler(ch, "down"),
+                               conv(c.in_channels, ch, 1, rngs, dt) if pyramid else None))
             if not last:
                 skip_chs.append(ch)
         self.down = nnx.List(down)
@@ -232,9 +159,12 @@ class UNet(nnx.Module):
             for _ in range(c.num_res_blocks + 1):
                 res.append(ResBlock(ch + skip_chs.pop(), c.channels * c.channel_mult[i], emb_dim, **kw))
                 ch = c.channels * c.channel_mult[i]
-                if use_attn:
+                if use_attn and (c.up_attention == "each" or len(res) == c.num_res_blocks + 1):
                     attns.append(attn(ch))
-            up.append(_Level(res, attns, resampler(ch, "up") if i > 0 else None))
+            pyramid = c.skip_pyramid and i > 0       # this level's image, added to the output pyramid
+            up.append(_Level(res, attns, resampler(ch, "up") if i > 0 else None,
+                             conv(ch, c.resolved_out_channels, 3, rngs, dt) if pyramid else None,
+                             group_norm(ch, c.num_groups, rngs, c.norm_eps) if pyramid else None))
         self.up = nnx.List(up)
 
         self.norm_out = group_norm(ch, c.num_groups, rngs, c.norm_eps)
@@ -244,14 +174,15 @@ class UNet(nnx.Module):
         """The parameter-free time embedding fed to `time_embed_1`.
 
         "positional": DDPM sinusoids of t, (B, channels). "fourier": [sin(2 pi W s), cos(2 pi W s)]
-        with s = log(t) if `fourier_log_input` else t and W = fourier_frequencies(channels,
+        with s = log(t) if `fourier_log_input` else t and W = `fourier_weights` or fourier_frequencies(channels,
         fourier_scale), (B, 2 channels). t: (B,) float.
         """
         c = self.config
         t = jnp.asarray(t, jnp.float32)
         if c.time_embedding == "fourier":
             s = jnp.log(t) if c.fourier_log_input else t
-            return fourier_embedding(s, fourier_frequencies(c.channels, c.fourier_scale))
+            w = fourier_frequencies(c.channels, c.fourier_scale) if c.fourier_weights is None else c.fourier_weights
+            return fourier_embedding(s, np.asarray(w, np.float32))
         return timestep_embedding(t, c.channels, flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
 
     def __call__(self, x, t, y=None, context=None, *, residuals=None, train: bool = False, dropout_key=None):
@@ -263,18 +194,22 @@ class UNet(nnx.Module):
             fractional) for "positional"; for "fourier" the noise level sigma > 0 (its log is
             embedded, score_sde NCSN++) or, with fourier_log_input=False, the value to embed.
           y: (B,) int labels in [0, num_classes] (num_classes = null class), or None (-> null class);
-            must be None for an unconditional model.
+            must be None for an unconditional model. class_embed_type "timestep": (B,) float, embedded as t is;
+            "identity": (B, 4 channels) float, added to the time embedding; both required.
           context: (B, L, context_dim), required iff `context_dim` is set.
           residuals: ControlNet residuals (down, mid) added to the skips and the middle block's output
             (`layers.add_residuals`), or None.
           train: apply dropout, with randomness from `dropout_key` (one fold per ResBlock).
         Returns:
-          (B, H, W, resolved_out_channels) float32.
+          (B, H, W, resolved_out_channels) float32, divided by t when `scale_by_sigma`.
         """
         x, emb, context, key = self.prepare(x, t, y, context, train=train, dropout_key=dropout_key)
         skips, h = self.encode(x, emb, context, key)
         skips, h = add_residuals(skips, h, residuals)
-        return self.decode(h, skips, emb, context, key)
+        out = self.decode(h, skips, emb, context, key)
+        if self.config.scale_by_sigma:
+            out = out / jnp.broadcast_to(jnp.asarray(t, jnp.float32), out.shape[:1])[:, None, None, None]
+        return out
 
     def prepare(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None):
         """Checked inputs -> (x in the compute dtype, emb (B, 4 channels), context, key) with key() the next
@@ -285,7 +220,7 @@ class UNet(nnx.Module):
         x = 2 * x - 1 if c.center_input_sample else x
         b = x.shape[0]
 
-        if self.class_embed is None and y is not None:
+        if self.class_embed is None and y is not None and c.class_embed_type is None:
             raise ValueError("class labels y were given but the model is unconditional "
                              "(model.num_classes is None)")
         if self.class_embed is not None:
@@ -306,9 +241,24 @@ class UNet(nnx.Module):
         emb = self.time_embed_2(nnx.silu(self.time_embed_1(self.time_features(t))))
         if self.class_embed is not None:
             emb = emb + self.class_embed(y)
+        elif c.class_embed_type is not None:
+            emb = emb + self.embed_class(y, b)
         counter = itertools.count()
         key = lambda: jax.random.fold_in(dropout_key, next(counter)) if use_dropout else None  # noqa: E731
         return x.astype(dt), emb.astype(dt), context, key
+
+    def embed_class(self, y, b: int) -> jax.Array:
+        """The class embedding of `class_embed_type` "timestep" (y (B,) -> MLP(time_features(y))) or "identity"
+        (y (B, 4 channels) as given), (B, 4 channels) float32; ValueError naming y's expected shape."""
+        c = self.config
+        shape = (b,) if c.class_embed_type == "timestep" else (b, 4 * c.channels)
+        y = None if y is None else jnp.asarray(y, jnp.float32)
+        if y is None or y.shape != shape:
+            raise ValueError(f"model.class_embed_type={c.class_embed_type!r} needs y of shape {shape}, got "
+                             f"{None if y is None else y.shape}")
+        if c.class_embed_type == "identity":
+            return y
+        return self.class_embed_2(nnx.silu(self.class_embed_1(self.time_features(y))))
 
     def encode(self, x, emb, context, key, hint=None):
         """conv_in (+ hint, a ControlNet's conditioning features), down levels, middle block ->
@@ -316,15 +266,18 @@ class UNet(nnx.Module):
         h = self.conv_in(x)
         if hint is not None:
             h = h + hint.astype(h.dtype)
-        skips = [h]
+        skips, image = [h], x
         for level in self.down:
             for j, res in enumerate(level.res):
                 h = res(h, emb, key())
-                if len(level.attn):
-                    h = level.attn[j](h, context)
+                attn = level.attention_after(j)
+                h = h if attn is None else attn(h, context)
                 skips.append(h)
             if level.resample is not None:
                 h = level.apply_resample(h, emb, key)
+                if level.skip_conv is not None:     # the input pyramid
+                    image = downsample_2d(image, self.config.resample_filter)
+                    h = h + level.skip_conv(image)
                 skips.append(h)
 
         h = self.mid_res1(h, emb, key())
@@ -333,14 +286,20 @@ class UNet(nnx.Module):
 
     def decode(self, h, skips, emb, context, key):
         """Up levels on the skips (consumed last first), GroupNorm, SiLU, conv_out -> (B, H, W, out) float32."""
-        skips = list(skips)
+        skips, pyramid, dt = list(skips), None, _DTYPES[self.config.dtype]
         for level in self.up:
             for j, res in enumerate(level.res):
                 h = res(jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1), emb, key())
-                if len(level.attn):
-                    h = level.attn[j](h, context)
+                attn = level.attention_after(j)
+                h = h if attn is None else attn(h, context)
+            if self.config.skip_pyramid and pyramid is not None:    # the output pyramid, up to this level
+                pyramid = upsample_2d(pyramid, self.config.resample_filter)
+            if level.skip_conv is not None:
+                out = level.skip_conv(nnx.silu(level.skip_norm(h)).astype(dt))
+                pyramid = out if pyramid is None else pyramid + out
             if level.resample is not None:
                 h = level.apply_resample(h, emb, key)
 
-        h = self.conv_out(nnx.silu(self.norm_out(h)).astype(_DTYPES[self.config.dtype]))
+        h = self.conv_out(nnx.silu(self.norm_out(h)).astype(dt))
+        h = h if pyramid is None else h + pyramid
         return h.astype(jnp.float32)

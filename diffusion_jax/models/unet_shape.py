@@ -9,8 +9,8 @@ class UNetShape:
 
     def __post_init__(self):
         # Accept lists (e.g. from ml_collections) but keep the dataclass hashable.
-        for name in ("channel_mult", "attention_resolutions"):
-            value = getattr(self, name)
+        for name in ("channel_mult", "attention_resolutions", "fourier_weights"):
+            value = getattr(self, name, None)
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(value))
 

@@ -15,9 +15,14 @@ Target workdir (`convert_unet2d`; an existing non-empty folder is refused):
   checkpoints/0/     the trainer's orbax TrainState: params = ema_params = the converted weights, opt_state = the
                      config's optimizer at init, step 0 (`train.checkpoint.load_trained` restores it);
   imported_from.json the source folder and its two diffusers configs, as read.
-The experiment: model = `unet_config_from_diffusers(config.json)`; schedule (kind "discrete") and loss.prediction
-from scheduler_config.json (`stable_diffusion.schedule_from_diffusers`); sample.variance from variance_type
-(fixed_small / fixed_large; learned variances are refused), sample.clip_denoised from clip_sample /
+ScoreSdeVePipeline folders (google/ncsnpp-*: Skip*Block2D, Fourier time embedding, ScoreSdeVeScheduler) become VE-SDE
+workdirs: schedule kind "ve" (sigma_min, sigma_max), loss.prediction "score" (the network's output / sigma), sampled
+by sampler "pc" (predictor-corrector, as ScoreSdeVePipeline) with t-uniform steps; its snr / correct_steps are
+logged, not imported. A class_embed_type network (it needs per-sample class_labels) and schedulers without a beta table
+are refused.
+The experiment: model = `unet_config_from_diffusers(config.json, weights)`; schedule (kind "discrete") and
+loss.prediction from scheduler_config.json (`stable_diffusion.schedule_from_diffusers`); sample.variance from
+variance_type (fixed_small / fixed_large; learned variances are refused), sample.clip_denoised from clip_sample /
 clip_sample_range, sample.spacing from timestep_spacing. data: image_size from the model; name / data_dir as given,
 by default name "folder" with data_dir TARGET/data (which need not exist: only `compare`, `likelihood` and further
 training read data, so put real images there or pass e.g. data={"name": "tfds:cifar10", "data_dir": ...}; compare
@@ -45,6 +50,7 @@ from diffusion_jax.models.weights_io import read_model_folder
 log = logging.getLogger(__name__)
 
 UNET_CLASS = "UNet2DModel"
+SCORE_SDE_VE = "ScoreSdeVeScheduler"
 # diffusers DDPMScheduler variance_type -> sample.variance (the *_log forms are the same variances)
 _VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
               "fixed_large_log": "fixed_large"}
@@ -90,17 +96,46 @@ def sample_from_diffusers(cfg: dict) -> dict:
     return sample
 
 
-def experiment_from_diffusers(unet_cfg: dict, scheduler_cfg: dict, *, data: dict) -> Experiment:
+def _process_from_diffusers(cfg: dict) -> tuple[dict, str, dict]:
+    """(the "schedule", loss.prediction, "sample" sections) of a scheduler_config.json: a DDPM beta table (any
+    scheduler class with one, or no _class_name) or ScoreSdeVeScheduler's VE SDE (the score of an NCSN++ model, output
+    / sigma: sigma_min, sigma_max; sampled by predictor-corrector, as ScoreSdeVePipeline does). Others are refused."""
+    from diffusion_jax.samplers.diffusers_schedulers import SCHEDULERS
+
+    name = cfg.get("_class_name")
+    if name == SCORE_SDE_VE:
+        log.warning("scheduler_config.json: %s's snr=%s, correct_steps=%s and sampling_eps=%s are not imported: "
+                    "sampler 'pc' uses its own (snr 0.16, one corrector step, the grid's t_min)", name,
+                    cfg.get("snr", 0.15), cfg.get("correct_steps", 1), cfg.get("sampling_eps", 1e-5))
+        schedule = {"kind": "ve", "sigma_min": float(cfg.get("sigma_min", 0.01)),
+                    "sigma_max": float(cfg.get("sigma_max", 1348.0))}
+        return schedule, "score", {"sampler": "pc", "steps": 1000, "spacing": "uniform", "clip_denoised": 0.0}
+    if name is not None and "beta_schedule" not in getattr(SCHEDULERS.get(name), "defaults", {}):
+        raise ValueError(f"scheduler_config.json: _class_name={name!r} has no DDPM beta table; convert takes a "
+                         f"scheduler with beta_schedule (e.g. DDPMScheduler) or {SCORE_SDE_VE}")
+    schedule, prediction = schedule_from_diffusers(cfg)
+    return {"kind": "discrete", **schedule}, prediction, sample_from_diffusers(cfg)
+
+
+def experiment_from_diffusers(unet_cfg: dict, scheduler_cfg: dict, *, data: dict, state_dict=None) -> Experiment:
     """The validated `Experiment` of a UNet2DModel config.json and its scheduler_config.json (module doc).
 
-    data: `DataConfig` fields (name, data_dir, ...); image_size is the model's. Errors name the diffusers key."""
+    data: `DataConfig` fields (name, data_dir, ...); image_size is the model's. state_dict: the weights (needed for
+    time_embedding_type "fourier"). Errors name the diffusers key."""
     if unet_cfg.get("sample_size") is None:
         raise ValueError("config.json: sample_size (the image size) is missing")
-    model = unet_config_from_diffusers(unet_cfg)
-    schedule, prediction = schedule_from_diffusers(scheduler_cfg)
+    if unet_cfg.get("class_embed_type") is not None:
+        raise ValueError(f"config.json: class_embed_type={unet_cfg['class_embed_type']!r} conditions on per-sample "
+                         "class_labels that the project's samplers do not pass; models.convert_diffusers_unet maps "
+                         "such a network for direct use")
+    model = unet_config_from_diffusers(unet_cfg, state_dict)
+    schedule, prediction, sample = _process_from_diffusers(scheduler_cfg)
+    if (schedule["kind"] == "ve") != model.scale_by_sigma:
+        raise ValueError(f"config.json: time_embedding_type={unet_cfg.get('time_embedding_type', 'positional')!r} "
+                         f"does not go with scheduler_config.json's {scheduler_cfg.get('_class_name')}: a "
+                         f"{SCORE_SDE_VE} needs the Fourier-embedded score network (output / sigma), and only it")
     raw = {"seed": 0, "data": {**data, "image_size": model.image_size}, "model": dataclasses.asdict(model),
-           "schedule": {"kind": "discrete", **schedule}, "loss": {"prediction": prediction},
-           "sample": sample_from_diffusers(scheduler_cfg)}
+           "schedule": schedule, "loss": {"prediction": prediction}, "sample": sample}
     return Experiment.from_config(raw)
 
 
@@ -138,7 +173,7 @@ def convert_unet2d(source: str, target: str, *, data: dict | None = None) -> Exp
         raise ValueError(f"{scheduler_path} is not a JSON object")
     if data is None:
         data = {"name": "folder", "data_dir": os.path.join(os.path.abspath(target), "data")}
-    exp = experiment_from_diffusers(unet_cfg, scheduler_cfg, data=data)
+    exp = experiment_from_diffusers(unet_cfg, scheduler_cfg, data=data, state_dict=state_dict)
     params = nnx.to_pure_dict(convert_diffusers_unet(state_dict, exp.model))
     state = initial_state(exp, params)
 

@@ -150,3 +150,44 @@ def test_bad_sources_are_named(ddpm_folders, tmp_path, capsys):
     (learned / "scheduler_config.json").write_text(json.dumps({**cfg, "variance_type": "learned_range"}))
     with pytest.raises(ValueError, match="variance_type='learned_range'"):
         convert_unet2d(str(learned), str(tmp_path / "w3"))
+
+
+def test_ncsnpp_score_sde_ve_pipeline_converts(tmp_path, caplog):
+    """A ScoreSdeVePipeline (google/ncsnpp-* layout: Skip*Block2D, Fourier time embedding, ScoreSdeVeScheduler)
+    becomes a VE-SDE workdir whose network is diffusers' score (output / sigma) at the same noise levels; a UNet2DModel
+    whose time embedding does not fit its scheduler, and a scheduler without a beta table, are refused by name."""
+    import shutil
+
+    from flax import nnx
+
+    unet = random_torch_model(
+        diffusers.UNet2DModel, seed=1, perturb=0.1, sample_size=8, block_out_channels=(128, 256), layers_per_block=1,
+        down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D"), up_block_types=("AttnSkipUpBlock2D",
+        "SkipUpBlock2D"), time_embedding_type="fourier", mid_block_scale_factor=2 ** 0.5, norm_eps=1e-6,
+        attention_head_dim=None)
+    scheduler = diffusers.ScoreSdeVeScheduler(sigma_min=0.01, sigma_max=50.0, snr=0.17)
+    folder = tmp_path / "ncsnpp"
+    diffusers.ScoreSdeVePipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    exp = convert_unet2d(str(folder), str(tmp_path / "workdir"))
+    assert (exp.schedule.kind, exp.schedule.sigma_min, exp.schedule.sigma_max) == ("ve", 0.01, 50.0)
+    assert (exp.loss.prediction, exp.sample.sampler, exp.model.skip_pyramid) == ("score", "pc", True)
+    assert "snr=0.17" in caplog.text                            # what is not imported is said
+    _, graphdef, params, _ = load_trained(str(tmp_path / "workdir"))
+    sigma = np.array([0.02, 20.0], np.float32)
+    x = np.random.default_rng(2).standard_normal((2, 8, 8, 3)).astype(np.float32) * sigma[:, None, None, None]
+    ours = np.asarray(nnx.merge(graphdef, params)(x, build_schedule(exp.schedule).network_time(
+        np.log(sigma / 0.01) / np.log(50.0 / 0.01))))             # t with sigma(t) = sigma: network time sigma
+    want = nhwc(unet(to_torch(x, nchw_from_nhwc=True), to_torch(sigma)).sample.detach())
+    for i in range(2):
+        assert np.abs(ours[i] - want[i]).max() <= 1e-4 * np.abs(want[i]).max()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDPMScheduler", "beta_schedule": "linear"}))
+    with pytest.raises(ValueError, match="time_embedding_type='fourier' does not go with .*DDPMScheduler"):
+        convert_unet2d(str(broken), str(tmp_path / "w1"))
+    (broken / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "EDMEulerScheduler"}))
+    with pytest.raises(ValueError, match="_class_name='EDMEulerScheduler' has no DDPM beta table"):
+        convert_unet2d(str(broken), str(tmp_path / "w2"))
+    assert not (tmp_path / "w1").exists() and not (tmp_path / "w2").exists()

@@ -146,13 +146,74 @@ def test_unet2dmodel_options_convert_with_parity(options):
     np.testing.assert_allclose(np.asarray(ours), out, atol=1e-4, rtol=1e-4)
 
 
+NCSNPP_BLOCKS = dict(sample_size=8, block_out_channels=(128, 256), norm_num_groups=32, time_embedding_type="fourier",
+                     mid_block_scale_factor=1.41421356237, norm_eps=1e-6, attention_head_dim=None,
+                     down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D"),
+                     up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D"))
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("options", [
+    dict(time_embedding_type="fourier"),                  # GaussianFourierProjection of log(sigma), output / sigma
+    dict(class_embed_type="timestep", num_class_embeds=5),   # y embedded as t is (num_class_embeds unused)
+    dict(class_embed_type="identity"),                    # y (B, 4C) added to the time embedding
+    NCSNPP_BLOCKS,                                        # google/ncsnpp-*: image pyramids, FIR ResnetBlock2Ds
+    {**NCSNPP_BLOCKS, "block_out_channels": (128, 128, 256), "attention_head_dim": 64, "layers_per_block": 2,
+     "down_block_types": ("AttnSkipDownBlock2D", "SkipDownBlock2D", "SkipDownBlock2D"),
+     "up_block_types": ("SkipUpBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D"),
+     "resnet_time_scale_shift": "scale_shift",
+     "attn_norm_num_groups": 32, "act_fn": "mish"},
+], ids=["fourier", "class_timestep", "class_identity", "ncsnpp", "ncsnpp_3_levels"])
+def test_unet2dmodel_ncsnpp_and_class_embeddings_convert_with_parity(options):
+    """UNet2DModel's Fourier time embedding (W from the weights), class_embed_type "timestep" / "identity" and the
+    NCSN++ blocks (Skip*Block2D: input / output image pyramids, FIR-resampling ResnetBlock2Ds, one attention per
+    up level) convert and agree (relative to the output's scale, which the division by sigma stretches); the export
+    refuses them by name, as it does not write them."""
+    _, diffusers = need("torch", "diffusers")
+    kw = {"sample_size": 8, "in_channels": 3, "out_channels": 3, "block_out_channels": (16, 32),
+          "layers_per_block": 1, "norm_num_groups": 4, "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+          "up_block_types": ("AttnUpBlock2D", "UpBlock2D"), "attention_head_dim": 8, **options}
+    ref = random_torch_model(diffusers.UNet2DModel, seed=4, perturb=0.1, **kw)
+    config = unet_config_from_diffusers(ref.config, ref.state_dict())
+    params = convert_diffusers_unet(ref.state_dict(), config)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0))), nnx.Param)
+    rng = np.random.RandomState(5)
+    x = rng.randn(2, 8, 8, 3).astype(np.float32)
+    t = np.array([0.05, 30.0], np.float32)                  # noise levels (> 0: the Fourier embedding takes a log)
+    y = {"timestep": np.array([0.5, 3.0], np.float32), "identity": rng.randn(2, 64).astype(np.float32)}.get(
+        options.get("class_embed_type"))
+    ours = np.asarray(jax.jit(lambda p, x, t, y: nnx.merge(graphdef, p)(x, t, y))(params, x, t, y))
+    out = run_nhwc(ref, x, t, class_labels=y)
+    for i in range(2):
+        assert np.abs(ours[i] - out[i]).max() <= 1e-4 * np.abs(out[i]).max()
+    with pytest.raises(ValueError, match="no diffusers UNet2DModel counterpart that the export writes"):
+        unet2d_config(config)
+
+
 def test_converter_rejects_mismatches():
     with pytest.raises(ValueError, match="model.act_fn='relu' must be one of"):
         unet_config_from_diffusers({**DDPM_CIFAR10_DIFFUSERS, "act_fn": "relu"})
     with pytest.raises(ValueError, match="attention without GroupNorm"):
         unet_config_from_diffusers({**DDPM_CIFAR10_DIFFUSERS, "resnet_time_scale_shift": "scale_shift"})
-    with pytest.raises(ValueError, match="time_embedding_type='fourier' is not supported"):
+    with pytest.raises(ValueError, match="time_embedding_type='learned' is not supported"):
+        unet_config_from_diffusers({**DDPM_CIFAR10_DIFFUSERS, "time_embedding_type": "learned"})
+    with pytest.raises(ValueError, match="'time_proj.weight'.*pass the state_dict"):
         unet_config_from_diffusers({**DDPM_CIFAR10_DIFFUSERS, "time_embedding_type": "fourier"})
+    with pytest.raises(ValueError, match=r"time_proj.weight' has shape \(64,\), need \(128,\)"):
+        unet_config_from_diffusers({**DDPM_CIFAR10_DIFFUSERS, "time_embedding_type": "fourier"},
+                                   {"time_proj.weight": np.zeros(64)})
+    with pytest.raises(ValueError, match="class_embed_type='projection' is not supported"):
+        unet_config_from_diffusers({**DDPM_CIFAR10_DIFFUSERS, "class_embed_type": "projection"})
+    ncsnpp = {**DDPM_CIFAR10_DIFFUSERS, **NCSNPP_BLOCKS, "time_embedding_type": "positional"}
+    assert unet_config_from_diffusers(ncsnpp).skip_pyramid
+    with pytest.raises(ValueError, match=r"mix Skip\*Block2D \(NCSN\+\+\) with other block types"):
+        unet_config_from_diffusers({**ncsnpp, "down_block_types": ("DownBlock2D", "AttnSkipDownBlock2D")})
+    with pytest.raises(ValueError, match=r"norm_num_groups=32 and every block_out_channels >= 128.*\[64, 128\]"):
+        unet_config_from_diffusers({**ncsnpp, "block_out_channels": (64, 128)})
+    with pytest.raises(ValueError, match="3-channel image pyramids; in_channels=1"):
+        unet_config_from_diffusers({**ncsnpp, "in_channels": 1})
+    with pytest.raises(ValueError, match="model.skip_rescale=False: diffusers' Skip"):
+        convert_diffusers_unet({}, dataclasses.replace(unet_config_from_diffusers(ncsnpp), skip_rescale=False))
     with pytest.raises(ValueError, match="model.downsample_padding=2 must be 0"):
         unet_config_from_diffusers({**DDPM_CIFAR10_DIFFUSERS, "downsample_padding": 2})
     with pytest.raises(ValueError, match="cross-attention"):
@@ -247,6 +308,12 @@ def test_label_and_context_errors(tiny):
     (dict(dtype="float16"), "model.dtype"),
     (dict(num_classes=0), "model.num_classes"),
     (dict(learn_sigma=True, out_channels=3), "model.out_channels"),
+    (dict(fourier_weights=(1.0,) * 128), "model.fourier_weights"),                  # needs time_embedding fourier
+    (dict(time_embedding="fourier", fourier_weights=(1.0,) * 7), "model.fourier_weights"),
+    (dict(up_attention="first"), "model.up_attention"),
+    (dict(class_embed_type="projection"), "model.class_embed_type"),
+    (dict(class_embed_type="timestep", num_classes=10), "model.num_classes"),
+    (dict(skip_pyramid=1), "model.skip_pyramid"),
 ])
 def test_validate_names_the_key(changes, key):
     config = dataclasses.replace(UNetConfig(), **changes)
@@ -263,3 +330,27 @@ def test_config_defaults_and_lists():
     assert UNetConfig(out_channels=4).resolved_out_channels == 4
     config = UNetConfig(channel_mult=[1, 2], attention_resolutions=[16])  # e.g. from ml_collections
     assert config.channel_mult == (1, 2) and hash(config)
+    fourier = UNetConfig(channels=4, time_embedding="fourier", fourier_weights=[0.5, -1.0, 2.0, 3.0])   # from JSON
+    assert fourier.fourier_weights == (0.5, -1.0, 2.0, 3.0) and hash(fourier)
+
+
+def test_native_pyramid_and_class_embeddings():
+    """The NCSN++ options on a model of the project's own (plain resampling, any widths): the image pyramids join the
+    computation (the output changes with their convs), one attention per up level, the class embedding of y."""
+    config = dataclasses.replace(MINI, channel_mult=(1, 2), attention_resolutions=(2,), num_classes=None,
+                                 context_dim=None, skip_pyramid=True, up_attention="last", class_embed_type="timestep")
+    graphdef, params = random_params(config, seed=3)
+    model = nnx.merge(graphdef, params)
+    assert len(model.up[0].attn) == 1 and len(model.up[0].res) == 2 and model.up[1].skip_conv is None
+    assert model.down[0].skip_conv.kernel.shape == (1, 1, 3, 8) and model.up[0].skip_conv.kernel.shape == (3, 3, 16, 3)
+    x, t, y = np.ones((2, 4, 4, 3), np.float32), np.array([3.0, 40.0], np.float32), np.array([1.0, 2.0], np.float32)
+    out = model(x, t, y)
+    assert out.shape == (2, 4, 4, 3) and np.all(np.isfinite(out))
+    assert not np.allclose(out, model(x, t, y[::-1]))               # y is embedded
+    model.down[0].skip_conv.kernel[...] = jnp.zeros_like(model.down[0].skip_conv.kernel[...])
+    assert not np.allclose(out, model(x, t, y))                     # the input pyramid joins
+    without = model(x, t, y)
+    model.up[0].skip_conv.kernel[...] = jnp.zeros_like(model.up[0].skip_conv.kernel[...])
+    assert not np.allclose(without, model(x, t, y))                 # the output pyramid joins
+    with pytest.raises(ValueError, match=r"class_embed_type='timestep' needs y of shape \(2,\), got None"):
+        model(x, t)

@@ -194,10 +194,10 @@ def test_docs_schedulers_md_is_generated_from_the_code():
 def test_docs_diffusers_models_md_is_generated_from_the_code():
     import pathlib
 
-    from diffusion_jax.models.diffusers_docs import unet2d_markdown
+    from diffusion_jax.models.diffusers_docs import markdown
 
     path = pathlib.Path(__file__).parents[2] / "docs" / "diffusers_models.md"
-    assert path.read_text() == unet2d_markdown(), "docs/diffusers_models.md is stale: regenerate it (module doc)"
+    assert path.read_text() == markdown(), "docs/diffusers_models.md is stale: regenerate it (module doc)"
 
 
 def test_edm_schedulers_need_an_edm_model_with_their_sigma_data():
