@@ -174,14 +174,24 @@ def lms(c, K):
     return _ve_plan(c, "lms", *_euler_levels(c, K))
 
 
-def _kdpm2(c, K, ancestral: bool):
+def _with_midpoints(plan: Plan, c, ancestral: bool = False) -> Plan:
+    """plan with the midpoints sqrt(s_i s_down) of its steps (kdpm2_half_grid), their timesteps from the table."""
     from diffusion_jax.process.discrete import DiscreteSchedule
     from diffusion_jax.samplers.kdpm2 import kdpm2_half_grid
 
-    plan = _ve_plan(c, "kdpm2_ancestral" if ancestral else "kdpm2", *_euler_levels(c, K, round_karras=True))
-    schedule = DiscreteSchedule.from_betas(lv.betas_from_config(c))   # the midpoints' timesteps, from its table
+    schedule = DiscreteSchedule.from_betas(lv.betas_from_config(c))
     plan.extra = {"half_grid": kdpm2_half_grid(schedule, plan.grid, ancestral=ancestral)}
     return plan
+
+
+def _kdpm2(c, K, ancestral: bool):
+    plan = _ve_plan(c, "kdpm2_ancestral" if ancestral else "kdpm2", *_euler_levels(c, K, round_karras=True))
+    return _with_midpoints(plan, c, ancestral)
+
+
+def dpm_sde(c, K):
+    """DPMSolverSDEScheduler: Euler's levels (fractional timesteps), KDPM2's midpoints, Brownian noise (dpm_sde.py)."""
+    return _with_midpoints(_ve_plan(c, "dpm_sde", *_euler_levels(c, K)), c)
 
 
 def kdpm2(c, K):
@@ -365,6 +375,8 @@ SCHEDULERS: dict[str, Scheduler] = {
     "LMSDiscreteScheduler": Scheduler(lms, _d(_BASE, _KINDS)),
     "KDPM2DiscreteScheduler": Scheduler(kdpm2, _d(_BASE, _SD_BETAS, _KINDS)),
     "KDPM2AncestralDiscreteScheduler": Scheduler(kdpm2_ancestral, _d(_BASE, _SD_BETAS, _KINDS)),
+    "DPMSolverSDEScheduler": Scheduler(dpm_sde, _d(_BASE, _SD_BETAS, _KINDS, noise_sampler_seed=None), {
+        "noise_sampler_seed": "seeds torchsde's Brownian tree; ours draws the same law from the sampling key"}),
     "DPMSolverMultistepScheduler": Scheduler(dpm_multistep, _d(
         _BASE, _X0, _KINDS, _FLOW, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
         lower_order_final=True, euler_at_final=False, use_lu_lambdas=False, final_sigmas_type="zero",
@@ -397,6 +409,5 @@ REFUSED: dict[str, str] = {
     "FlowMatchHeunDiscreteScheduler": _FLOW_WHY,
     "LCMScheduler": _CONSISTENCY_WHY,
     "TCDScheduler": _CONSISTENCY_WHY,
-    "DPMSolverSDEScheduler": "draws its noise from torchsde's Brownian tree, which no JAX key reproduces",
     "KarrasVeScheduler": "was removed from diffusers",
 }

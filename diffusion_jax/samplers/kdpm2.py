@@ -72,7 +72,8 @@ def kdpm2_half_grid(process, grid: Grid, ancestral: bool = False) -> Grid:
     return Grid(t=f32(keep(t_mid, t)), alpha=f32(keep(a_mid, alpha)), sigma=f32(keep(sg_mid, sigma)))
 
 
-def _options(process, grid, name: str, ancestral: bool) -> dict:
+def midpoint_options(process, grid, name: str, ancestral: bool = False) -> dict:
+    """The registry's `from_process` of a sampler `name` on these midpoints: {"half_grid": kdpm2_half_grid(...)}."""
     if grid is None:
         raise ValueError(f"sampler {name!r} places its midpoints on the schedule's table and needs a concrete grid: "
                          "close over the schedule instead of passing it as a jit argument")
@@ -81,12 +82,12 @@ def _options(process, grid, name: str, ancestral: bool) -> dict:
 
 def kdpm2_options(process, grid: Grid | None) -> dict:
     """The registry's `from_process` for 'kdpm2': {"half_grid": kdpm2_half_grid(process, grid)}."""
-    return _options(process, grid, "kdpm2", False)
+    return midpoint_options(process, grid, "kdpm2", False)
 
 
 def kdpm2_ancestral_options(process, grid: Grid | None) -> dict:
     """The registry's `from_process` for 'kdpm2_ancestral': its midpoints sqrt(s_i s_down) (kdpm2_half_grid)."""
-    return _options(process, grid, "kdpm2_ancestral", True)
+    return midpoint_options(process, grid, "kdpm2_ancestral", True)
 
 
 def _check_midpoints(grid, half_grid, ancestral: bool) -> None:
@@ -104,9 +105,8 @@ def _check_midpoints(grid, half_grid, ancestral: bool) -> None:
                          f"build it with {which}")
 
 
-def _kdpm2(denoiser, grid, x_T, key, half_grid, ancestral: bool, s_noise: float, return_trajectory: bool):
-    x_T = check_grid(grid, x_T)
-    check_bool(return_trajectory=return_trajectory)
+def check_half_grid(grid: Grid, half_grid, ancestral: bool) -> None:
+    """ValueError unless half_grid is None or a Grid of the K midpoints of `grid`'s steps (kdpm2_half_grid)."""
     K = grid.num_steps
     if half_grid is not None and (not isinstance(half_grid, Grid) or half_grid.t.shape != (K,)):
         raise ValueError(f"sampler.half_grid must be None or a Grid of the {K} midpoint levels of the grid's steps "
@@ -114,6 +114,13 @@ def _kdpm2(denoiser, grid, x_T, key, half_grid, ancestral: bool, s_noise: float,
                          + (f" of {half_grid.t.shape[0]} levels" if isinstance(half_grid, Grid) else ""))
     if half_grid is not None:
         _check_midpoints(grid, half_grid, ancestral)
+
+
+def _kdpm2(denoiser, grid, x_T, key, half_grid, ancestral: bool, s_noise: float, return_trajectory: bool):
+    x_T = check_grid(grid, x_T)
+    check_bool(return_trajectory=return_trajectory)
+    K = grid.num_steps
+    check_half_grid(grid, half_grid, ancestral)
     s = grid.sigma_ve
     if half_grid is None:
         level_of_s, half = interpolated_level(grid), (jnp.zeros((K,)),) * 3

@@ -224,6 +224,26 @@ def step_noise(key, i: int, shape, dtype=np.float32):
     return to_torch(jax.random.normal(jax.random.fold_in(key, i), tuple(shape)), dtype=dtype)
 
 
+def brownian_noise_sampler(key, shape):
+    """A stand-in for diffusers' BrownianTreeNoiseSampler (DPMSolverSDEScheduler.noise_sampler) that gives our
+    dpm_sde noise (samplers/dpm_sde.py): its calls come in pairs per step i, (s, s_mid) then (s, s_next); the first
+    returns z_1 = step_noise(key, 2 i), the second (sqrt(s - s_mid) z_1 + sqrt(s_mid - s_next) w) / sqrt(s - s_next)
+    with w = step_noise(key, 2 i + 1): the normalised increments of one Brownian motion, as the tree's are."""
+    calls = []
+
+    def sampler(sigma, sigma_next):
+        c = len(calls)
+        calls.append((float(sigma), float(sigma_next)))
+        z1 = step_noise(key, 2 * (c // 2), shape, np.float64)
+        if c % 2 == 0:
+            return z1
+        (s, s_mid), s_next = calls[-2], float(sigma_next)
+        w = step_noise(key, 2 * (c // 2) + 1, shape, np.float64)
+        return ((s - s_mid) ** 0.5 * z1 + (s_mid - s_next) ** 0.5 * w) / (s - s_next) ** 0.5
+
+    return sampler
+
+
 def patch_randn(monkeypatch, module, key, max_calls: int | None = None) -> list:
     """Make `module.randn_tensor` (a diffusers scheduler module) return our noise: its i-th call gives
     step_noise(key, i, shape) (float32), as our stochastic solvers draw step i's noise from fold_in(key, i).

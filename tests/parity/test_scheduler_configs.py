@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from harness import (
+    brownian_noise_sampler,
     CHEAP_COMPILE,
     diffusers_loop,
     mixture_network,
@@ -82,6 +83,8 @@ def _combos():
     add("KDPM2DiscreteScheduler", _grid(SPACE3, KINDS[:3]))
     add("KDPM2DiscreteScheduler", [V, {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}])
     add("KDPM2AncestralDiscreteScheduler", _grid(SPACE3, [{}, {"use_karras_sigmas": True}, V]))
+    add("DPMSolverSDEScheduler", _grid(SPACE3, KINDS + [V]))
+    add("DPMSolverSDEScheduler", [{"steps_offset": 1, "timestep_spacing": "leading"}, {"noise_sampler_seed": 3}, SD])
     add("DEISMultistepScheduler", _grid([{"solver_order": 1}, {"solver_order": 2}, {"solver_order": 3}], SPACE3))
     add("DEISMultistepScheduler", _grid(KINDS[1:], [{}, {"lower_order_final": False}]))
     add("DEISMultistepScheduler", [V, {"thresholding": True}, {"steps_offset": 1, "timestep_spacing": "leading"}])
@@ -121,6 +124,7 @@ def _combos():
     add("UniPCMultistepScheduler", [{"lower_order_final": False}, {"solver_type": "bh1"}], fails="not finite")
     add("DPMSolverMultistepScheduler", [{"algorithm_type": "dpmsolver"}], fails="ValueError")
     add("DPMSolverSinglestepScheduler", [{"algorithm_type": "dpmsolver"}], fails="ValueError")
+    add("DPMSolverSDEScheduler", [{"prediction_type": "sample"}], fails="NotImplementedError")
     return c
 
 
@@ -207,6 +211,8 @@ def _diffusers(cls, cfg, K, sched, prediction, monkeypatch):
     if cls in STOCHASTIC_MODULES:
         module = importlib.import_module(f"diffusers.schedulers.{STOCHASTIC_MODULES[cls]}")
         patch_randn(monkeypatch, module, jax.random.fold_in(KEY, 1))
+    if cls == "DPMSolverSDEScheduler":
+        ref.noise_sampler = brownian_noise_sampler(jax.random.fold_in(KEY, 1), Z.shape)
     if prediction == "edm":
         net = torch_model(_edm_raw_network(float(ref.config.sigma_data)))
     else:
@@ -226,7 +232,8 @@ def test_scheduler_config_matches_diffusers(cls, cfg, K, fails, monkeypatch):
     ours = _ours(imp, sched)
     assert np.all(np.isfinite(ours)), f"{cls} {cfg}: our sample is not finite"
     if fails is not None:
-        with pytest.raises(ValueError) if fails == "ValueError" else contextlib.nullcontext():
+        errors = {"ValueError": ValueError, "NotImplementedError": NotImplementedError}
+        with pytest.raises(errors[fails]) if fails in errors else contextlib.nullcontext():
             want = _diffusers(cls, cfg, K, sched, imp.plan.prediction, monkeypatch)
             assert not np.all(np.isfinite(want)), f"diffusers now runs {cls} {cfg}: move it to the parity grid"
         return

@@ -41,7 +41,7 @@ TINY_A = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=
               cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8)
 TINY_B = dict(TINY_A, use_linear_projection=True, attention_head_dim=(2, 4), transformer_layers_per_block=2,
               num_class_embeds=3, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
-              mid_block_scale_factor=2.0, center_input_sample=True,
+              mid_block_scale_factor=2.0, center_input_sample=True, upcast_attention=True,
               down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
 RTOL = 1e-4  # parity tolerance, relative to the largest magnitude of the reference output
