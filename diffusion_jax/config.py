@@ -31,6 +31,7 @@ from diffusion_jax.objectives.discrete import LossConfig
 from diffusion_jax.objectives.vdm import gamma_params_of
 from diffusion_jax.process.vdm import LinearGamma, MonotoneGamma, VDMSchedule
 from diffusion_jax.process.discrete import check_schedule, make_schedule
+from diffusion_jax.process.flow import FLOWS
 from diffusion_jax.process.sde import SDES
 
 
@@ -41,7 +42,8 @@ class ScheduleConfig:
     sigma_max), trained with continuous-time DSM (`dsm.py`). kind "edm": Karras et al.'s sigma(t) = t
     (sigma_min / sigma_max / sigma_data), trained with EDM's loss (`edm.py`). kind "vdm": VDM's gamma(t) = -log SNR,
     gamma "linear" (fixed) or "learned" (monotone network trained with the U-Net), from gamma_min to gamma_max,
-    trained with VDM's continuous VLB (`vdm.py`). None = the schedule's own default."""
+    trained with VDM's continuous VLB (`vdm.py`). kind "flow": flow matching's linear interpolant (rectified flow) with
+    SD3's timestep `shift`, trained with flow matching (`objectives/flow.py`). None = the schedule's own default."""
     kind: str = "discrete"
     name: str = "linear"
     num_timesteps: int = 1000
@@ -56,12 +58,14 @@ class ScheduleConfig:
     gamma: str = "linear"
     gamma_min: float | None = None
     gamma_max: float | None = None
+    shift: float | None = None             # flow: SD3's timestep shift (process.flow.RectifiedFlow; 1 = none)
 
 
-SCHEDULE_KINDS = ("discrete", "vp", "subvp", "ve", "edm", "vdm")
+SCHEDULE_KINDS = ("discrete", "vp", "subvp", "ve", "edm", "vdm", "flow")
+_CONTINUOUS = {**SDES, **FLOWS}
 VDM_GAMMAS = ("linear", "learned")
 _SDE_FIELDS = {"vp": ("beta_min", "beta_max"), "subvp": ("beta_min", "beta_max"), "ve": ("sigma_min", "sigma_max"),
-               "edm": ("sigma_min", "sigma_max", "sigma_data"), "vdm": ("gamma_min", "gamma_max")}
+               "edm": ("sigma_min", "sigma_max", "sigma_data"), "vdm": ("gamma_min", "gamma_max"), "flow": ("shift",)}
 
 
 def build_schedule(sc: ScheduleConfig, params=None):
@@ -73,7 +77,7 @@ def build_schedule(sc: ScheduleConfig, params=None):
                              zero_terminal_snr=sc.zero_terminal_snr)
     values = {k: getattr(sc, k) for k in _SDE_FIELDS[sc.kind] if getattr(sc, k) is not None}
     if sc.kind != "vdm":
-        return SDES[sc.kind](**values)
+        return _CONTINUOUS[sc.kind](**values)
     gamma = vdm_gamma(sc)
     if sc.gamma == "linear":
         return VDMSchedule(gamma, {})
@@ -100,7 +104,7 @@ def learned_gamma(sc: ScheduleConfig):
 def _check_schedule_kind(sc: ScheduleConfig) -> None:
     if sc.kind not in SCHEDULE_KINDS:
         raise ValueError(f"schedule.kind={sc.kind!r} is unknown; choose from {SCHEDULE_KINDS}")
-    continuous = {"beta_min", "beta_max", "sigma_min", "sigma_max", "sigma_data", "gamma_min", "gamma_max"}
+    continuous = {"beta_min", "beta_max", "sigma_min", "sigma_max", "sigma_data", "gamma_min", "gamma_max", "shift"}
     allowed = set(_SDE_FIELDS.get(sc.kind, ()))
     for key in sorted(continuous - allowed):
         if getattr(sc, key) is not None:
@@ -116,7 +120,7 @@ def _check_schedule_kind(sc: ScheduleConfig) -> None:
             raise ValueError(f"schedule.{key} must be > 0, got {value!r}")
     lo, hi = {"vp": ("beta_min", "beta_max"), "subvp": ("beta_min", "beta_max"),
               "vdm": ("gamma_min", "gamma_max")}.get(sc.kind, ("sigma_min", "sigma_max"))
-    if sc.kind != "discrete":
+    if sc.kind not in ("discrete", "flow"):       # the flow's shift is its only setting, checked by RectifiedFlow
         built = vdm_gamma(sc) if sc.kind == "vdm" else build_schedule(sc)
         if not getattr(built, lo) < getattr(built, hi):
             raise ValueError(f"schedule.{lo}={getattr(built, lo)} must be < schedule.{hi}={getattr(built, hi)}")

@@ -4,6 +4,7 @@
     discrete        process.discrete.DiscreteSchedule      discrete.diffusion_loss  (DDPM / improved DDPM, any weighting)
     vp, subvp, ve   process.sde.VPSDE / SubVPSDE / VESDE   dsm.dsm_loss             (Song et al. 2021, continuous time)
     edm             process.sde.EDMSchedule                edm.edm_loss             (Karras et al. 2022)
+    flow            process.flow.RectifiedFlow             flow.flow_matching_loss  (Lipman et al. 2023, SD3's times)
     vdm             process.vdm.VDMSchedule                vdm.vdm_loss             (Kingma et al. 2021; a learned
                                                                                     gamma's params are params["gamma"])
 
@@ -17,11 +18,24 @@ from typing import Callable
 from diffusion_jax.objectives.discrete import LossConfig, diffusion_loss
 from diffusion_jax.objectives.dsm import DSMConfig, dsm_loss
 from diffusion_jax.objectives.edm import EDMLossConfig, edm_loss
+from diffusion_jax.objectives.flow import FlowLossConfig, flow_matching_loss
 from diffusion_jax.objectives.vdm import VDMLossConfig, gamma_params_of, vdm_loss
 
 
+_FLOW_ONLY = ("time_sampling", "logit_mean", "logit_std", "mode_scale")
+
+
 def continuous_config(kind: str, cfg: LossConfig):
-    """The EDMLossConfig (kind "edm"), VDMLossConfig ("vdm") or DSMConfig (vp / subvp / ve) of config.loss."""
+    """The EDMLossConfig (kind "edm"), VDMLossConfig ("vdm"), FlowLossConfig ("flow") or DSMConfig (vp / subvp / ve)
+    of config.loss."""
+    if kind == "flow":
+        if cfg.weighting != "simple" or cfg.importance_sampling:
+            raise ValueError("schedule.kind='flow' trains the velocity MSE, weighted by its time sampling: leave "
+                             "loss.weighting='simple' and loss.importance_sampling=False and set loss.time_sampling")
+        return FlowLossConfig(prediction=cfg.prediction, time_sampling=cfg.time_sampling, logit_mean=cfg.logit_mean,
+                              logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, eps=cfg.eps,
+                              cond_drop_prob=cfg.cond_drop_prob)
+    check_not_flow(cfg, kind)
     if kind == "vdm":
         if cfg.weighting != "simple" or cfg.importance_sampling:
             raise ValueError("schedule.kind='vdm' trains VDM's continuous VLB, whose weighting is fixed: leave "
@@ -37,9 +51,22 @@ def continuous_config(kind: str, cfg: LossConfig):
                      eps=cfg.eps, cond_drop_prob=cfg.cond_drop_prob, snr_gamma=cfg.snr_gamma)
 
 
+def check_not_flow(cfg: LossConfig, kind: str) -> None:
+    """ValueError naming a flow-matching setting of config.loss given for a schedule of another kind."""
+    default = LossConfig()
+    for name in _FLOW_ONLY:
+        if getattr(cfg, name) != getattr(default, name):
+            raise ValueError(f"loss.{name} is a flow-matching setting (schedule.kind='flow'); this schedule has kind "
+                             f"{kind!r}")
+    if cfg.prediction == "flow":
+        raise ValueError(f"loss.prediction='flow' (the velocity eps - x0 of the linear interpolant) needs "
+                         f"schedule.kind='flow', got {kind!r}")
+
+
 def validate_loss(cfg: LossConfig, learn_sigma: bool, kind: str = "discrete") -> None:
     """config.loss for a schedule of `kind`: the discrete fields, or the continuous objective it becomes."""
     if kind == "discrete":
+        check_not_flow(cfg, kind)
         return cfg.validate(learn_sigma)
     if learn_sigma or cfg.loss_type != "mse":
         raise ValueError(f"schedule.kind={kind!r} trains with an MSE objective: set loss.loss_type='mse' "
@@ -61,7 +88,7 @@ def make_objective(schedule, cfg: LossConfig, *, learn_sigma: bool = False,
         return lambda apply_fn, params, batch, key, train=True: vdm_loss(
             apply_fn, schedule.gamma, sub, params, gamma_params_of(params), batch, key, num_classes=num_classes,
             train=train)
-    loss = edm_loss if kind == "edm" else dsm_loss
-    sub = continuous_config("edm" if kind == "edm" else "sde", cfg)
+    loss = {"edm": edm_loss, "flow": flow_matching_loss}.get(kind, dsm_loss)
+    sub = continuous_config(kind if kind in ("edm", "flow") else "sde", cfg)
     return lambda apply_fn, params, batch, key, train=True: loss(
         apply_fn, schedule, sub, params, batch, key, num_classes=num_classes, train=train)

@@ -28,7 +28,8 @@ LOSS_TYPES = ("mse", "hybrid", "vlb")
 class LossConfig:
     """The loss of config.loss. Discrete schedules use all but the continuous-time fields; schedule.kind
     vp / subvp / ve train with DSM (`dsm.py`: prediction eps | score | x0 | v, any weighting of `weighting.py`,
-    importance_sampling, eps); kind edm with EDM's loss (prediction "edm", p_mean, p_std)."""
+    importance_sampling, eps); kind edm with EDM's loss (prediction "edm", p_mean, p_std); kind flow with flow
+    matching (`flow.py`: prediction flow | eps | x0, time_sampling, logit_mean / logit_std, mode_scale, eps)."""
     prediction: str = "eps"          # what the network predicts: eps | x0 | v (| score: DSM; edm: EDM)
     weighting: str = "simple"        # objectives.weighting.WEIGHTINGS (likelihood: continuous time only)
     snr_gamma: float = 5.0           # gamma of min_snr / max_snr
@@ -38,6 +39,10 @@ class LossConfig:
     importance_sampling: bool = False  # DSM with likelihood weighting: t ~ g^2 / sigma^2 (Song et al. 2021b)
     p_mean: float = -1.2             # EDM: ln sigma ~ N(p_mean, p_std^2)
     p_std: float = 1.2
+    time_sampling: str = "uniform"   # flow: t ~ uniform | logit_normal | mode (SD3; objectives/flow.py)
+    logit_mean: float = 0.0          # flow, logit_normal: t = sigmoid(logit_mean + logit_std n)
+    logit_std: float = 1.0
+    mode_scale: float = 1.29         # flow, mode: SD3's heavy-tail scale s
 
     def validate(self, learn_sigma: bool) -> None:
         """The discrete-time (DDPM) fields; `objectives.build.validate_loss` checks the continuous kinds."""

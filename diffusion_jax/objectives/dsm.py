@@ -56,6 +56,17 @@ def check_output(out, x0) -> None:
                          "expected the same shape (do model.in_channels and out_channels fit the data?)")
 
 
+def noise_and_predict(apply_fn, process, params, x0, z, t, cond: dict, prediction: str, train: bool, dropout_key):
+    """(x0_hat, eps_hat) of the network at x_t = alpha(t) x0 + sigma(t) z, t (B,): apply_fn(params, x_t,
+    process.network_time(t), **cond, train=..., dropout_key=...) read as `prediction` (`param.to_x0_eps`)."""
+    bshape = (-1,) + (1,) * (x0.ndim - 1)
+    alpha, sigma = process.alpha(t).reshape(bshape), process.sigma(t).reshape(bshape)
+    xt = alpha * x0 + sigma * z
+    out = apply_fn(params, xt, process.network_time(t), **cond, train=train, dropout_key=dropout_key)
+    check_output(out, x0)
+    return param.to_x0_eps(prediction, out, xt, alpha, sigma)
+
+
 # ----------------------------------------------------------------------------- likelihood importance sampling
 def likelihood_cdf(sde: SDE, t, eps: float = 1e-5):
     """Lambda(t) = int_eps^t g(s)^2 / sigma(s)^2 ds = log_snr(eps) - log_snr(t) (unnormalised CDF of p(t))."""
@@ -122,12 +133,7 @@ def dsm_loss(apply_fn: Callable, sde: SDE, cfg: DSMConfig, params, batch, key, *
     x0, cond = read_batch(batch, k_cond, num_classes, cfg.cond_drop_prob)
     t, w = sample_time_and_weight(sde, cfg, k_t, (x0.shape[0],))
     z = jax.random.normal(k_z, x0.shape, x0.dtype)
-    bshape = (-1,) + (1,) * (x0.ndim - 1)
-    alpha, sigma = sde.alpha(t).reshape(bshape), sde.sigma(t).reshape(bshape)
-    xt = alpha * x0 + sigma * z
-    out = apply_fn(params, xt, sde.network_time(t), **cond, train=train, dropout_key=k_drop)
-    check_output(out, x0)
-    _, eps_hat = param.to_x0_eps(cfg.prediction, out, xt, alpha, sigma)
+    _, eps_hat = noise_and_predict(apply_fn, sde, params, x0, z, t, cond, cfg.prediction, train, k_drop)
     mse = mean_flat((eps_hat - z) ** 2)
     loss = jnp.mean(w * mse)
     return loss, {"loss": loss, "mse": jnp.mean(mse)}

@@ -3,11 +3,12 @@
     discrete.py   DiscreteSchedule: DDPM betas (linear, scaled_linear, cosine, sigmoid, zero terminal SNR)
     sde.py        VPSDE, SubVPSDE, VESDE (Song et al. 2021), EDMSchedule (Karras et al. 2022)
     vdm.py        VDMSchedule: a fixed or learned gamma(t) = -log SNR (Kingma et al. 2021)
+    flow.py       RectifiedFlow: flow matching's linear interpolant, SD3's timestep shift (Lipman et al. 2023)
 
 Every process answers the same questions, so that samplers, objectives, editing and likelihood never ask for its
 type (tests/unit/test_layers.py checks that no code outside this package does):
 
-    kind                 "discrete" | "vp" | "subvp" | "ve" | "edm" | "vdm" (config schedule.kind)
+    kind                 "discrete" | "vp" | "subvp" | "ve" | "edm" | "vdm" | "flow" (config schedule.kind)
     discrete             True for integer DDPM timesteps (the DDPM / DDIM chains and the VLB need them)
     t_min, t_max         the time range (discrete: timestep indices 0 and T - 1)
     alpha(t), sigma(t), log_snr(t)      the marginal's scales at time t

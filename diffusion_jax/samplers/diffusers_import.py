@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.samplers.diffusers_levels import betas_from_config
+from diffusion_jax.samplers.diffusers_flow import FLOW_SCHEDULERS
 from diffusion_jax.samplers.diffusers_keys import Keys, Plan
+from diffusion_jax.samplers.diffusers_levels import betas_from_config
 from diffusion_jax.samplers.diffusers_schedulers import PREDICTIONS, REFUSED, SCHEDULERS
 from diffusion_jax.samplers.grid import Grid
 from diffusion_jax.samplers.registry import get_sampler, most_steps_within
@@ -82,6 +83,11 @@ class ImportedScheduler:
         and, when given, the model's `prediction` is the config's prediction_type; or, for an EDM scheduler, unless
         the model is an EDM process with the config's sigma_data."""
         sd = self.plan.edm_sigma_data
+        if self.plan.prediction == "flow":
+            if getattr(schedule, "kind", None) != "flow" or (prediction is not None and prediction != "flow"):
+                raise ValueError(f"scheduler config {self.scheduler} runs a flow-matching network (velocity "
+                                 f"prediction, schedule.kind='flow'); {what} is not one")
+            return
         if sd is not None:
             if getattr(schedule, "kind", None) != "edm" or not np.isclose(schedule.sigma_data, sd, rtol=1e-6):
                 raise ValueError(f"scheduler config {self.scheduler} runs an EDM-preconditioned network with "
@@ -162,9 +168,11 @@ def steps_for_nfe_diffusers(config, nfe: int, options: dict | None = None) -> tu
                              f"scheduler config {cfg.get('_class_name')}")
 
 
-def sampler_from_diffusers(config, steps: int, *, options: dict | None = None) -> ImportedScheduler:
+def sampler_from_diffusers(config, steps: int, *, options: dict | None = None, mu: float | None = None
+                           ) -> ImportedScheduler:
     """The diffusers scheduler `config` (a dict or a path, see load_scheduler_config) at `steps` inference steps.
-    options: further options of our solver that diffusers takes in the pipeline call, e.g. {"eta": 0.5} for DDIM."""
+    options: further options of our solver that diffusers takes in the pipeline call, e.g. {"eta": 0.5} for DDIM.
+    mu: the pipeline's set_timesteps(mu=...) of a FlowMatch scheduler with use_dynamic_shifting (Flux)."""
     cfg = load_scheduler_config(config)
     name = check_scheduler_class(cfg)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -174,11 +182,13 @@ def sampler_from_diffusers(config, steps: int, *, options: dict | None = None) -
     T = c.int("num_train_timesteps", 1)
     if steps > T and name not in ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"):
         raise ValueError(f"steps={steps} exceeds num_train_timesteps={T} of the scheduler config")
-    plan = entry.build(c, int(steps))
+    if mu is not None and name not in FLOW_SCHEDULERS:
+        raise ValueError(f"mu (dynamic shifting) applies to the FlowMatch schedulers, not {name}")
+    plan = entry.build(c, int(steps), mu) if name in FLOW_SCHEDULERS else entry.build(c, int(steps))
     if options:
         plan.options = {**plan.options, **options}
     get_sampler(plan.sampler, **plan.options)                   # an option the solver lacks -> ValueError naming it
-    abar = None if plan.edm_sigma_data is not None else np.cumprod(
+    abar = None if plan.edm_sigma_data is not None or plan.prediction == "flow" else np.cumprod(
         1.0 - betas_from_config(Keys(name, cfg, entry.defaults)))
     ignored = tuple(sorted(k for k in cfg if k not in entry.defaults and k not in META_KEYS))
     if ignored and (name, ignored) not in _WARNED:

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from diffusion_jax.samplers import diffusers_levels as lv
+from diffusion_jax.samplers.diffusers_flow import FLOW_SCHEDULERS
 from diffusion_jax.samplers.diffusers_keys import Keys, Plan
 from diffusion_jax.samplers.wrapper import Threshold
 
@@ -402,11 +403,10 @@ SCHEDULERS["EDMDPMSolverMultistepScheduler"] = Scheduler(edm_dpm_multistep, _d(
     _EDM, _X0, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
     euler_at_final=False, final_sigmas_type="zero"), {"num_train_timesteps": "not used by the EDM schedulers' levels"})
 
-_FLOW_WHY = "needs a flow-matching model (velocity prediction on x_t = (1 - t) x0 + t eps), not in diffusion_jax yet"
+SCHEDULERS.update({name: Scheduler(build, defaults, neutral) for name, (build, defaults, neutral) in
+                   FLOW_SCHEDULERS.items()})
 _CONSISTENCY_WHY = "needs a consistency / latent-consistency model, not in diffusion_jax yet"
 REFUSED: dict[str, str] = {
-    "FlowMatchEulerDiscreteScheduler": _FLOW_WHY,
-    "FlowMatchHeunDiscreteScheduler": _FLOW_WHY,
     "LCMScheduler": _CONSISTENCY_WHY,
     "TCDScheduler": _CONSISTENCY_WHY,
     "KarrasVeScheduler": "was removed from diffusers",

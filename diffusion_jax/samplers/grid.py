@@ -174,12 +174,15 @@ def continuous_grid(sde, steps: int, spacing: str = "uniform", *, rho: float = 7
     """Grid of `steps` steps between sde.t_max and sde.t_min for a schedule of `diffusion_jax.process.sde`.
 
     t on the grid is sde.network_time; alpha, sigma are the schedule's at the chosen times (karras and logsnr
-    choose s = sigma/alpha or lambda and map back with sde.t_of_log_snr).
+    choose s = sigma/alpha or lambda and map back with sde.t_of_log_snr). A process that is pure noise at t_max
+    (alpha = 0: the flow's sigma = 1) starts at alpha^2 = MIN_ALPHA_BAR instead, where s and lambda are finite.
     """
     n = _check(steps, spacing, rho, final, discrete=False)
     t_max, t_min = float(sde.t_max), float(sde.t_min)
     if not 0 <= t_min < t_max:
         raise ValueError(f"sde.t_min < sde.t_max is needed, got t_min={t_min}, t_max={t_max}")
+    if float(sde.alpha(t_max)) ** 2 < MIN_ALPHA_BAR:   # pure noise at t_max (a flow): start where x / alpha is finite
+        t_max = float(sde.t_of_log_snr(math.log(MIN_ALPHA_BAR / (1.0 - MIN_ALPHA_BAR))))
     if spacing == "uniform":
         t = np.linspace(t_max, t_min, n)
     elif spacing == "quadratic":

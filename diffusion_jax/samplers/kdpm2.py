@@ -57,19 +57,24 @@ def kdpm2_half_grid(process, grid: Grid, ancestral: bool = False) -> Grid:
     s_down = ancestral_levels(s[:-1], s[1:])[1] if ancestral else s[1:]
     noisy = s_down > 0
     s_mid = np.where(noisy, np.sqrt(s[:-1] * np.where(noisy, s_down, 1.0)), s[:-1])
-    if process.discrete:
-        abar = np.maximum(np.asarray(process.sqrt_alphas_cumprod, np.float64) ** 2, MIN_ALPHA_BAR)
-        log_s = 0.5 * (np.log(np.asarray(process.sqrt_one_minus_alphas_cumprod, np.float64) ** 2) - np.log(abar))
-        t_mid = np.interp(np.log(s_mid), log_s, np.arange(len(log_s), dtype=np.float64))
-        a_mid = 1.0 / np.sqrt(1.0 + s_mid ** 2)
-        sg_mid = s_mid * a_mid
-    else:
-        tau = process.t_of_log_snr(jnp.asarray(-2.0 * np.log(s_mid), jnp.float32))
-        t_mid, a_mid, sg_mid = (np.asarray(fn(tau), np.float64) for fn in
-                                (process.network_time, process.alpha, process.sigma))
+    t_mid, a_mid, sg_mid = levels_at(process, s_mid)
     keep = lambda new, old: np.where(noisy, new, old[:-1])
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     return Grid(t=f32(keep(t_mid, t)), alpha=f32(keep(a_mid, alpha)), sigma=f32(keep(sg_mid, sigma)))
+
+
+def levels_at(process, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(network time, alpha, sigma), numpy float64, of the levels with s = sigma / alpha (> 0) on `process`: on a
+    discrete schedule t is the fractional timestep with that s (t linear in log s between the table's timesteps,
+    diffusers' _sigma_to_t) and alpha = 1 / sqrt(1 + s^2); on a continuous one the schedule's own time and scales."""
+    s = np.asarray(s, np.float64)
+    if process.discrete:
+        abar = np.maximum(np.asarray(process.sqrt_alphas_cumprod, np.float64) ** 2, MIN_ALPHA_BAR)
+        log_s = 0.5 * (np.log(np.asarray(process.sqrt_one_minus_alphas_cumprod, np.float64) ** 2) - np.log(abar))
+        a = 1.0 / np.sqrt(1.0 + s ** 2)
+        return np.interp(np.log(s), log_s, np.arange(len(log_s), dtype=np.float64)), a, s * a
+    tau = process.t_of_log_snr(jnp.asarray(-2.0 * np.log(s), jnp.float32))
+    return tuple(np.asarray(fn(tau), np.float64) for fn in (process.network_time, process.alpha, process.sigma))
 
 
 def midpoint_options(process, grid, name: str, ancestral: bool = False) -> dict:

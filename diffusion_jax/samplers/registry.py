@@ -20,8 +20,8 @@ import jax.numpy as jnp
 
 from diffusion_jax import validate
 from diffusion_jax.process import check_process
-from diffusion_jax.samplers import (adaptive, ddim, ddpm, deis, dpm_sde, dpm_solver, euler, kdpm2, lms, pndm, sde_solvers,
-                                   unipc)
+from diffusion_jax.samplers import (adaptive, ddim, ddpm, deis, dpm_sde, dpm_solver, euler, flow, kdpm2, lms, pndm,
+                                   sde_solvers, unipc)
 from diffusion_jax.samplers.checks import check_key
 from diffusion_jax.samplers.grid import continuous_grid, discrete_grid
 from diffusion_jax.samplers.wrapper import Guidance, make_denoiser
@@ -70,6 +70,10 @@ SAMPLERS: dict[str, Entry] = {
                 from_process=kdpm2.kdpm2_options),
     "kdpm2_ancestral": _e(kdpm2.kdpm2_ancestral, "KDPM2 ancestral (k-diffusion / diffusers)", True,
                           from_process=kdpm2.kdpm2_ancestral_options),
+    "flow_euler": _e(flow.flow_euler, "Euler on the velocity ODE dz/dtau = eps - x0 (flow matching; FlowMatchEuler)"),
+    "flow_heun": _e(flow.flow_heun, "Heun on the velocity ODE (FlowMatchHeun), Euler to the clean end"),
+    "flow_midpoint": _e(flow.flow_midpoint, "the explicit midpoint method on the velocity ODE", from_process=
+                        flow.flow_midpoint_options),
     "dpm_sde": _e(dpm_sde.dpm_solver_sde, "DPM-Solver-SDE: ancestral midpoint steps, Brownian noise (diffusers)", True,
                   from_process=dpm_sde.dpm_sde_options),
     "deis": _e(deis.deis, "DEIS multistep, log-rho AB (Zhang & Chen 2023; diffusers' DEISMultistepScheduler), "

@@ -9,9 +9,10 @@ so samplers run with no training and are measured against exact answers (PF-ODE 
 `reference_ode_solution` needs diffrax (imported on first use).
 """
 from diffusion_jax.testbed.metrics import gaussian_w2, mean_log_likelihood, mixture_mmd2, mixture_moments, moment_errors
-from diffusion_jax.testbed.mixture import GaussianMixture, alpha_sigma_denoiser, discrete_denoise_fn, edm_denoiser
+from diffusion_jax.testbed.mixture import (GaussianMixture, alpha_sigma_denoiser, discrete_denoise_fn, edm_denoiser,
+                                           process_denoise_fn)
 from diffusion_jax.testbed.reference import reference_ode_solution, single_gaussian_pf_ode
 
-__all__ = ["GaussianMixture", "alpha_sigma_denoiser", "discrete_denoise_fn", "edm_denoiser",
+__all__ = ["GaussianMixture", "alpha_sigma_denoiser", "discrete_denoise_fn", "edm_denoiser", "process_denoise_fn",
            "gaussian_w2", "mean_log_likelihood", "mixture_mmd2", "mixture_moments", "moment_errors",
            "reference_ode_solution", "single_gaussian_pf_ode"]

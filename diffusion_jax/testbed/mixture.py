@@ -162,7 +162,8 @@ def _sample(mixture, key, n):
 def alpha_sigma_denoiser(mixture: GaussianMixture, prediction: str = "eps"):
     """f(x, alpha, sigma) -> the exact (MMSE) prediction of kind `prediction` (alpha, sigma scalar or (B,)).
 
-    eps: E[eps | x]; x0: E[x0 | x]; v: alpha E[eps | x] - sigma E[x0 | x]; score: grad log p_{alpha,sigma}(x).
+    eps: E[eps | x]; x0: E[x0 | x]; v: alpha E[eps | x] - sigma E[x0 | x]; score: grad log p_{alpha,sigma}(x);
+    flow: E[eps - x0 | x], the velocity of the linear interpolant (alpha + sigma = 1; `process.flow`).
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction={prediction!r} is unknown; choose from {PREDICTIONS}")
@@ -174,6 +175,8 @@ def alpha_sigma_denoiser(mixture: GaussianMixture, prediction: str = "eps"):
             return mixture.x0_mean(x, alpha, sigma)
         if prediction == "score":
             return mixture.score(x, alpha, sigma)
+        if prediction == "flow":
+            return mixture.eps_mean(x, alpha, sigma) - mixture.x0_mean(x, alpha, sigma)
         bshape = (x.shape[0],) + (1,) * (x.ndim - 1)
         a, s = (_per_example(u, x.shape[0], x.dtype).reshape(bshape) for u in (alpha, sigma))
         return a * mixture.eps_mean(x, alpha, sigma) - s * mixture.x0_mean(x, alpha, sigma)
@@ -187,6 +190,17 @@ def discrete_denoise_fn(mixture: GaussianMixture, schedule, prediction: str = "e
 
     def denoise_fn(x, t):
         alpha, sigma = schedule.interpolated_level(t)
+        return f(x, alpha, sigma).astype(x.dtype)
+    return denoise_fn
+
+
+def process_denoise_fn(mixture: GaussianMixture, process, prediction: str = "eps"):
+    """denoise_fn(x, t) of a continuous process (`process/sde.py`, `process/flow.py`): t (B,) the network time, read
+    back as its level by `process.network_level`. Returns the exact prediction (e.g. "flow" on a RectifiedFlow)."""
+    f = alpha_sigma_denoiser(mixture, prediction)
+
+    def denoise_fn(x, t):
+        alpha, sigma = process.network_level(t)
         return f(x, alpha, sigma).astype(x.dtype)
     return denoise_fn
 

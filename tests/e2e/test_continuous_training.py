@@ -20,6 +20,8 @@ RUNS = {
     "edm": ["schedule.kind=edm", "loss.prediction=edm", "sample.sampler=heun", "sample.spacing=karras"],
     "vp": ["schedule.kind=vp", "loss.weighting=likelihood", "loss.importance_sampling=True",
            "sample.sampler=dpmpp_2m", "sample.spacing=logsnr"],
+    "flow": ["schedule.kind=flow", "schedule.shift=3.0", "loss.prediction=flow", "loss.time_sampling=logit_normal",
+             "sample.sampler=flow_heun", "sample.spacing=uniform"],
     "vdm": ["schedule.kind=vdm", "schedule.gamma=learned", "sample.sampler=dpmpp_2m", "sample.spacing=logsnr",
             "optim.warmup_steps=0", "optim.learning_rate=0.01"],
 }

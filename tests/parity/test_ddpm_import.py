@@ -154,11 +154,13 @@ def test_bad_sources_are_named(ddpm_folders, tmp_path, capsys):
 
 def test_ncsnpp_score_sde_ve_pipeline_converts(tmp_path, caplog):
     """A ScoreSdeVePipeline (google/ncsnpp-* layout: Skip*Block2D, Fourier time embedding, ScoreSdeVeScheduler)
-    becomes a VE-SDE workdir whose network is diffusers' score (output / sigma) at the same noise levels; a UNet2DModel
+    becomes a VE-SDE workdir holding the converted score network, fed sigma as its time; a UNet2DModel
     whose time embedding does not fit its scheduler, and a scheduler without a beta table, are refused by name."""
     import shutil
 
     from flax import nnx
+
+    from diffusion_jax.models import convert_diffusers_unet, unet_config_from_diffusers
 
     unet = random_torch_model(
         diffusers.UNet2DModel, seed=1, perturb=0.1, sample_size=8, block_out_channels=(128, 256), layers_per_block=1,
@@ -172,14 +174,12 @@ def test_ncsnpp_score_sde_ve_pipeline_converts(tmp_path, caplog):
     assert (exp.schedule.kind, exp.schedule.sigma_min, exp.schedule.sigma_max) == ("ve", 0.01, 50.0)
     assert (exp.loss.prediction, exp.sample.sampler, exp.model.skip_pyramid) == ("score", "pc", True)
     assert "snr=0.17" in caplog.text                            # what is not imported is said
-    _, graphdef, params, _ = load_trained(str(tmp_path / "workdir"))
-    sigma = np.array([0.02, 20.0], np.float32)
-    x = np.random.default_rng(2).standard_normal((2, 8, 8, 3)).astype(np.float32) * sigma[:, None, None, None]
-    ours = np.asarray(nnx.merge(graphdef, params)(x, build_schedule(exp.schedule).network_time(
-        np.log(sigma / 0.01) / np.log(50.0 / 0.01))))             # t with sigma(t) = sigma: network time sigma
-    want = nhwc(unet(to_torch(x, nchw_from_nhwc=True), to_torch(sigma)).sample.detach())
-    for i in range(2):
-        assert np.abs(ours[i] - want[i]).max() <= 1e-4 * np.abs(want[i]).max()
+    _, _, params, _ = load_trained(str(tmp_path / "workdir"))   # the converted network (its parity: test_unet.py)
+    sd = unet.state_dict()
+    assert_trees_equal(params, nnx.to_pure_dict(convert_diffusers_unet(sd, unet_config_from_diffusers(unet.config, sd))))
+    sigma = 20.0                                                # network time sigma(t) = sigma: VE's own
+    assert float(build_schedule(exp.schedule).network_time(np.log(sigma / 0.01) / np.log(50.0 / 0.01))) == \
+        pytest.approx(sigma, rel=1e-5)
 
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
