@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import logging
 import math
 import os
 import types
@@ -33,6 +34,8 @@ from diffusion_jax.process.vdm import LinearGamma, MonotoneGamma, VDMSchedule
 from diffusion_jax.process.discrete import check_schedule, make_schedule
 from diffusion_jax.process.flow import FLOWS
 from diffusion_jax.process.sde import SDES
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,6 +448,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
     train.vae.VAERun) names the sections (SECTIONS) and their dataclasses (section_class(name, values))."""
     run_class = run_class or Experiment
     config = copy.deepcopy(config)  # keeps FieldReferences (model.image_size -> data.image_size)
+    config = _switch_backbone(config, overrides, run_class)
     for item in overrides:
         key, eq, text = item.partition("=")
         if not eq:
@@ -470,6 +474,26 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
             raise ValueError(f"unknown config key '{key}'{_suggest(leaf, set(node.keys()) | set(fields))}")
         with node.unlocked():
             node[leaf] = _parse_like(text, fields[leaf].default, key)
+    return config
+
+
+def _switch_backbone(config, overrides: Sequence[str], run_class) -> ml_collections.ConfigDict:
+    """With a `model.name=X` override naming another backbone than the config file's, the model section keeps only
+    the keys X's config has (image_size, in_channels, num_classes, ... as the file set them) and the rest start at X's
+    defaults, so that e.g. --config.model.name=dit works on a U-Net config file; the dropped keys are logged."""
+    names = [item.partition("=")[2] for item in overrides if item.partition("=")[0] == "model.name"]
+    model = config.get("model") if "model" in config else None
+    if not names or model is None or names[-1] == model.get("name", "unet") or "model" not in run_class.SECTIONS:
+        return config
+    klass = run_class.section_class("model", {"name": names[-1]})
+    fields = {f.name for f in dataclasses.fields(klass)}
+    dropped = sorted(k for k in model.keys() if k not in fields)
+    if dropped:
+        log.info("model.name=%s: the config file's model keys %s belong to its %r backbone and are dropped", names[-1],
+                 dropped, model.get("name", "unet"))
+    with config.unlocked(), model.unlocked():
+        for key in dropped:
+            del model[key]
     return config
 
 

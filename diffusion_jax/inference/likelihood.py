@@ -57,7 +57,7 @@ from diffusion_jax.process.discrete import (
     q_sample,
 )
 from diffusion_jax.samplers.adaptive import EVALS_PER_STEP, ODE_SOLVERS, level_fn
-from diffusion_jax.samplers.grid import Grid, concrete_or_none
+from diffusion_jax.samplers.grid import Grid, concrete_or_none, start_time
 from diffusion_jax.samplers.wrapper import make_denoiser
 
 TRACES = ("exact", "rademacher", "gaussian")
@@ -104,7 +104,7 @@ def _ode_levels(schedule, t_min, t_max):
         raise ValueError(f"schedule must be a DiscreteSchedule or a schedule of diffusion_jax.process.sde, got "
                          f"{type(schedule).__name__}")
     lo = schedule.t_min if t_min is None else t_min
-    hi = schedule.t_max if t_max is None else t_max
+    hi = start_time(schedule) if t_max is None else t_max     # a flow: from alpha^2 = 2^-24, as its grids
     if not 0 <= lo < hi:
         raise ValueError(f"likelihood.t_min={lo} and likelihood.t_max={hi} need 0 <= t_min < t_max")
     log_s = lambda t: -0.5 * schedule.log_snr(jnp.asarray(t, jnp.float32))

@@ -13,6 +13,8 @@ sharding, checkpoints and samplers never ask which backbone they carry.
                                                                          unet_cond + trainable ControlNet copies
     lora        denoiser      lora.LoRAConfig                            lora.LoRAUNet: a locked unet / unet_cond +
                                                                          trainable low-rank updates of its projections
+    dit         denoiser      dit.DiTConfig                              dit.DiT: the Diffusion Transformer (patches,
+                                                                         adaLN-Zero; Peebles & Xie 2023)
     dreambooth  denoiser      dreambooth.DreamBoothConfig                a class-conditional unet / unet_cond with one
                                                                          more label (the subject), all of it trained
 
@@ -37,6 +39,7 @@ from typing import Callable, Mapping
 from flax import nnx
 
 from diffusion_jax.models import controlnet, dreambooth, lora
+from diffusion_jax.models.dit import DiT, DiTConfig
 from diffusion_jax.models.unet import UNet, UNetConfig
 from diffusion_jax.models.unet_cond_backbone import UNetCondBackbone, UNetCondBackboneConfig
 from diffusion_jax.models.vae import VAE, VAEConfig
@@ -58,6 +61,7 @@ BACKBONES: dict[str, Backbone] = {
     "unet": Backbone(UNetConfig, UNet, "DDPM / ADM / NCSN++ U-Net (Ho et al. 2020, Dhariwal & Nichol 2021)"),
     "unet_cond": Backbone(UNetCondBackboneConfig, UNetCondBackbone,
                           "UNet2DConditionModel layout (Rombach et al. 2022): spatial transformers, text context"),
+    "dit": Backbone(DiTConfig, DiT, "DiT (Peebles & Xie 2023): a transformer on patches, adaLN-Zero conditioning"),
     "vae": Backbone(VAEConfig, VAE, "KL autoencoder of latent diffusion (Rombach et al. 2022), AutoencoderKL layout",
                     kind="autoencoder"),
     "controlnet": Backbone(controlnet.ControlNetConfig, controlnet.ControlledUNet,

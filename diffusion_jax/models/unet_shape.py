@@ -2,6 +2,13 @@
 from __future__ import annotations
 
 
+def output_channels(config) -> int:
+    """A denoiser config's output width: out_channels, or in_channels (doubled with learn_sigma) when it is None."""
+    if config.out_channels is not None:
+        return config.out_channels
+    return config.in_channels * (2 if config.learn_sigma else 1)
+
+
 class UNetShape:
     """What every U-Net config (this one, `unet_cond_backbone.UNetCondBackboneConfig`) derives from and checks on
     the fields they share (name, image_size, in_channels, out_channels, channels, channel_mult, num_res_blocks,
@@ -16,9 +23,7 @@ class UNetShape:
 
     @property
     def resolved_out_channels(self) -> int:
-        if self.out_channels is not None:
-            return self.out_channels
-        return self.in_channels * (2 if self.learn_sigma else 1)
+        return output_channels(self)
 
     @property
     def resolutions(self) -> tuple[int, ...]:

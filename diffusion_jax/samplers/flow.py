@@ -123,9 +123,11 @@ def flow_midpoint(denoiser, grid: Grid, x_T, key=None, *, half_grid: Grid | None
     K = grid.num_steps
     if half_grid is not None and (not isinstance(half_grid, Grid) or half_grid.t.shape != (K,)):
         raise ValueError(f"sampler.half_grid must be None or a Grid of the {K} half levels (flow_half_grid)")
-    if half_grid is not None and all(concrete_or_none(a) is not None for a in (grid.sigma, half_grid.sigma)):
-        tau_h = np.asarray(half_grid.sigma, np.float64) / np.asarray(half_grid.alpha + half_grid.sigma, np.float64)
-        tau = np.asarray(grid.sigma, np.float64) / np.asarray(grid.alpha + grid.sigma, np.float64)
+    vals = [] if half_grid is None else [concrete_or_none(a) for a in (grid.alpha, grid.sigma, half_grid.alpha,
+                                                                        half_grid.sigma)]
+    if vals and all(v is not None for v in vals):        # a concrete half_grid must hold this grid's midpoints
+        a, sg, a_h, sg_h = (np.asarray(v, np.float64) for v in vals)
+        tau, tau_h = sg / (a + sg), sg_h / (a_h + sg_h)
         if not np.allclose(tau_h, 0.5 * (tau[:-1] + tau[1:]), rtol=1e-3, atol=1e-6):
             raise ValueError("sampler.half_grid does not hold the midpoints of this grid's steps in tau; build it "
                              "with flow_half_grid(process, grid)")

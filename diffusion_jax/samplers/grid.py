@@ -170,6 +170,16 @@ def discrete_grid(schedule, steps: int, spacing: str = "leading", *, rho: float 
     return _grid(ts, alpha_tab[ts], sigma_tab[ts], final, -1.0)
 
 
+def start_time(sde) -> float:
+    """sde.t_max, or, for a process that is pure noise there (alpha = 0: the flow's sigma = 1), the time where
+    alpha^2 = MIN_ALPHA_BAR: where x / alpha and the log-SNR are finite (the grids and the likelihood ODE start)."""
+    t_max = float(sde.t_max)
+    with jax.ensure_compile_time_eval():      # a Python float, also when called under a jit trace
+        if float(sde.alpha(t_max)) ** 2 < MIN_ALPHA_BAR:
+            t_max = float(sde.t_of_log_snr(math.log(MIN_ALPHA_BAR / (1.0 - MIN_ALPHA_BAR))))
+    return t_max
+
+
 def continuous_grid(sde, steps: int, spacing: str = "uniform", *, rho: float = 7.0, final: str = "zero") -> Grid:
     """Grid of `steps` steps between sde.t_max and sde.t_min for a schedule of `diffusion_jax.process.sde`.
 
@@ -181,8 +191,7 @@ def continuous_grid(sde, steps: int, spacing: str = "uniform", *, rho: float = 7
     t_max, t_min = float(sde.t_max), float(sde.t_min)
     if not 0 <= t_min < t_max:
         raise ValueError(f"sde.t_min < sde.t_max is needed, got t_min={t_min}, t_max={t_max}")
-    if float(sde.alpha(t_max)) ** 2 < MIN_ALPHA_BAR:   # pure noise at t_max (a flow): start where x / alpha is finite
-        t_max = float(sde.t_of_log_snr(math.log(MIN_ALPHA_BAR / (1.0 - MIN_ALPHA_BAR))))
+    t_max = start_time(sde)
     if spacing == "uniform":
         t = np.linspace(t_max, t_min, n)
     elif spacing == "quadratic":

@@ -33,7 +33,7 @@ def test_every_key_of_every_class_is_read_or_neutral(name):
 
 
 @pytest.mark.parametrize("cfg, steps, match", [
-    ({"_class_name": "FlowMatchEulerDiscreteScheduler"}, 10, "flow-matching model"),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True}, 10, "needs the pipeline's mu"),
     ({"_class_name": "LCMScheduler"}, 4, "consistency"),
     ({"_class_name": "NoSuchScheduler"}, 10, "unknown; supported"),
     ({}, 10, "_class_name=None is unknown"),

@@ -15,7 +15,10 @@ from diffusion_jax.inference.likelihood import bits_per_dim, ddpm_vlb, dequantiz
 from diffusion_jax.process import vdm as pvdm
 from diffusion_jax.process import sde as sdes
 from diffusion_jax.process.discrete import make_schedule
-from diffusion_jax.testbed import GaussianMixture, alpha_sigma_denoiser, discrete_denoise_fn, edm_denoiser
+from diffusion_jax.process.flow import RectifiedFlow
+from diffusion_jax.samplers.grid import start_time
+from diffusion_jax.testbed import (GaussianMixture, alpha_sigma_denoiser, discrete_denoise_fn, edm_denoiser,
+                                   process_denoise_fn)
 
 D, N = 4, 256
 VP = sdes.VPSDE(t_min=1e-5)             # score_sde's likelihood eps: s_0 ~ 1e-3, far below the component stds
@@ -62,12 +65,17 @@ def _case(kind, mix, vp_exact):
         net = lambda x, t: f(x, *pvdm.alpha_sigma(-13.3 + 23.3 * t / 1000.0))
         run = jax.jit(lambda x: ode_log_likelihood(net, sched, x, prediction="eps"))
         return run, (sched.alpha(0.0), sched.sigma(0.0)), (sched.alpha(1.0), sched.sigma(1.0))
+    if kind == "flow":   # the exact velocity; the ODE starts where alpha^2 = 2^-24 (start_time), prior N(0, ~1)
+        flow = RectifiedFlow()
+        run = jax.jit(lambda x: ode_log_likelihood(process_denoise_fn(mix, flow, "flow"), flow, x, prediction="flow"))
+        t1 = start_time(flow)
+        return run, (flow.alpha(flow.t_min), flow.sigma(flow.t_min)), (flow.alpha(t1), flow.sigma(t1))
     fn = discrete_denoise_fn(mix, DDPM, "v")
     run = jax.jit(lambda x: ode_log_likelihood(fn, DDPM, x, prediction="v"))
     return run, (DDPM.alpha(0), DDPM.sigma(0)), (DDPM.alpha(999), DDPM.sigma(999))
 
 
-@pytest.mark.parametrize("kind", ["vp", "edm", "ddpm", "vdm"])
+@pytest.mark.parametrize("kind", ["vp", "edm", "ddpm", "vdm", "flow"])
 def test_exact_trace_matches_mixture_log_density(mix, data, vp_exact, kind):
     x, truth = data
     run, level0, level1 = _case(kind, mix, vp_exact)
