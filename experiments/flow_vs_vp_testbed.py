@@ -5,8 +5,8 @@ standard normal draws z, solver error against each process's exact probability-f
     python experiments/flow_vs_vp_testbed.py [--num 1000] [--out results/flow_vs_vp]
 
 Rows: Euler on the rectified-flow ODE (flow_euler, uniform t from sigma = 1) and DDIM on the VP ODE (ddim, "trailing"
-timesteps from t = 999), the question the issue asks; Heun on the flow (flow_heun) and DPM-Solver++(2M) on VP (logsnr
-levels) as second-order context. Both ODEs are the same ODE in y = x / alpha, s = sigma / alpha (the PF-ODE does not
+timesteps from t = 999), the question the issue asks; Heun on the flow (flow_heun, on uniform t and on log-SNR levels)
+and DPM-Solver++(2M) on VP (logsnr levels) as second-order context. Both ODEs are the same ODE in y = x / alpha, s = sigma / alpha (the PF-ODE does not
 depend on the process, only on s), and flow Euler and DDIM are the same update (exact for a constant x0-hat): what
 differs is where the levels fall in s, from where (s_max = 4096 for the flow's first level alpha = 2^-12, 157 for VP),
 so this measures the time parameterisations. Error: per sample, RMS over the 64 coordinates of x_0 minus the exact
@@ -39,6 +39,7 @@ ROWS = {  # name -> (process, sampler, spacing, prediction)
     "ddim (VP)": ("vp", "ddim", "trailing", "eps"),
     "flow_heun (RF)": ("flow", "flow_heun", "uniform", "flow"),
     "dpmpp_2m (VP)": ("vp", "dpmpp_2m", "logsnr", "eps"),
+    "flow_heun (RF, logsnr)": ("flow", "flow_heun", "logsnr", "flow"),
 }
 
 
@@ -81,7 +82,8 @@ def main(argv=None):
                             "mmd2": float(mmd), "mmd2_se": float(se)})
     floor, floor_se = mixture_mmd2(mix, np.asarray(mix.sample(jax.random.key(3), args.num)), 1.0, return_stderr=True)
     paired = []
-    for a, b in (("ddim (VP)", "flow_euler (RF)"), ("dpmpp_2m (VP)", "flow_heun (RF)")):
+    for a, b in (("ddim (VP)", "flow_euler (RF)"), ("dpmpp_2m (VP)", "flow_heun (RF)"),
+                 ("dpmpp_2m (VP)", "flow_heun (RF, logsnr)")):
         for nfe in NFES:
             mean, lo, hi = _bootstrap_mean(np.log(errors[a, nfe] / errors[b, nfe]))
             verdict = "flow better" if lo > 0 else "VP better" if hi < 0 else "no difference"

@@ -15,8 +15,11 @@ from diffusion_jax.models.registry import BACKBONES, KINDS, names_of_kind
 
 
 STANDALONE = [n for n in names_of_kind("denoiser") if BACKBONES[n].pretrained is None]
-# the tiny model of each: the U-Nets share the TINY keys; DiT has its own (2 x 2 patches of the 8 x 8 digits)
-OWN_KEYS = {"dit": ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=2"]}
+# the tiny model of each: the U-Nets share the TINY keys; DiT has its own (2 x 2 patches of the 8 x 8 digits), and
+# trains on the rectified flow (SD3's pairing: schedule.kind=flow, the velocity, logit-normal times, shift 2)
+OWN_KEYS = {"dit": ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=2",
+                    "schedule.kind=flow", "schedule.shift=2.0", "loss.prediction=flow",
+                    "loss.time_sampling=logit_normal", "sample.spacing=uniform"]}
 
 
 def test_every_backbone_has_a_test_of_its_kind():
@@ -46,6 +49,7 @@ def test_every_denoiser_trains_two_steps_and_samples_with_cfg(name, tmp_path, ca
     assert saved["model"]["name"] == name and saved["model"]["num_classes"] == 10
     exp, graphdef, params, step = load_trained(workdir)
     assert step == 2 and type(nnx.merge(graphdef, params)) is BACKBONES[name].build
+    assert exp.schedule.kind == ("flow" if name == "dit" else "discrete")
 
     out = str(tmp_path / "cfg.npz")
     code = main(["sample", "--workdir", workdir, "--sampler", "ddim", "--steps", "2", "--num", "2",

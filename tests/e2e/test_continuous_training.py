@@ -1,5 +1,6 @@
 """Continuous-time training end to end: schedule.kind picks the schedule and its loss (objectives.py), the
-trained run samples with a grid sampler, and the config refuses combinations that cannot work."""
+trained run samples with a grid sampler, and the config refuses combinations that cannot work. (schedule.kind="flow"
+trains end to end with the DiT in tests/e2e/test_backbones.py.)"""
 import dataclasses
 import os
 
@@ -20,8 +21,6 @@ RUNS = {
     "edm": ["schedule.kind=edm", "loss.prediction=edm", "sample.sampler=heun", "sample.spacing=karras"],
     "vp": ["schedule.kind=vp", "loss.weighting=likelihood", "loss.importance_sampling=True",
            "sample.sampler=dpmpp_2m", "sample.spacing=logsnr"],
-    "flow": ["schedule.kind=flow", "schedule.shift=3.0", "loss.prediction=flow", "loss.time_sampling=logit_normal",
-             "sample.sampler=flow_heun", "sample.spacing=uniform"],
     "vdm": ["schedule.kind=vdm", "schedule.gamma=learned", "sample.sampler=dpmpp_2m", "sample.spacing=logsnr",
             "optim.warmup_steps=0", "optim.learning_rate=0.01"],
 }
