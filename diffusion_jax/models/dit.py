@@ -27,9 +27,9 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.models.layers import DEFAULT_INIT, ZERO_INIT, check_network_inputs, timestep_embedding
+from diffusion_jax.models.patches import DTYPES, check_inputs, check_patch_config, labels_or_null, unpatchify
 from diffusion_jax.models.unet_shape import output_channels
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Table 1 of the paper: hidden size D, depth N, heads
 DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 FREQ_DIM = 256                                    # width of the timestep sinusoids (DiT's frequency_embedding_size)
@@ -66,36 +66,14 @@ class DiTConfig:
         return self.image_size // self.patch_size
 
     def validate(self) -> None:
-        if self.name != "dit":
-            raise ValueError(f"model.name={self.name!r} does not name this config (dit)")
-        for key in ("image_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"model.{key}={v!r} must be a positive int")
-        for key in ("out_channels", "num_classes"):
-            v = getattr(self, key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"model.{key}={v!r} must be None or a positive int")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"model.patch_size={self.patch_size} does not divide model.image_size={self.image_size}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.num_heads={self.num_heads} does not divide model.hidden_size={self.hidden_size}")
+        check_patch_config(self, "dit", "DiT")
+        if self.pos_embed not in ("sincos", "learned"):
+            raise ValueError(f"model.pos_embed={self.pos_embed!r} must be 'sincos' or 'learned'")
         if self.pos_embed == "sincos" and self.hidden_size % 4:
             raise ValueError(f"model.hidden_size={self.hidden_size} must be a multiple of 4 for the 2-D sin-cos "
                              "position embedding")
-        if self.pos_embed not in ("sincos", "learned"):
-            raise ValueError(f"model.pos_embed={self.pos_embed!r} must be 'sincos' or 'learned'")
         if not (isinstance(self.mlp_norm_eps, (int, float)) and 0 < self.mlp_norm_eps < 1):
             raise ValueError(f"model.mlp_norm_eps={self.mlp_norm_eps!r} must be a number in (0, 1)")
-        if not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0):
-            raise ValueError(f"model.mlp_ratio={self.mlp_ratio!r} must be a positive number")
-        if self.context_dim is not None:
-            raise ValueError(f"model.context_dim={self.context_dim}: DiT conditions on a class label and t only; "
-                             "text conditioning needs model.name='unet_cond'")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"model.dtype={self.dtype!r} must be one of {sorted(_DTYPES)}")
-        if self.learn_sigma and self.out_channels is not None and self.out_channels % 2:
-            raise ValueError(f"model.out_channels={self.out_channels} must be even when model.learn_sigma=True")
 
 
 def dit_config(name: str = "DiT-S/2", **overrides) -> DiTConfig:
@@ -172,7 +150,7 @@ class DiT(nnx.Module):
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
         config.validate()
         self.config = c = config
-        dt = _DTYPES[c.dtype]
+        dt = DTYPES[c.dtype]
         D, p = c.hidden_size, c.patch_size
         self.patch = nnx.Conv(c.in_channels, D, (p, p), strides=p, padding="VALID", dtype=dt, kernel_init=DEFAULT_INIT,
                               bias_init=ZERO_INIT, rngs=rngs)
@@ -192,27 +170,18 @@ class DiT(nnx.Module):
         train and dropout_key change nothing."""
         c = self.config
         x, t, _ = check_network_inputs(x, t, c.in_channels, False, None)
-        if context is not None:
-            raise ValueError("context was given but DiT has no cross-attention (model.context_dim is None)")
-        b, dt, p, g = x.shape[0], _DTYPES[c.dtype], c.patch_size, c.grid_size
-        if x.shape[1:3] != (c.image_size, c.image_size):
-            raise ValueError(f"x must be (B, {c.image_size}, {c.image_size}, {c.in_channels}), got {x.shape}")
+        check_inputs(c, x, context)
+        b, dt, p, g = x.shape[0], DTYPES[c.dtype], c.patch_size, c.grid_size
         h = self.patch(x.astype(dt)).reshape(b, g * g, c.hidden_size)
         pos = self.pos[...] if c.pos_embed == "learned" else sincos_pos_embed(c.hidden_size, g)
         h = h + jnp.asarray(pos, dt)
         emb = timestep_embedding(t, FREQ_DIM, flip_sin_to_cos=True, freq_shift=c.freq_shift)
         cond = self.time_2(nnx.silu(self.time_1(emb.astype(dt))))
-        if self.label is None and y is not None:
-            raise ValueError("class labels y were given but the model is unconditional (model.num_classes is None)")
-        if self.label is not None:
-            y = jnp.full((b,), c.num_classes, jnp.int32) if y is None else jnp.asarray(y).astype(jnp.int32)
-            if y.shape != (b,):
-                raise ValueError(f"y must have shape ({b},), got {y.shape}")
-            cond = cond + self.label(y).astype(cond.dtype)
+        label = labels_or_null(self.label, c.num_classes, y, b)
+        if label is not None:
+            cond = cond + label.astype(cond.dtype)
         for block in self.blocks:
             h = block(h, cond)
         shift, scale = jnp.split(self.final_ada(nnx.silu(cond)), 2, axis=-1)
         out = self.final(_modulate(h, shift, scale).astype(dt))            # (B, g^2, p p C)
-        C = c.resolved_out_channels
-        out = out.reshape(b, g, g, p, p, C).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * p, g * p, C)
-        return out.astype(jnp.float32)
+        return unpatchify(out, g, p, c.resolved_out_channels).astype(jnp.float32)

@@ -15,6 +15,8 @@ sharding, checkpoints and samplers never ask which backbone they carry.
                                                                          trainable low-rank updates of its projections
     dit         denoiser      dit.DiTConfig                              dit.DiT: the Diffusion Transformer (patches,
                                                                          adaLN-Zero; Peebles & Xie 2023)
+    uvit        denoiser      uvit.UViTConfig                            uvit.UViT: time, label and patches as tokens
+                                                                         of a ViT with long skips (Bao et al. 2023)
     dreambooth  denoiser      dreambooth.DreamBoothConfig                a class-conditional unet / unet_cond with one
                                                                          more label (the subject), all of it trained
 
@@ -40,6 +42,7 @@ from flax import nnx
 
 from diffusion_jax.models import controlnet, dreambooth, lora
 from diffusion_jax.models.dit import DiT, DiTConfig
+from diffusion_jax.models.uvit import UViT, UViTConfig
 from diffusion_jax.models.unet import UNet, UNetConfig
 from diffusion_jax.models.unet_cond_backbone import UNetCondBackbone, UNetCondBackboneConfig
 from diffusion_jax.models.vae import VAE, VAEConfig
@@ -62,6 +65,7 @@ BACKBONES: dict[str, Backbone] = {
     "unet_cond": Backbone(UNetCondBackboneConfig, UNetCondBackbone,
                           "UNet2DConditionModel layout (Rombach et al. 2022): spatial transformers, text context"),
     "dit": Backbone(DiTConfig, DiT, "DiT (Peebles & Xie 2023): a transformer on patches, adaLN-Zero conditioning"),
+    "uvit": Backbone(UViTConfig, UViT, "U-ViT (Bao et al. 2023): time, label and patches as tokens, long skips"),
     "vae": Backbone(VAEConfig, VAE, "KL autoencoder of latent diffusion (Rombach et al. 2022), AutoencoderKL layout",
                     kind="autoencoder"),
     "controlnet": Backbone(controlnet.ControlNetConfig, controlnet.ControlledUNet,

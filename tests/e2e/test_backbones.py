@@ -19,7 +19,8 @@ STANDALONE = [n for n in names_of_kind("denoiser") if BACKBONES[n].pretrained is
 # trains on the rectified flow (SD3's pairing: schedule.kind=flow, the velocity, logit-normal times, shift 2)
 OWN_KEYS = {"dit": ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=2",
                     "schedule.kind=flow", "schedule.shift=2.0", "loss.prediction=flow",
-                    "loss.time_sampling=logit_normal", "sample.spacing=uniform"]}
+                    "loss.time_sampling=logit_normal", "sample.spacing=uniform"],
+            "uvit": ["model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=2"]}
 
 
 def test_every_backbone_has_a_test_of_its_kind():

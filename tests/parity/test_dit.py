@@ -24,29 +24,29 @@ def formula(D, N, p, C=4, classes=1000):
         + (2 * D * D + 2 * D) + (D * p * p * 2 * C + p * p * 2 * C)
 
 
-@pytest.mark.parametrize("name, millions", [("DiT-S/2", 33), ("DiT-B/2", 130), ("DiT-L/2", 458), ("DiT-XL/2", 675),
-                                            ("DiT-XL/8", 676), ("DiT-S/8", 33)])
+@pytest.mark.parametrize("name, millions", [("DiT-S/2", 33), ("DiT-B/4", 130), ("DiT-L/2", 458), ("DiT-XL/2", 675)])
 def test_paper_sizes(name, millions):
-    """Table 1's parameter counts (in millions, rounded as the paper prints them), without allocating."""
+    """Table 1's parameter counts (in millions, rounded as the paper prints them), without allocating. DiT's own code
+    reports 675,129,632 for DiT-XL/2, counting its fixed sin-cos position embedding (a frozen Parameter of 256 x 1152),
+    which here is a constant."""
     config = dit_config(name)
     size, _, patch = name[4:].partition("/")
     count = n_params(config)
     assert count == formula(config.hidden_size, config.depth, int(patch))
     assert round(count / 1e6) == millions, count
+    if name == "DiT-XL/2":
+        assert count + 256 * 1152 == 675_129_632
 
 
 @pytest.mark.torch
-def test_xl2_counts_match_diffusers():
-    """diffusers' DiT-XL/2 holds 28 copies of the timestep / label embedder (one per block); ours shares one. DiT's
-    own code reports 675,129,632 parameters, counting its fixed sin-cos position embedding (a frozen Parameter of
-    256 x 1152), which here is a constant."""
+def test_counts_match_diffusers():
+    """diffusers' DiT-S/2 holds 12 copies of the timestep / label embedder (one per block); ours shares one."""
     _, diffusers = need("torch", "diffusers")
-    ref = meta_model(diffusers.DiTTransformer2DModel, num_attention_heads=16, attention_head_dim=72, num_layers=28,
+    ref = meta_model(diffusers.DiTTransformer2DModel, num_attention_heads=6, attention_head_dim=64, num_layers=12,
                      sample_size=32, patch_size=2, in_channels=4, out_channels=8, num_embeds_ada_norm=1000)
-    D = 1152
+    D = 384
     embedder = 256 * D + D + D * D + D + 1001 * D
-    ours = n_params(dit_config("DiT-XL/2"))
-    assert torch_param_count(ref) - 27 * embedder == ours and ours + 256 * D == 675_129_632
+    assert torch_param_count(ref) - 11 * embedder == n_params(dit_config("DiT-S/2"))
 
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, sample_size=8, patch_size=2, in_channels=4,
