@@ -13,7 +13,7 @@ Everything is a token: the noise level, the class label and the patches go throu
 The paper's depth counts blocks (U-ViT-S: 13); `depth` here is the config's (the official code's), the in + out
 blocks (12 for U-ViT-S), plus the mid block. Labels: num_classes + 1 embeddings, the last the null class of
 classifier-free guidance. Init as the official code: Linear weights and the position embedding ~ N(0, 0.02)
-(truncated at 2 std), zero biases, LayerNorm 1 / 0. The timestep sinusoids are [cos, sin] over D channels (freq shift
+(truncated at 2 std), zero biases, LayerNorm 1 / 0, label embeddings N(0, 1); convs Xavier-uniform. The timestep sinusoids are [cos, sin] over D channels (freq shift
 0), as its timestep_embedding.
 """
 from __future__ import annotations
@@ -120,7 +120,8 @@ class UViT(nnx.Module):
                               rngs=rngs)
         self.time_mlp = nnx.List([_linear(D, 4 * D, rngs, dt), _linear(4 * D, D, rngs, dt)]) if c.mlp_time_embed \
             else None
-        self.label = nnx.Embed(c.num_classes + 1, D, rngs=rngs) if c.num_classes is not None else None
+        self.label = (nnx.Embed(c.num_classes + 1, D, embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+                      if c.num_classes is not None else None)          # PyTorch's nn.Embedding: N(0, 1)
         self.pos = nnx.Param(_TRUNC(rngs.params(), (c.extras + (c.image_size // p) ** 2, D), jnp.float32))
         block = lambda skip: UViTBlock(D, c.num_heads, c.mlp_ratio, c.qkv_bias, skip, dtype=dt, rngs=rngs)  # noqa
         self.in_blocks = nnx.List([block(False) for _ in range(c.depth // 2)])
