@@ -158,7 +158,7 @@ NCSNPP_BLOCKS = dict(sample_size=8, block_out_channels=(128, 256), norm_num_grou
     dict(class_embed_type="timestep", num_class_embeds=5),   # y embedded as t is (num_class_embeds unused)
     dict(class_embed_type="identity"),                    # y (B, 4C) added to the time embedding
     NCSNPP_BLOCKS,                                        # google/ncsnpp-*: image pyramids, FIR ResnetBlock2Ds
-    {**NCSNPP_BLOCKS, "block_out_channels": (128, 128, 256), "attention_head_dim": 64, "layers_per_block": 2,
+    {**NCSNPP_BLOCKS, "block_out_channels": (128, 128, 256), "attention_head_dim": 64, "layers_per_block": 1,
      "down_block_types": ("AttnSkipDownBlock2D", "SkipDownBlock2D", "SkipDownBlock2D"),
      "up_block_types": ("SkipUpBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D"),
      "resnet_time_scale_shift": "scale_shift",
