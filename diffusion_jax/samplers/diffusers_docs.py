@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from diffusion_jax.samplers.diffusers_flow import FLOW_SCHEDULERS
 from diffusion_jax.samplers.diffusers_import import sampler_from_diffusers
 from diffusion_jax.samplers.diffusers_schedulers import REFUSED, SCHEDULERS
 from diffusion_jax.samplers.registry import get_entry
@@ -50,11 +51,16 @@ def _values(key, default):
     return (default,)
 
 
+PROBE_MU = 1.0
+
+
 def _probe(cls: str, key, value) -> str | None:
     """None if a config with key = value imports, else the refusal (shortened)."""
     try:
         value = _PROBE_VALUES.get(value, value) if isinstance(value, str) else value
-        sampler_from_diffusers({"_class_name": cls, key: value}, STEPS)
+        flux = cls in FLOW_SCHEDULERS and key == "use_dynamic_shifting" and value is True
+        mu = PROBE_MU if flux else None                          # what the pipeline computes, for Flux
+        sampler_from_diffusers({"_class_name": cls, key: value}, STEPS, mu=mu)
     except ValueError as e:
         msg = str(e).split(": ", 1)[-1]
         return msg.split(f"{key}=", 1)[-1].split(" ", 1)[-1] if f"{key}=" in msg else msg
@@ -71,7 +77,9 @@ def scheduler_markdown() -> str:
              f"every value below was imported at {STEPS} inference steps of 1000 (`sampler_from_diffusers`). A config "
              "key that is not an option of its class is listed and logged as ignored (diffusers ignores it too); "
              "`_class_name` and `_diffusers_version` change nothing. The numbers are checked against diffusers on a "
-             "grid of 314 configurations (tests/parity/test_scheduler_configs.py).", "",
+             "grid of 333 configurations (tests/parity/test_scheduler_configs.py), the FlowMatch schedulers on 12 "
+             f"more (tests/parity/test_flow_match.py); use_dynamic_shifting was imported with mu = {PROBE_MU}, which "
+             "the pipeline computes from the image size and passes as `sampler_from_diffusers(..., mu=)`.", "",
              "| diffusers class | runs as | our solver |", "|---|---|---|"]
     for cls in sorted(SCHEDULERS):
         imp = sampler_from_diffusers({"_class_name": cls}, STEPS)

@@ -42,8 +42,10 @@ def _x0_post(c) -> dict:
 
 
 def _no_flow(c):
-    """The flow-matching switches of the VP solvers: refused until diffusion_jax has flow models (issue 26)."""
-    why = "needs a flow-matching model, which diffusion_jax does not have yet"
+    """The flow-matching switches of the VP solvers (their flow sigmas and shifts) are refused: flow models run with
+    the FlowMatch schedulers (diffusers_flow.py), or with any of our samplers on schedule.kind='flow'."""
+    why = ("(this class's flow-matching sigmas) is not supported; run a flow model with "
+           "FlowMatchEulerDiscreteScheduler / FlowMatchHeunDiscreteScheduler, or with our samplers on its schedule")
     for key, off in (("use_flow_sigmas", False), ("use_dynamic_shifting", False), ("shift_terminal", None)):
         if key in c.defaults:
             c.only(key, (off,), why)
