@@ -16,9 +16,10 @@ gets time_scale sigma (SD3 / Flux: timestep = 1000 sigma). The forward SDE of th
 need one: f = d log alpha / dt = -sigma' / (1 - sigma), g^2 = d sigma^2 / dt - 2 f sigma^2 = 2 sigma sigma' / (1 - sigma)
 (sigma' = d sigma / dt = shift / (1 + (shift - 1) t)^2).
 
-At t = 1 the marginal is pure noise (alpha = 0): the flow solvers (samplers/flow.py) and DDIM step there; the grids of
-samplers in x / alpha or log-SNR coordinates start at alpha = 2^-12 instead (`grid.continuous_grid`, the stand-in
-diffusers uses for a zero terminal SNR).
+At t = 1 the marginal is pure noise (alpha = 0). Grids built from the process (`grid.continuous_grid`) and the
+likelihood ODE start where alpha^2 = 2^-24 instead (`grid.start_time`, the stand-in diffusers uses for a zero terminal
+SNR), where x / alpha and the log-SNR are finite for every sampler; diffusers' FlowMatch grids
+(`samplers/diffusers_flow.py`) start at sigma = 1 exactly, where the flow solvers and DDIM never divide by alpha.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ EDM's coordinates does not: at sigma = 1 of a flow). With h = tau_{i+1} - tau_i:
 
     flow_euler      z_{i+1} = z_i + h v_i                                  (FlowMatchEulerDiscreteScheduler)
                     stochastic: z_{i+1} = (1 - tau_{i+1}) x0_hat + tau_{i+1} w, w fresh noise from fold_in(key, i)
-                    (FlowMatchEuler's stochastic_sampling: the marginal law at every level, like DDPM's refresh)
+                    (FlowMatchEuler's stochastic_sampling: the noise drawn afresh at every level, as LCM's)
     flow_heun       z_e = z_i + h v_i;  z_{i+1} = z_i + h (v_i + v(z_e, tau_{i+1})) / 2; an Euler step to tau = 0
                     (FlowMatchHeunDiscreteScheduler; NFE 2K - 1)
     flow_midpoint   z_m = z_i + h / 2 v_i;  z_{i+1} = z_i + h v(z_m, (tau_i + tau_{i+1}) / 2)   (NFE 2K)
