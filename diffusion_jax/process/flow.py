@@ -13,8 +13,8 @@ the straight path from the data (sigma = 0) to the noise (sigma = 1); the networ
 so that uniform steps in t are diffusers' FlowMatch grids with `shift` and that training on t ~ U(0, 1) draws SD3's
 shifted times. log_snr = 2 log((1 - sigma) / sigma), with the inverse sigma = 1 / (1 + exp(log_snr / 2)). The network
 gets time_scale sigma (SD3 / Flux: timestep = 1000 sigma). The forward SDE of these marginals, for the solvers that
-need one: f = d log alpha / dt = -sigma' / (1 - sigma), g^2 = d sigma^2 / dt - 2 f sigma^2 = 2 sigma sigma' / (1 - sigma)
-(sigma' = d sigma / dt = shift / (1 + (shift - 1) t)^2).
+need one: f = d log alpha / dt = -sigma' / (1 - sigma), g^2 = d sigma^2 / dt - 2 f sigma^2
+= 2 sigma sigma' / (1 - sigma), with sigma' = d sigma / dt = shift / (1 + (shift - 1) t)^2.
 
 At t = 1 the marginal is pure noise (alpha = 0). Grids built from the process (`grid.continuous_grid`) and the
 likelihood ODE start where alpha^2 = 2^-24 instead (`grid.start_time`, the stand-in diffusers uses for a zero terminal

@@ -17,7 +17,8 @@ EDM's coordinates does not: at sigma = 1 of a flow). With h = tau_{i+1} - tau_i:
     flow_midpoint   z_m = z_i + h / 2 v_i;  z_{i+1} = z_i + h v(z_m, (tau_i + tau_{i+1}) / 2)   (NFE 2K)
 
 flow_midpoint's half levels come from the process (`flow_half_grid`, the registry's `from_process`); without them
-t and alpha + sigma are taken halfway between the grid's levels (exact for the rectified flow's scales). Result and trajectory in the grid's coordinates (x).
+t and alpha + sigma are taken halfway between the grid's levels (exact for the rectified flow's scales). Result and
+trajectory in the grid's coordinates (x).
 """
 from __future__ import annotations
 
