@@ -6,13 +6,13 @@ standard normal draws z, solver error against each process's exact probability-f
 
 Rows: Euler on the rectified-flow ODE (flow_euler, uniform t from sigma = 1) and DDIM on the VP ODE (ddim, "trailing"
 timesteps from t = 999), the question the issue asks; Heun on the flow (flow_heun, on uniform t and on log-SNR levels)
-and DPM-Solver++(2M) on VP (logsnr levels) as second-order context. Both ODEs are the same ODE in y = x / alpha, s = sigma / alpha (the PF-ODE does not
-depend on the process, only on s), and flow Euler and DDIM are the same update (exact for a constant x0-hat): what
-differs is where the levels fall in s, from where (s_max = 4096 for the flow's first level alpha = 2^-12, 157 for VP),
-so this measures the time parameterisations. Error: per sample, RMS over the 64 coordinates of x_0 minus the exact
-endpoint from the same x_T (diffrax, rtol 1e-8); paired: the mean log ratio VP / flow over the same z with a 95%
-bootstrap interval. Quality: MMD^2 to the mixture (Gaussian kernel, bandwidth 1) with its standard error, next to the
-floor (fresh data vs the mixture). Writes OUT/flow_vs_vp.md and .csv.
+and DPM-Solver++(2M) on VP (logsnr levels) as second-order context. Both ODEs are the same ODE in y = x / alpha,
+s = sigma / alpha (the PF-ODE does not depend on the process, only on s), and flow Euler and DDIM are the same update
+(exact for a constant x0-hat): what differs is where the levels fall in s, from where (s_max = 4096 for the flow's
+first level alpha = 2^-12, 157 for VP), so this measures the time parameterisations. Error: per sample, RMS over the
+64 coordinates of x_0 minus the exact endpoint from the same x_T (diffrax, rtol 1e-8); paired: the mean log ratio
+VP / flow over the same z with a 95% bootstrap interval. Quality: MMD^2 to the mixture (Gaussian kernel, bandwidth 1)
+with its standard error, next to the floor (fresh data vs the mixture). Writes OUT/flow_vs_vp.md and .csv.
 """
 import argparse
 import csv

@@ -13,8 +13,8 @@ Everything is a token: the noise level, the class label and the patches go throu
 The paper's depth counts blocks (U-ViT-S: 13); `depth` here is the config's (the official code's), the in + out
 blocks (12 for U-ViT-S), plus the mid block. Labels: num_classes + 1 embeddings, the last the null class of
 classifier-free guidance. Init as the official code: Linear weights and the position embedding ~ N(0, 0.02)
-(truncated at 2 std), zero biases, LayerNorm 1 / 0, label embeddings N(0, 1); convs Xavier-uniform. The timestep sinusoids are [cos, sin] over D channels (freq shift
-0), as its timestep_embedding.
+(truncated at 2 std), zero biases, LayerNorm 1 / 0, label embeddings N(0, 1); convs Xavier-uniform. The timestep
+sinusoids are [cos, sin] over D channels (freq shift 0), as its timestep_embedding.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""diffusers' FlowMatch schedulers as our flow solvers (samplers/flow.py) on their grids: FlowMatchEulerDiscreteScheduler
-(shift, dynamic shifting with the pipeline's mu, shift_terminal, Karras / exponential / beta sigmas, stochastic
-sampling) and FlowMatchHeunDiscreteScheduler (shift). Registered in `diffusers_schedulers.SCHEDULERS`.
+"""diffusers' FlowMatch schedulers as our flow solvers (samplers/flow.py) on their grids:
+FlowMatchEulerDiscreteScheduler (shift, dynamic shifting with the pipeline's mu, shift_terminal, Karras / exponential /
+beta sigmas, stochastic sampling) and FlowMatchHeunDiscreteScheduler (shift). Registered in
+`diffusers_schedulers.SCHEDULERS`.
 
 Their levels, as set_timesteps builds them: the T training sigmas (T..1) / T, shifted (unless use_dynamic_shifting),
 stored in float32; K sigmas from linspace(T sigma_max, T sigma_min, K) / T, shifted again (shift s: s sigma / (1 +

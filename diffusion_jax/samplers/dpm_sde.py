@@ -6,7 +6,7 @@ ancestrally (eta = 1, `kdpm2.ancestral_levels`: sigma_up, s_down of a step s -> 
 
     A(y, x0_hat; s -> s_to, z) = y + (s_down - s) (y - x0_hat) / s + s_noise sigma_up z
     stage 1, to the midpoint s_mid = sqrt(s_i s_{i+1}) (in log s):  y_mid = A(y_i, D(y_i; s_i); s_i -> s_mid, z_1)
-    stage 2, from y_i with the midpoint's denoiser:                y_{i+1} = A(y_i, D(y_mid; s_mid); s_i -> s_{i+1}, z_2)
+    stage 2, from y_i with the midpoint's denoiser:   y_{i+1} = A(y_i, D(y_mid; s_mid); s_i -> s_{i+1}, z_2)
 
 The two noises are increments of one Brownian motion W(s) (diffusers draws them from a Brownian tree in s): z_1 =
 (W(s_mid) - W(s_i)) / sqrt(s_i - s_mid) and z_2 = (W(s_{i+1}) - W(s_i)) / sqrt(s_i - s_{i+1}), so

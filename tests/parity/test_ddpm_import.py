@@ -176,7 +176,8 @@ def test_ncsnpp_score_sde_ve_pipeline_converts(tmp_path, caplog):
     assert "snr=0.17" in caplog.text                            # what is not imported is said
     _, _, params, _ = load_trained(str(tmp_path / "workdir"))   # the converted network (its parity: test_unet.py)
     sd = unet.state_dict()
-    assert_trees_equal(params, nnx.to_pure_dict(convert_diffusers_unet(sd, unet_config_from_diffusers(unet.config, sd))))
+    converted = convert_diffusers_unet(sd, unet_config_from_diffusers(unet.config, sd))
+    assert_trees_equal(params, nnx.to_pure_dict(converted))
     sigma = 20.0                                                # network time sigma(t) = sigma: VE's own
     assert float(build_schedule(exp.schedule).network_time(np.log(sigma / 0.01) / np.log(50.0 / 0.01))) == \
         pytest.approx(sigma, rel=1e-5)

@@ -110,7 +110,8 @@ def test_flow_matching_loss_is_the_velocity_mse_for_every_parameterization():
     worse = make_objective(flow, LossConfig(prediction="flow"))(lambda p, x, t, **kw: f(x, t) + p, 0.1,
                                                                  {"image": x0}, jax.random.key(4))[0]
     assert float(worse) == pytest.approx(losses["flow"] + 0.01, rel=0.02)
-    base = dict(seed=0, data={"name": "digits"}, model={"channels": 16, "num_res_blocks": 1, "num_groups": 8, "image_size": 16})
+    base = dict(seed=0, data={"name": "digits"},
+                model={"channels": 16, "num_res_blocks": 1, "num_groups": 8, "image_size": 16})
     with pytest.raises(ValueError, match="loss.prediction='flow' .* needs schedule.kind='flow'"):
         Experiment.from_config({**base, "loss": {"prediction": "flow"}})
     with pytest.raises(ValueError, match="loss.time_sampling is a flow-matching setting"):
