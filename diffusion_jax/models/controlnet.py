@@ -31,11 +31,11 @@ from flax import nnx
 
 from diffusion_jax.data.conditions import CONDITIONS
 from diffusion_jax.models.adapted import BASES, AdaptedConfig, check_base, load_base
+from diffusion_jax.models.layers import COMPUTE_DTYPES
 from diffusion_jax.models.unet import UNetConfig
 from diffusion_jax.models.unet_cond_backbone import UNetCondBackboneConfig
 from diffusion_jax.models.unet_cond_blocks import conv
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,7 @@ class ControlNet(nnx.Module):
     def __init__(self, config: ControlNetConfig, *, rngs: nnx.Rngs):
         base = config.base
         klass = BASES[base.name][1]
-        dt = _DTYPES[base.dtype]
+        dt = COMPUTE_DTYPES[base.dtype]
         self.encoder = klass(base, rngs=rngs, encoder_only=True)
         widths = self.encoder.skip_channels
         self.controlnet_cond_embedding = ConditioningEmbedding(config.conditioning_channels, config.embedding_channels,

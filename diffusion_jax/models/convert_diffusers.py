@@ -129,7 +129,8 @@ def _resampling(cfg, down: list, up: list) -> dict:
     """The UNetConfig fields of how the levels resample: every downsampler and upsampler a 3x3 conv (DownBlock2D,
     Attn*Block2D with downsample_type / upsample_type "conv": resblock "ddpm") or every one a ResnetBlock2D(down /
     up) with 2x2 mean / nearest resampling and no shortcut conv (Resnet{Down,Up}sampleBlock2D, Attn* with "resnet":
-    resblock "biggan", resample_shortcut False). The last down level and the last up level do not resample."""
+    resblock "biggan", resample_shortcut False), or the NCSN++ layout when every block is a Skip*Block2D (`NCSNPP`).
+    The last down level and the last up level do not resample."""
     skip = {t for t in down + up if t in SKIP_TYPES}
     if skip and not set(down + up) <= set(SKIP_TYPES):
         raise ValueError(f"diffusers blocks {down} / {up} mix Skip*Block2D (NCSN++) with other block types; the "

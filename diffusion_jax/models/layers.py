@@ -29,6 +29,8 @@ from flax import nnx
 from diffusion_jax.models.conv import conv_general_dilated
 from diffusion_jax.models.resample import downsample_2d, setup_kernel, upfirdn2d, upsample_2d
 
+# model.dtype -> the compute dtype (params stay float32), for every backbone
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 GROUPNORM_EPS = 1e-6  # DDPM's TF group norm (and diffusers' google/ddpm-cifar10-32 norm_eps).
 # DDPM's `default_init`: variance_scaling(1, fan_avg, uniform). The last layer of every residual
 # branch (ResBlock conv2, attention output projections) and the output conv start at zero

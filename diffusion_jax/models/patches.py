@@ -5,7 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from diffusion_jax.models.layers import COMPUTE_DTYPES
+
+DTYPES = COMPUTE_DTYPES   # re-exported for dit.py / uvit.py
 
 
 def check_patch_config(config, name: str, what: str) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.models.layers import (
+    COMPUTE_DTYPES,
     AttentionBlock,
     Downsample,
     ResBlock,
@@ -49,9 +50,10 @@ from diffusion_jax.models.layers import (
     timestep_embedding,
 )
 from diffusion_jax.models.resample import downsample_2d, upsample_2d
-from diffusion_jax.models.unet_config import _DTYPES, UNetConfig
+from diffusion_jax.models.unet_config import UNetConfig
 
 __all__ = ["UNet", "UNetConfig"]
+
 
 class _Level(nnx.Module):
     """One resolution level: ResBlocks, attention after each (or after the last), optional resampling, and with
@@ -97,7 +99,7 @@ class UNet(nnx.Module):
         config.validate()
         self.config = config
         c = config
-        dt = _DTYPES[c.dtype]
+        dt = COMPUTE_DTYPES[c.dtype]
         emb_dim = 4 * c.channels
         kw = dict(groups=c.num_groups, dropout_rate=float(c.dropout), dtype=dt, rngs=rngs,
                   resample_filter=c.resample_filter, skip_rescale=c.skip_rescale, norm_eps=c.norm_eps,
@@ -215,7 +217,7 @@ class UNet(nnx.Module):
         """Checked inputs -> (x in the compute dtype, emb (B, 4 channels), context, key) with key() the next
         dropout key (None without dropout); the arguments are those of `__call__`."""
         c = self.config
-        dt = _DTYPES[c.dtype]
+        dt = COMPUTE_DTYPES[c.dtype]
         x, t, use_dropout = check_network_inputs(x, t, c.in_channels, train and c.dropout > 0, dropout_key)
         x = 2 * x - 1 if c.center_input_sample else x
         b = x.shape[0]
@@ -286,13 +288,13 @@ class UNet(nnx.Module):
 
     def decode(self, h, skips, emb, context, key):
         """Up levels on the skips (consumed last first), GroupNorm, SiLU, conv_out -> (B, H, W, out) float32."""
-        skips, pyramid, dt = list(skips), None, _DTYPES[self.config.dtype]
+        skips, pyramid, dt = list(skips), None, COMPUTE_DTYPES[self.config.dtype]
         for level in self.up:
             for j, res in enumerate(level.res):
                 h = res(jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1), emb, key())
                 attn = level.attention_after(j)
                 h = h if attn is None else attn(h, context)
-            if self.config.skip_pyramid and pyramid is not None:    # the output pyramid, up to this level
+            if pyramid is not None:                                  # the output pyramid, up to this level
                 pyramid = upsample_2d(pyramid, self.config.resample_filter)
             if level.skip_conv is not None:
                 out = level.skip_conv(nnx.silu(level.skip_norm(h)).astype(dt))

@@ -26,11 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models.layers import add_residuals, check_network_inputs, timestep_embedding
+from diffusion_jax.models.layers import COMPUTE_DTYPES, add_residuals, check_network_inputs, timestep_embedding
 from diffusion_jax.models.unet_cond_blocks import (Block, Downsample2D, ResnetBlock2D, TimestepEmbedding,
                                                    Transformer2DModel, Upsample2D, conv, group_norm)
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
@@ -226,8 +225,8 @@ class UNetCondConfig:
         for name in ("use_linear_projection", "flip_sin_to_cos", "center_input_sample", "upcast_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"model.{name}={getattr(self, name)!r} must be a bool")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"model.dtype={self.dtype!r} must be one of {sorted(_DTYPES)}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r} must be one of {sorted(COMPUTE_DTYPES)}")
 
 
 class UNetCond(nnx.Module):
@@ -242,7 +241,7 @@ class UNetCond(nnx.Module):
     def __init__(self, config: UNetCondConfig, *, rngs: nnx.Rngs, encoder_only: bool = False):
         config.validate()
         self.config = c = config
-        dt = _DTYPES[c.dtype]
+        dt = COMPUTE_DTYPES[c.dtype]
         boc, n = c.block_out_channels, len(c.block_out_channels)
         temb = c.time_embed_dim
         heads, layers = c.per_block("num_attention_heads"), c.per_block("layers_per_block")
@@ -318,7 +317,7 @@ class UNetCond(nnx.Module):
         """Checked inputs -> (x in the compute dtype, emb (B, time_embed_dim), context, key) with key() the next
         dropout key (None without dropout); the arguments are those of `__call__`."""
         c = self.config
-        dt = _DTYPES[c.dtype]
+        dt = COMPUTE_DTYPES[c.dtype]
         x, t, use_dropout = check_network_inputs(x, t, c.in_channels, train and c.dropout > 0, dropout_key)
         b = x.shape[0]
         if self.class_embedding is None and y is not None:
@@ -391,5 +390,5 @@ class UNetCond(nnx.Module):
             if block.upsamplers is not None:
                 h = block.upsamplers[0](h, skips[-1].shape[1:3] if match_sizes else None)
 
-        h = self.conv_out(nnx.silu(self.conv_norm_out(h)).astype(_DTYPES[self.config.dtype]))
+        h = self.conv_out(nnx.silu(self.conv_norm_out(h)).astype(COMPUTE_DTYPES[self.config.dtype]))
         return h.astype(jnp.float32)

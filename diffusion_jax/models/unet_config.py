@@ -5,13 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax.numpy as jnp
 
-from diffusion_jax.models.layers import ACTIVATIONS
+from diffusion_jax.models.layers import ACTIVATIONS, COMPUTE_DTYPES
 from diffusion_jax.models.resample import RESAMPLE_FILTERS
 from diffusion_jax.models.unet_shape import UNetShape
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _CHOICES = {"time_embedding": ("positional", "fourier"), "resblock": ("ddpm", "biggan"),
             "resample_filter": RESAMPLE_FILTERS, "act_fn": tuple(ACTIVATIONS),
             "resnet_time_scale_shift": ("default", "scale_shift"), "up_attention": ("each", "last"),
@@ -79,8 +77,8 @@ class UNetConfig(UNetShape):
     def validate(self) -> None:
         """Raise ValueError naming the offending key (e.g. `model.image_size`)."""
         self.validate_shape("unet")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"model.dtype={self.dtype!r} must be one of {sorted(_DTYPES)}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r} must be one of {sorted(COMPUTE_DTYPES)}")
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} must be one of {list(choices)}")

@@ -37,9 +37,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_jax.models.functional import split_params
-from diffusion_jax.models.layers import AttentionBlock, Downsample, Upsample, conv, group_norm
+from diffusion_jax.models.layers import COMPUTE_DTYPES, AttentionBlock, Downsample, Upsample, conv, group_norm
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers / LDM DiagonalGaussianDistribution clamp
 
 # diffusers AutoencoderKL config keys: ours (same name), and those whose only supported value is given.
@@ -96,8 +95,8 @@ class VAEConfig:
         for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"model.{name}={getattr(self, name)!r} must be a bool")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"model.dtype={self.dtype!r} must be one of {sorted(_DTYPES)}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r} must be one of {sorted(COMPUTE_DTYPES)}")
 
     @classmethod
     def from_diffusers(cls, cfg: Mapping[str, Any], **overrides) -> VAEConfig:
@@ -257,7 +256,7 @@ class VAE(nnx.Module):
     def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
         config.validate()
         self.config = config
-        dt, lat = _DTYPES[config.dtype], config.latent_channels
+        dt, lat = COMPUTE_DTYPES[config.dtype], config.latent_channels
         self.encoder = Encoder(config, dtype=dt, rngs=rngs)
         self.quant_conv = conv(2 * lat, 2 * lat, 1, rngs, dt) if config.use_quant_conv else None
         self.post_quant_conv = conv(lat, lat, 1, rngs, dt) if config.use_post_quant_conv else None

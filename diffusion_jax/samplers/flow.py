@@ -28,8 +28,7 @@ import numpy as np
 
 from diffusion_jax.samplers.checks import check_bool, check_key
 from diffusion_jax.samplers.euler import check_grid, noisy_targets, with_trajectory
-from diffusion_jax.samplers.grid import Grid, concrete_or_none
-from diffusion_jax.samplers.kdpm2 import levels_at
+from diffusion_jax.samplers.grid import Grid, concrete_or_none, levels_of_s
 
 
 def _velocity(denoiser):
@@ -102,7 +101,7 @@ def flow_half_grid(process, grid: Grid) -> Grid:
     alpha, sigma = (np.asarray(v, np.float64) for v in (grid.alpha, grid.sigma))
     tau = sigma / (alpha + sigma)
     tau_mid = 0.5 * (tau[:-1] + tau[1:])
-    t, a, sg = levels_at(process, tau_mid / (1.0 - tau_mid))
+    t, a, sg = levels_of_s(process, tau_mid / (1.0 - tau_mid))
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     return Grid(t=f32(t), alpha=f32(a), sigma=f32(sg))
 

@@ -170,6 +170,20 @@ def discrete_grid(schedule, steps: int, spacing: str = "leading", *, rho: float 
     return _grid(ts, alpha_tab[ts], sigma_tab[ts], final, -1.0)
 
 
+def levels_of_s(process, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(network time, alpha, sigma), numpy float64, of the levels with s = sigma / alpha (> 0) on `process`: on a
+    discrete schedule t is the fractional timestep with that s (t linear in log s between the table's timesteps,
+    diffusers' _sigma_to_t) and alpha = 1 / sqrt(1 + s^2); on a continuous one the schedule's own time and scales."""
+    s = np.asarray(s, np.float64)
+    if process.discrete:
+        abar = np.maximum(np.asarray(process.sqrt_alphas_cumprod, np.float64) ** 2, MIN_ALPHA_BAR)
+        log_s = 0.5 * (np.log(np.asarray(process.sqrt_one_minus_alphas_cumprod, np.float64) ** 2) - np.log(abar))
+        a = 1.0 / np.sqrt(1.0 + s ** 2)
+        return np.interp(np.log(s), log_s, np.arange(len(log_s), dtype=np.float64)), a, s * a
+    tau = process.t_of_log_snr(jnp.asarray(-2.0 * np.log(s), jnp.float32))
+    return tuple(np.asarray(fn(tau), np.float64) for fn in (process.network_time, process.alpha, process.sigma))
+
+
 def start_time(sde) -> float:
     """sde.t_max, or, for a process that is pure noise there (alpha = 0: the flow's sigma = 1), the time where
     alpha^2 = MIN_ALPHA_BAR: where x / alpha and the log-SNR are finite (the grids and the likelihood ODE start)."""

@@ -38,7 +38,7 @@ from diffusion_jax.samplers.euler import (
     noisy_targets,
     with_trajectory,
 )
-from diffusion_jax.samplers.grid import MIN_ALPHA_BAR, Grid, concrete_or_none
+from diffusion_jax.samplers.grid import Grid, concrete_or_none, levels_of_s
 from diffusion_jax.samplers.wrapper import ode_derivative
 
 
@@ -57,24 +57,10 @@ def kdpm2_half_grid(process, grid: Grid, ancestral: bool = False) -> Grid:
     s_down = ancestral_levels(s[:-1], s[1:])[1] if ancestral else s[1:]
     noisy = s_down > 0
     s_mid = np.where(noisy, np.sqrt(s[:-1] * np.where(noisy, s_down, 1.0)), s[:-1])
-    t_mid, a_mid, sg_mid = levels_at(process, s_mid)
+    t_mid, a_mid, sg_mid = levels_of_s(process, s_mid)
     keep = lambda new, old: np.where(noisy, new, old[:-1])
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     return Grid(t=f32(keep(t_mid, t)), alpha=f32(keep(a_mid, alpha)), sigma=f32(keep(sg_mid, sigma)))
-
-
-def levels_at(process, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(network time, alpha, sigma), numpy float64, of the levels with s = sigma / alpha (> 0) on `process`: on a
-    discrete schedule t is the fractional timestep with that s (t linear in log s between the table's timesteps,
-    diffusers' _sigma_to_t) and alpha = 1 / sqrt(1 + s^2); on a continuous one the schedule's own time and scales."""
-    s = np.asarray(s, np.float64)
-    if process.discrete:
-        abar = np.maximum(np.asarray(process.sqrt_alphas_cumprod, np.float64) ** 2, MIN_ALPHA_BAR)
-        log_s = 0.5 * (np.log(np.asarray(process.sqrt_one_minus_alphas_cumprod, np.float64) ** 2) - np.log(abar))
-        a = 1.0 / np.sqrt(1.0 + s ** 2)
-        return np.interp(np.log(s), log_s, np.arange(len(log_s), dtype=np.float64)), a, s * a
-    tau = process.t_of_log_snr(jnp.asarray(-2.0 * np.log(s), jnp.float32))
-    return tuple(np.asarray(fn(tau), np.float64) for fn in (process.network_time, process.alpha, process.sigma))
 
 
 def midpoint_options(process, grid, name: str, ancestral: bool = False) -> dict:
