@@ -157,6 +157,8 @@ class TrainConfig:
     sample_num: int = 64
     sample_steps: int = 50            # DDIM steps for the grids written during training
     on_nonfinite: str = "stop"        # a NaN/Inf loss or gradient: "stop" the run, or "skip" the update
+    init_from: str | None = None      # a trained workdir whose EMA params start a fresh run (same model section;
+                                      # fine-tuning, e.g. a 2-rectified flow from its 1-rectified flow)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +271,9 @@ class Experiment:
         check_schedule(self.schedule.name, self.schedule.num_timesteps, self.schedule.beta_start,
                        self.schedule.beta_end)
         _check_schedule_kind(self.schedule)
+        if self.data.name == "pairs" and self.schedule.kind != "flow":
+            raise ValueError(f"data.name='pairs' is a reflow coupling, which the flow objective trains on; "
+                             f"schedule.kind={self.schedule.kind!r} draws its own noise: set schedule.kind='flow'")
         if self.train.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"train.on_nonfinite={self.train.on_nonfinite!r} is unknown; choose from ('stop', 'skip')")
         if self.optim.decay not in ("constant", "cosine"):

@@ -4,6 +4,7 @@
     diffusion-jax sample --workdir workdirs/digits --sampler ddim --steps 50 --num 64 --seed 0 --out grid.png
     diffusion-jax edit   --workdir workdirs/digits --task inpaint --image digit.png --mask mask.png --num 4
     diffusion-jax likelihood --workdir workdirs/digits --num 100 --method ode --trace rademacher
+    diffusion-jax reflow --workdir workdirs/flow --out pairs.npz --num 20000   # then train with data.name=pairs
     diffusion-jax train-classifier --workdir workdirs/digits --out workdirs/digits_clf   # for classifier guidance
     diffusion-jax compare --workdir workdirs/digits --samplers ddim,dpmpp_2m --nfe 5,10,20 --num 500 --out results/c
     diffusion-jax train --config configs/vae.py:fashion_mnist --workdir workdirs/vae_fmnist   # model.name="vae"
@@ -122,6 +123,21 @@ def _likelihood(args, overrides) -> None:
     print(f"{r['bpd_mean']:.4f} +- {r['bpd_stderr']:.4f} bits/dim ({r['method']}, {extra}{r['num']} {r['split']} "
           f"examples, step {r['step']}, mean NFE {r['nfe_mean']:.0f}"
           f"{'' if r.get('solver_success', True) else ', SOLVER HIT max_steps'}) -> {r['out']}")
+
+
+def _reflow(args, overrides) -> None:
+    if overrides:
+        raise ValueError(f"reflow takes no --config.* overrides (got {overrides}); its options are flags")
+    from diffusion_jax.inference.sampling import SamplerSpec
+    from diffusion_jax.train.reflow import draw_pairs
+
+    spec = SamplerSpec(args.sampler, steps=args.steps, spacing=args.spacing, clip_denoised=args.clip or None,
+                       guidance_scale=args.guidance_scale)
+    meta = draw_pairs(args.workdir, args.out, num=args.num, spec=spec, seed=args.seed, batch_size=args.batch_size,
+                      step=args.step, progress=not args.no_progress)
+    print(f"{meta['num']} noise-sample pairs of step {meta['step']} ({args.sampler}, {args.steps} steps, NFE "
+          f"{meta['nfe']}) -> {args.out}; train on them with --config.data.name=pairs --config.data.data_dir="
+          f"{args.out} --config.train.init_from={args.workdir}")
 
 
 def _check_workdir(args, overrides) -> int:
@@ -246,6 +262,24 @@ def build_parser() -> argparse.ArgumentParser:
     lik.add_argument("--out", default=None, help="JSON file (default WORKDIR/likelihood_METHOD.json)")
     lik.add_argument("--no-progress", action="store_true")
     lik.set_defaults(func=_likelihood)
+
+    reflow = sub.add_parser("reflow", help="noise-sample pairs of a trained run's ODE, for a 2-rectified flow",
+                            epilog="Then train a flow on them: --config.data.name=pairs --config.data.data_dir=OUT "
+                                   "--config.train.init_from=WORKDIR (train/reflow.py).")
+    reflow.add_argument("--workdir", required=True, help="a trained flow (or VP / DDPM) run")
+    reflow.add_argument("--out", required=True, help="the .npz pair file to write")
+    reflow.add_argument("--num", type=int, required=True, help="number of pairs")
+    reflow.add_argument("--sampler", default="flow_heun", help="a deterministic sampler (default flow_heun)")
+    reflow.add_argument("--steps", type=int, default=25)
+    reflow.add_argument("--spacing", default="uniform", choices=list(SPACINGS),
+                        help="default uniform (a DDPM run takes linspace)")
+    reflow.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
+    reflow.add_argument("--clip", type=float, default=0.0, help="clip x0-hat to [-c, c]; 0 (default) disables")
+    reflow.add_argument("--seed", type=int, default=0, help="the noise of chunk c is fold_in(PRNGKey(seed), c)")
+    reflow.add_argument("--batch-size", type=int, default=500, help="pairs per compiled call")
+    reflow.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    reflow.add_argument("--no-progress", action="store_true")
+    reflow.set_defaults(func=_reflow)
 
     check = sub.add_parser("check-workdir", help="verify every checkpoint of a workdir against its manifest",
                            epilog="Exit 0 when no checkpoint is corrupt, 1 when one is (readers then skip it).")

@@ -14,8 +14,8 @@ from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-BUILTIN_NAMES = ("digits", "fashion_mnist", "folder")
-_NAME_CHOICES = "'digits', 'fashion_mnist', 'folder', 'tfds:<dataset_name>' (e.g. 'tfds:mnist')"
+BUILTIN_NAMES = ("digits", "fashion_mnist", "folder", "pairs")
+_NAME_CHOICES = "'digits', 'fashion_mnist', 'folder', 'pairs', 'tfds:<dataset_name>' (e.g. 'tfds:mnist')"
 _FLIP_TAG = 0xF11  # mixed into the flip seed so flips never share a stream with epoch permutations
 
 
@@ -27,9 +27,11 @@ def _is_int(x) -> bool:
 class DataConfig:
     """Which images to load and how (the typed form of ``config.data``).
 
-    name: "digits" | "fashion_mnist" | "folder" | "tfds:<dataset_name>" (e.g. "tfds:mnist", "tfds:cifar10").
+    name: "digits" | "fashion_mnist" | "folder" | "pairs" | "tfds:<dataset_name>" (e.g. "tfds:mnist", "tfds:cifar10");
+      "pairs" is a reflow coupling of noise and samples (`data/pairs.py`).
     image_size: output height = width in pixels (every source resizes to it).
-    data_dir: image folder ("folder"), IDX directory ("fashion_mnist"), TFDS data_dir ("tfds:*");
+    data_dir: image folder ("folder"), IDX directory ("fashion_mnist"), the .npz pair file ("pairs"), TFDS data_dir
+      ("tfds:*");
       None -> the source's default location ("folder" requires it).
     split: "train" | "test" for digits / fashion_mnist; "train" (all images) for folder; any TFDS split
       string (e.g. "train[:90%]") for tfds.
@@ -61,15 +63,22 @@ class DataConfig:
             raise ValueError(f"data.data_dir must be None or a non-empty path, got {self.data_dir!r}")
         if name == "folder" and self.data_dir is None:
             raise ValueError("data.data_dir must be set to an image folder when data.name='folder'")
+        if name == "pairs" and self.data_dir is None:
+            raise ValueError("data.data_dir must be set to a pair file (`diffusion-jax reflow --out PAIRS.npz`) when "
+                             "data.name='pairs'")
         if not isinstance(self.split, str) or not self.split:
             raise ValueError(f"data.split must be a non-empty str, got {self.split!r}")
-        allowed = {"digits": ("train", "test"), "fashion_mnist": ("train", "test"), "folder": ("train",)}
+        allowed = {"digits": ("train", "test"), "fashion_mnist": ("train", "test"), "folder": ("train",),
+                   "pairs": ("train",)}
         if name in allowed and self.split not in allowed[name]:
             raise ValueError(
                 f"data.split={self.split!r} invalid for data.name={name!r}; choose from {allowed[name]}"
             )
         if not isinstance(self.random_flip, (bool, np.bool_)):
             raise ValueError(f"data.random_flip must be a bool, got {self.random_flip!r}")
+        if self.random_flip and name == "pairs":
+            raise ValueError("data.random_flip=True would mirror a pair's image but not its noise, which breaks the "
+                             "coupling reflow trains on: set data.random_flip=False for data.name='pairs'")
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"data.seed must be a non-negative int, got {self.seed!r}")
         if not isinstance(self.grayscale, (bool, np.bool_)):

@@ -238,9 +238,12 @@ def load_source(config: DataConfig) -> Source:
         from diffusion_jax.data.tfds_source import load_tfds
 
         return load_tfds(config.name[len("tfds:"):], config.split, config.image_size, config.data_dir)
+    from diffusion_jax.data.pairs import load_pairs   # pairs.py reads check_indices from here
+
     loaders = {
         "digits": lambda c: load_digits(c.split, c.image_size),
         "fashion_mnist": lambda c: load_fashion_mnist(c.split, c.image_size, c.data_dir),
         "folder": lambda c: load_folder(c.data_dir, c.image_size, c.grayscale),
+        "pairs": lambda c: load_pairs(c.data_dir, c.image_size),
     }
     return loaders[config.name](config)

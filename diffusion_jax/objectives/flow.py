@@ -74,13 +74,20 @@ def flow_matching_loss(apply_fn: Callable, process, cfg: FlowLossConfig, params,
     """Monte-Carlo estimate of L(theta) (module doc) on one batch.
 
     apply_fn(params, x_t, t_net (B,), y=..., train=..., dropout_key=...) -> (B, H, W, C) prediction of kind
-    cfg.prediction, t_net = process.network_time(t). batch: {"image": (B, H, W, C) float, optional "label": (B,) int}.
+    cfg.prediction, t_net = process.network_time(t). batch: {"image": (B, H, W, C) float, optional "label": (B,) int,
+    optional "noise": (B, H, W, C) float, the eps coupled to each image (reflow's pairs, `data/pairs.py`; drawn
+    independently when absent)}.
     Returns (scalar loss, {"loss", "mse"}): both the velocity MSE per pixel, batch mean.
     """
     k_t, k_z, k_drop, k_cond = jax.random.split(key, 4)
     x0, cond = read_batch(batch, k_cond, num_classes, cfg.cond_drop_prob)
     t = sample_time(cfg, k_t, (x0.shape[0],))
-    z = jax.random.normal(k_z, x0.shape, x0.dtype)
+    if "noise" in batch:   # a coupling (reflow): the noise each image was drawn from
+        z = jnp.asarray(batch["noise"], x0.dtype)
+        if z.shape != x0.shape:
+            raise ValueError(f"batch['noise'] must have the images' shape {x0.shape}, got {z.shape}")
+    else:
+        z = jax.random.normal(k_z, x0.shape, x0.dtype)
     x0_hat, eps_hat = noise_and_predict(apply_fn, process, params, x0, z, t, cond, cfg.prediction, train, k_drop)
     mse = mean_flat(((eps_hat - x0_hat) - (z - x0)) ** 2)
     loss = jnp.mean(mse)

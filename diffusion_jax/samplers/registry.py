@@ -127,6 +127,13 @@ def _check_x_T(x_T, shape: tuple[int, ...]):
     return x_T
 
 
+def make_grid(schedule, steps: int, spacing: str, *, rho: float = 7.0):
+    """The `Grid` every sampler of `run_sampler` steps on: discrete timesteps on a DDPM schedule, else continuous."""
+    if schedule.discrete:
+        return discrete_grid(schedule, steps, spacing, rho=rho)
+    return continuous_grid(schedule, steps, spacing, rho=rho)
+
+
 def run_sampler(name: str, denoise_fn, schedule, key, shape, *, steps: int, prediction: str = "eps",
                 spacing: str = "leading", clip_denoised: float | None = None, guidance: Guidance | None = None,
                 uncond_fn=None, options: dict | None = None, rho: float = 7.0, x_T=None):
@@ -148,10 +155,7 @@ def run_sampler(name: str, denoise_fn, schedule, key, shape, *, steps: int, pred
     else:
         x_T = _check_x_T(x_T, shape)
     with jax.ensure_compile_time_eval():  # a schedule closed over by a jitted caller gives a concrete grid
-        if schedule.discrete:
-            grid = discrete_grid(schedule, steps, spacing, rho=rho)
-        else:
-            grid = continuous_grid(schedule, steps, spacing, rho=rho)
+        grid = make_grid(schedule, steps, spacing, rho=rho)
         if entry.from_process is not None:
             derived = entry.from_process(schedule, None if _traced(grid) else grid)
             solver = functools.partial(solver, **{k: v for k, v in derived.items() if k not in options})
