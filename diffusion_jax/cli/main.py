@@ -70,7 +70,7 @@ def _compare(args, overrides) -> None:
     spec = CompareSpec(samplers=samplers, nfes=nfes,
                        num=args.num, seeds=args.seeds, spacing=args.spacing,
                        clip_denoised=args.clip or None, guidance_scale=args.guidance_scale,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, resamples=args.resamples)
     error_spec = None
     if args.solver_error_nfe:
         from diffusion_jax.eval.solver_error import ErrorSpec
@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--clip", type=float, default=1.0, help="clip x0-hat to [-c, c]; 0 disables")
     compare.add_argument("--guidance-scale", type=float, default=1.0)
     compare.add_argument("--batch-size", type=int, default=None, help="images per compiled call (default: --num)")
+    compare.add_argument("--resamples", type=int, default=200, help="bootstrap resamples of the FD intervals")
     compare.add_argument("--extractor", default="classifier", help="classifier | inception[:PATH]")
     compare.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     compare.add_argument("--out", default="results/compare")

@@ -82,6 +82,7 @@ class CompareSpec:
     guidance_scale: float = 1.0
     batch_size: int | None = None
     grid_num: int = 100
+    resamples: int = 200        # bootstrap resamples of every FD interval and paired difference
 
     def validate(self) -> None:
         if not self.samplers or not self.nfes:
@@ -91,6 +92,8 @@ class CompareSpec:
         for n in self.nfes:
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"--nfe values must be ints >= 1, got {n!r}")
+        if self.resamples < 20:
+            raise ValueError(f"--resamples must be >= 20 (a 95% interval needs its 2.5% tails), got {self.resamples}")
         for key in ("num", "seeds"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key} must be >= 1, got {getattr(self, key)}")
@@ -189,7 +192,7 @@ def run_compare(workdir: str, spec: CompareSpec, out: str, *, extractor: str = "
     summary = [r | {"diverged": diverged[r["sampler"], r["target_nfe"]]} for r in summary]
     floors = [dict(sampler="real data", seed=s, **scorer.real_floor(spec.num, s)) for s in range(spec.seeds)]
     floor = report.aggregate(floors, ("sampler", "num"), ("fd", "kid", "precision", "recall"))[0]
-    pooled = pooled_statistics(out, cells, spec, scorer)
+    pooled = pooled_statistics(out, cells, spec, scorer, spec.resamples)
     summary = [r | pooled["cells"].get((r["sampler"], r["target_nfe"]), {}) for r in summary]
     floor |= pooled["floor"]
     accuracy = getattr(scorer.extractor, "test_accuracy", None)

@@ -69,7 +69,7 @@ def test_sample_with_ddpm_and_bad_steps(capsys, trained_workdir, tmp_path):
 def test_compare_runs_every_cell_and_resumes(capsys, trained_workdir, tmp_path, metrics_cache):
     out_dir = tmp_path / "cmp"
     argv = ["compare", "--workdir", trained_workdir, "--samplers", "ddim,heun,ddim:eta=1,pndm", "--nfe", "3,5",
-            "--num", "12", "--seeds", "2", "--out", str(out_dir), "--no-progress"]
+            "--num", "12", "--seeds", "2", "--out", str(out_dir), "--no-progress", "--resamples", "20"]
     code, out = run(capsys, *argv)
     assert code == 0, out.err
     import csv
@@ -91,7 +91,7 @@ def test_compare_runs_every_cell_and_resumes(capsys, trained_workdir, tmp_path, 
     assert list(csv.DictReader(open(out_dir / "results.csv"))) == rows
     # ... but not when what defines a cell changed (here the clip): that cell is sampled again, the others are kept.
     code, _ = run(capsys, "compare", "--workdir", trained_workdir, "--samplers", "ddim", "--nfe", "3", "--num", "12",
-                  "--seeds", "2", "--out", str(out_dir), "--clip", "0.5", "--no-progress")
+                  "--seeds", "2", "--out", str(out_dir), "--clip", "0.5", "--no-progress", "--resamples", "20")
     resampled = sorted(c.name for c, s in zip(cells, stamps) if c.stat().st_mtime_ns != s)
     assert code == 0 and len(resampled) == 4 and all(n.startswith("ddim-nfe3-seed") for n in resampled), resampled
 
@@ -102,6 +102,8 @@ def test_compare_refuses_bad_flags(capsys, trained_workdir, tmp_path):
     assert code == 2 and "no option 's_churn'" in out.err
     code, out = run(capsys, "compare", "--workdir", trained_workdir, "--nfe", "5,x", "--out", str(tmp_path))
     assert code == 2 and "--nfe" in out.err
+    code, out = run(capsys, "compare", "--workdir", trained_workdir, "--resamples", "5", "--out", str(tmp_path))
+    assert code == 2 and "--resamples must be >= 20" in out.err
 
 
 def test_generate_uses_common_random_numbers(trained_workdir):
@@ -177,7 +179,8 @@ def test_compare_takes_scheduler_configs(capsys, trained_workdir, tmp_path, metr
     euler = _run_scheduler_config(trained_workdir, tmp_path, "HeunDiscreteScheduler")
     out_dir = tmp_path / "cmp"
     code, out = run(capsys, "compare", "--workdir", trained_workdir, "--samplers", "heun", "--scheduler-config",
-                    euler, "--nfe", "5", "--num", "8", "--seeds", "1", "--out", str(out_dir), "--no-progress")
+                    euler, "--nfe", "5", "--num", "8", "--seeds", "1", "--out", str(out_dir), "--no-progress",
+                    "--resamples", "20")
     assert code == 0, out.err
     import csv
 

@@ -37,6 +37,9 @@ def test_eight_fake_devices_give_the_same_loss_update_and_samples():
     assert out["loss_fsdp"] == pytest.approx(out["loss1"], rel=1e-5, abs=1e-6)
     assert out["param_diff_dp"] < 1e-5 and out["param_diff_fsdp"] < 1e-5
     assert any("data" in s for s in out["fsdp_specs"])  # FSDP really sharded some parameters
+    # DiT on the rectified flow: FSDP over 8 devices gives the 1-device step, with most of its weights split
+    assert out["loss_dit_fsdp"] == pytest.approx(out["loss_dit1"], rel=1e-5, abs=1e-6)
+    assert out["param_diff_dit_fsdp"] < 1e-5 and out["dit_sharded_fraction"] > 0.8
     assert "train.batch_size=12" in out["batch_error"] and "8" in out["batch_error"]
     assert out["sample_diff"] < 1e-6   # same seed, same samples on 1 and 8 devices (float32 rounding aside)
     assert out["prefix_diff"] < 1e-6   # and image i is the same whether 8 or 16 are drawn

@@ -82,7 +82,7 @@ def test_compare_with_solver_error_panels(capsys, trained_workdir, tmp_path, met
     out = tmp_path / "cmp"
     code = main(["compare", "--workdir", trained_workdir, "--samplers", "ddpm,ddim,dpmpp_2m,ddim:eta=1", "--nfe", "4",
                  "--num", "10", "--seeds", "1", "--out", str(out), "--no-progress", "--solver-error-nfe", "4",
-                 "--solver-error-num", "6", "--solver-error-tol", "1e-4"])
+                 "--solver-error-num", "6", "--solver-error-tol", "1e-4", "--resamples", "20"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     rows = list(csv.DictReader(open(out / "solver_error.csv")))
