@@ -1,4 +1,5 @@
-"""Convert a diffusers `DiTTransformer2DModel` (facebook/DiT-XL-2-256's transformer/) into `DiT` params.
+"""Convert a diffusers `DiTTransformer2DModel`, or a `Transformer2DModel` on patches with norm_type "ada_norm_zero"
+(the class facebook/DiT-XL-2-256's transformer/ names: the same modules), into `DiT` params.
 
 diffusers' layout differs from DiT's in names and in one duplication: every block's AdaLayerNormZero carries its own
 copy of the timestep / label embedder (the same weights, as its conversion script writes them); we keep one and
@@ -25,14 +26,33 @@ _ONLY = {"norm_type": (("ada_norm_zero",), "ada_norm_zero"),
          "activation_fn": (("gelu-approximate",), "gelu-approximate"), "attention_bias": ((True,), True),
          "norm_elementwise_affine": ((False,), False), "dropout": ((0.0, 0), 0.0)}
 _NEUTRAL = ("norm_num_groups", "upcast_attention")   # unused by DiTTransformer2DModel's blocks / float32 here
+# Transformer2DModel: its defaults of the keys above (it is a text-to-image transformer by default), and its other
+# keys at the values of its DiT path (patches, no cross-attention); use_linear_projection is read only by its
+# continuous-input path
+_T2D_DEFAULTS = {"norm_type": "layer_norm", "activation_fn": "geglu", "attention_bias": False,
+                 "norm_elementwise_affine": True, "dropout": 0.0}
+_T2D_DIT = {"cross_attention_dim": None, "num_vector_embeds": None, "only_cross_attention": False,
+            "double_self_attention": False, "attention_type": "default", "caption_channels": None,
+            "use_additional_conditions": None}
 
 
 def dit_config_from_diffusers(cfg: Mapping[str, Any], **overrides) -> DiTConfig:
-    """The DiTConfig of a DiTTransformer2DModel config.json; ValueError naming an option DiT does not implement."""
+    """The DiTConfig of a DiTTransformer2DModel (or DiT-style Transformer2DModel, by its "_class_name") config.json;
+    ValueError naming an option DiT does not implement."""
+    cls = dict(cfg).get("_class_name", "DiTTransformer2DModel")
     cfg = {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
-    for key, (allowed, default) in _ONLY.items():
-        if cfg.get(key, default) not in allowed:
-            raise ValueError(f"diffusers config {key}={cfg[key]!r} is not supported (DiT implements {allowed})")
+    defaults = {key: default for key, (_, default) in _ONLY.items()}
+    if cls == "Transformer2DModel":
+        cfg = _transformer_2d_as_dit(cfg)
+        defaults.update(_T2D_DEFAULTS)
+    elif cls != "DiTTransformer2DModel":
+        raise ValueError(f"diffusers class {cls!r} is not a DiT (DiTTransformer2DModel, or Transformer2DModel with "
+                         "patch_size and norm_type 'ada_norm_zero')")
+    for key, (allowed, _) in _ONLY.items():
+        value = cfg.get(key, defaults[key])
+        if value not in allowed:
+            raise ValueError(f"diffusers config {key}={value!r} is not supported (DiT implements {allowed})"
+                             + ("" if key in cfg else f"; {cls}'s default, set it in the config"))
     known = {"num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "num_layers", "sample_size",
              "patch_size", "num_embeds_ada_norm", "norm_eps", *_ONLY, *_NEUTRAL}
     unknown = sorted(set(cfg) - known)
@@ -48,6 +68,23 @@ def dit_config_from_diffusers(cfg: Mapping[str, Any], **overrides) -> DiTConfig:
     config = DiTConfig(**{**kwargs, **overrides})
     config.validate()
     return config
+
+
+def _transformer_2d_as_dit(cfg: dict) -> dict:
+    """A Transformer2DModel config without the keys of its non-DiT paths, which must be at their DiT values."""
+    if cfg.get("patch_size") is None:
+        raise ValueError("a Transformer2DModel without patch_size reads continuous or vector-quantized inputs, not "
+                         "DiT's patches")
+    for key, want in _T2D_DIT.items():
+        if (cfg.get(key, want) or None) != (want or None):
+            raise ValueError(f"Transformer2DModel {key}={cfg[key]!r} is not DiT's ({want!r}): DiT implements the "
+                             "class-conditional patch transformer without cross-attention")
+    scale = cfg.get("interpolation_scale") or max(int(cfg.get("sample_size") or 0) // 64, 1)
+    if scale != 1:
+        raise ValueError(f"Transformer2DModel interpolation_scale {scale} (sample_size {cfg.get('sample_size')}) is "
+                         "not supported: DiT's sin-cos positions are on the unscaled patch grid")
+    drop = set(_T2D_DIT) | {"use_linear_projection", "interpolation_scale"}
+    return {k: v for k, v in cfg.items() if k not in drop}
 
 
 def _diffusers_key(path: tuple) -> str | tuple:

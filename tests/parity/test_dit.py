@@ -79,6 +79,38 @@ def test_parity_with_diffusers(reference):
 
 
 @pytest.mark.torch
+def test_the_hubs_transformer_2d_model_class_converts_too():
+    """facebook/DiT-XL-2-256 names Transformer2DModel with norm_type 'ada_norm_zero' on patches: the same modules."""
+    torch, diffusers = need("torch", "diffusers")
+    dit_keys = dict(norm_type="ada_norm_zero", activation_fn="gelu-approximate", attention_bias=True,
+                    norm_elementwise_affine=False)
+    ref = random_torch_model(diffusers.Transformer2DModel, seed=2, perturb=0.1, **TINY, **dit_keys)
+    with torch.no_grad():
+        for block in ref.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(ref.transformer_blocks[0].norm1.emb.state_dict())
+    cfg = {**dict(ref.config), "_class_name": "Transformer2DModel"}
+    config = dit_config_from_diffusers(cfg)
+    params = convert_dit(ref.state_dict(), config)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0))), nnx.Param)
+    x = np.random.default_rng(3).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    t, y = np.array([10.0, 700.0], np.float32), np.array([4, 10], np.int64)
+    ours = np.asarray(nnx.merge(graphdef, params)(x, t, y))
+    want = run_nhwc(ref, x, timestep=t, class_labels=y)
+    assert np.abs(ours - want).max() <= 1e-4 * np.abs(want).max()
+    # its defaults are a text-to-image transformer's: left out, they are refused by name
+    with pytest.raises(ValueError, match="activation_fn='geglu' is not supported"):
+        dit_config_from_diffusers({**TINY, "norm_type": "ada_norm_zero", "_class_name": "Transformer2DModel"})
+    with pytest.raises(ValueError, match="cross_attention_dim=64 is not DiT's"):
+        dit_config_from_diffusers({**cfg, "cross_attention_dim": 64})
+    with pytest.raises(ValueError, match="interpolation_scale 2"):
+        dit_config_from_diffusers({**cfg, "sample_size": 128})
+    with pytest.raises(ValueError, match="without patch_size"):
+        dit_config_from_diffusers({**cfg, "patch_size": None})
+    with pytest.raises(ValueError, match="'UNet2DModel' is not a DiT"):
+        dit_config_from_diffusers({**TINY, "_class_name": "UNet2DModel"})
+
+
+@pytest.mark.torch
 def test_converter_refuses_what_differs(reference):
     config = dit_config_from_diffusers(reference.config)
     sd = {k: v.clone() for k, v in reference.state_dict().items()}
