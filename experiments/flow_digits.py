@@ -11,6 +11,9 @@ Models (configs/digits.py: the 8x8 digits, class-conditional, batch 64, AdamW 2e
              trained for as many steps as give the U-Net's training FLOPs (XLA's forward count per image x steps)
   reflow     2-rectified flow (Liu et al. 2023): flow-unet's ODE pairs (flow_heun, 25 steps, --pairs of them),
              fine-tuned from flow-unet's EMA weights (train.init_from) for --reflow-steps steps
+  eps-unet-clip  eps-unet's network sampled as DDPM / DDIM do, x0-hat clipped to [-1, 1] (no other model is clipped)
+  flow-ft    reflow's control: the same fine-tuning of flow-unet (init_from, --reflow-steps steps) on the data with
+             independent noise, so reflow - flow-ft is the coupling's effect at equal training
 Every model is sampled from the same --num standard-normal x_T with balanced labels (i mod 10), without guidance and
 without clipping; "euler" is each model's first-order solver (DDIM on trailing timesteps for the diffusion models,
 flow Euler on uniform t for the flows: on the rectified flow the same update), "dpmpp_2m" DPM-Solver++(2M) on log-SNR
@@ -24,6 +27,7 @@ Writes OUT/flow_digits.md, cells.csv, paired.csv, models.csv, fd_vs_nfe.png, err
 import argparse
 import json
 import os
+import pickle
 import sys
 import time
 
@@ -35,7 +39,9 @@ BASE = "configs/digits.py"
 FLOW = ["schedule.kind=flow", "loss.prediction=flow", "sample.spacing=uniform"]
 DIT = ["model.name=dit", "model.hidden_size=80", "model.depth=5", "model.num_heads=4", "model.patch_size=2"]
 EULER_NFES, DPM_NFES = (1, 2, 4, 8, 16, 32), (4, 8, 16, 32)
-PAIRED = [("flow-unet", "eps-unet"), ("flow-unet", "v-unet"), ("flow-dit", "flow-unet"), ("reflow", "flow-unet")]
+ALIAS = {"eps-unet-clip": ("eps-unet", 1.0)}   # a model evaluated from another's workdir: (workdir, clip)
+PAIRED = [("eps-unet-clip", "eps-unet"), ("flow-unet", "eps-unet-clip"), ("flow-unet", "v-unet"),
+          ("flow-dit", "flow-unet"), ("reflow", "flow-unet"), ("reflow", "flow-ft")]
 
 
 def overrides_of(name: str, args, dit_steps: int | None = None) -> list[str]:
@@ -44,7 +50,9 @@ def overrides_of(name: str, args, dit_steps: int | None = None) -> list[str]:
             "flow-dit": FLOW + DIT + [f"train.steps={dit_steps}"],
             "reflow": FLOW + [f"train.steps={args.reflow_steps}", "data.name=pairs",
                               f"data.data_dir={os.path.join(args.root, 'pairs.npz')}",
-                              f"train.init_from={os.path.join(args.root, 'flow-unet')}"]}[name]
+                              f"train.init_from={os.path.join(args.root, 'flow-unet')}"],
+            "flow-ft": FLOW + [f"train.steps={args.reflow_steps}",
+                               f"train.init_from={os.path.join(args.root, 'flow-unet')}"]}[name]
 
 
 def forward_flops(exp) -> tuple[int, float]:
@@ -70,7 +78,7 @@ def train(name: str, overrides: list[str], args) -> dict:
     from diffusion_jax.config import load_experiment
     from diffusion_jax.train.loop import train_and_evaluate
 
-    workdir = os.path.join(args.root, name)
+    workdir = os.path.join(args.root, ALIAS.get(name, (name,))[0])
     timing = os.path.join(workdir, "wall_time.json")
     exp = load_experiment(BASE, overrides)[0]
     if not os.path.isfile(timing):
@@ -87,13 +95,13 @@ def train(name: str, overrides: list[str], args) -> dict:
 class Model:
     """One trained run, sampled in chunks from given x_T (the same for every model)."""
 
-    def __init__(self, workdir: str, noise, labels, batch: int):
+    def __init__(self, workdir: str, noise, labels, batch: int, clip: float | None = None):
         from diffusion_jax.config import build_schedule
         from diffusion_jax.train.checkpoint import load_trained
 
         self.exp, self.graphdef, self.params, self.step = load_trained(workdir)
         self.schedule = build_schedule(self.exp.schedule, self.params)
-        self.noise, self.labels, self.batch = noise, labels, batch
+        self.noise, self.labels, self.batch, self.clip = noise, labels, batch, clip
 
     def first_order(self) -> tuple[str, str]:
         return ("ddim", "trailing") if self.schedule.discrete else ("flow_euler", "uniform")
@@ -103,7 +111,7 @@ class Model:
 
         from diffusion_jax.inference.sampling import SamplerSpec, make_sample_fn
 
-        spec = SamplerSpec(sampler, steps=steps, spacing=spacing, clip_denoised=None, options=tuple(options))
+        spec = SamplerSpec(sampler, steps=steps, spacing=spacing, clip_denoised=self.clip, options=tuple(options))
         shape = (self.batch,) + self.noise.shape[1:]
         fn = make_sample_fn(self.graphdef, self.schedule, spec, shape, prediction=self.exp.loss.prediction,
                             num_classes=self.exp.model.num_classes)
@@ -185,7 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-steps", type=int, default=2500, help="the U-Nets' steps (the default's)")
     p.add_argument("--pairs", type=int, default=10000, help="reflow pairs drawn from flow-unet")
     p.add_argument("--reflow-steps", type=int, default=2500)
-    p.add_argument("--models", default="eps-unet,v-unet,flow-unet,flow-dit,reflow")
+    p.add_argument("--models", default="eps-unet,eps-unet-clip,v-unet,flow-unet,flow-dit,reflow,flow-ft")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     from diffusion_jax.host import reuse_host_memory
@@ -195,6 +203,7 @@ def main(argv=None) -> int:
 
     from diffusion_jax.config import load_experiment
     from diffusion_jax.eval.evaluate import Scorer, balanced_labels
+    from diffusion_jax.eval.metrics.paired import mean_interval
     from diffusion_jax.eval.straightness import model_straightness
     from diffusion_jax.inference.sampling import SamplerSpec
     from diffusion_jax.train.reflow import draw_pairs
@@ -213,21 +222,32 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 draw_pairs(os.path.join(args.root, "flow-unet"), pairs, num=args.pairs, progress=not args.no_progress,
                            spec=SamplerSpec("flow_heun", steps=25, spacing="uniform", clip_denoised=None))
-                pair_s = time.perf_counter() - t0
-        models.append(train(name, overrides_of(name, args, dit_steps), args))
+                with open(pairs + ".seconds.json", "w") as f:
+                    json.dump({"seconds": time.perf_counter() - t0}, f)
+            if os.path.isfile(pairs + ".seconds.json"):
+                pair_s = json.load(open(pairs + ".seconds.json"))["seconds"]
+        models.append(train(name, overrides_of(ALIAS.get(name, (name,))[0], args, dit_steps), args) | {"model": name})
     scorer = Scorer.for_experiment(load_experiment(BASE)[0], progress=not args.no_progress)
     noise = np.asarray(jax.random.normal(jax.random.PRNGKey(2026), (args.num, 8, 8, 1)))
     labels = balanced_labels(args.num, 10)
     cells, kept = [], {}
     for row in models:
-        model = Model(os.path.join(args.root, row["model"]), noise, labels, min(args.batch, args.num))
-        rows, kept[row["model"]] = evaluate(row["model"], model, scorer, args)
+        workdir, clip = ALIAS.get(row["model"], (row["model"], None))
+        workdir = os.path.join(args.root, workdir)
+        cache = os.path.join(workdir, f"evaluation_{args.num}{'_clip' if clip else ''}.pkl")   # reruns: new models only
+        if os.path.isfile(cache):
+            with open(cache, "rb") as f:
+                rows, kept[row["model"]] = pickle.load(f)
+        else:
+            model = Model(workdir, noise, labels, min(args.batch, args.num), clip)
+            rows, kept[row["model"]] = evaluate(row["model"], model, scorer, args)
+            half = args.num // 2
+            kept[row["model"]]["straightness"] = model_straightness(model.exp, model.graphdef, model.params,
+                                                                    noise[:half], labels[:half], steps=64)
+            with open(cache, "wb") as f:
+                pickle.dump((rows, kept[row["model"]]), f)
         cells += rows
-        half = args.num // 2
-        s = model_straightness(model.exp, model.graphdef, model.params, noise[:half], labels[:half], steps=64)
-        kept[row["model"]]["straightness"] = s
-        from diffusion_jax.eval.metrics.paired import mean_interval
-
+        s = kept[row["model"]]["straightness"]
         si = mean_interval(s)
         row.update(straightness=si["mean"], straightness_lo=si["lo"], straightness_hi=si["hi"])
     paired = paired_rows({k: {f: v for f, v in d.items() if f != "straightness"} for k, d in kept.items()},
@@ -254,6 +274,24 @@ def _ci(v, lo, hi, d=2) -> str:
     return f"{v:.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"
 
 
+def _pivots(models, cells) -> list[str]:
+    """Model x NFE tables of FD, class agreement and solver error, one per solver family."""
+    from diffusion_jax.eval.report import markdown_table
+
+    out = []
+    for family in ("euler", "dpmpp_2m"):
+        nfes = EULER_NFES if family == "euler" else DPM_NFES
+        by = {(c["model"], c["nfe"]): c for c in cells if c["family"] == family}
+        for title, show in (("FD (95% CI)", lambda c: _ci(c["fd"], c["fd_lo"], c["fd_hi"])),
+                            ("class agreement", lambda c: f"{c['agree']:.3f}"),
+                            ("RMS to own ODE (95% CI)", lambda c: _ci(c["err"], c["err_lo"], c["err_hi"], 3)),
+                            ("diverged", lambda c: f"{c['diverged']:.3f}")):
+            rows = [[m["model"]] + [show(by[m["model"], n]) if (m["model"], n) in by else "-" for n in nfes]
+                    for m in models]
+            out += [f"### {family}: {title}", "", markdown_table(["model"] + [f"NFE {n}" for n in nfes], rows), ""]
+    return out
+
+
 def write(args, models, cells, paired, straight, floor, dit_steps, pair_s, seconds) -> None:
     """OUT/flow_digits.md, the CSVs and the two plots."""
     import matplotlib
@@ -277,6 +315,7 @@ def write(args, models, cells, paired, straight, floor, dit_steps, pair_s, secon
                               _ci(m["straightness"], m["straightness_lo"], m["straightness_hi"], 4)]
                              for m in models]), "",
              f"Floor (real vs real, {floor['num']} training images vs the held-out reference): FD {floor['fd']:.2f}.",
+             "", *_pivots(models, cells),
              "", "## Quality and solver error per cell", "",
              markdown_table(["model", "solver", "NFE", "FD (95% CI)", "class agreement", "RMS to own ODE",
                              "diverged"],
