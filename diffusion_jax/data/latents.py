@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from diffusion_jax.data.sources import check_indices
+from diffusion_jax.data.pipeline import check_indices
 
 
 class LatentSource:

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from diffusion_jax.data.sources import check_indices
+from diffusion_jax.data.pipeline import check_indices
 
 PAIR_KEYS = ("noise", "image")
 

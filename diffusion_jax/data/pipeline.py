@@ -88,6 +88,16 @@ class DataConfig:
                              "not 'folder' (digits and fashion_mnist are grey already)")
 
 
+def check_indices(indices, num_examples: int) -> np.ndarray:
+    """indices as a 1-D integer array in [0, num_examples); IndexError naming the problem otherwise."""
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise IndexError(f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+    if idx.size and (idx.min() < 0 or idx.max() >= num_examples):
+        raise IndexError(f"indices out of range [0, {num_examples}): {idx.min()}..{idx.max()}")
+    return idx
+
+
 @runtime_checkable
 class Source(Protocol):
     """Random-access image source.

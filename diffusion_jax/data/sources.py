@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image, features
 
 from diffusion_jax.data.images import center_crop_resize
-from diffusion_jax.data.pipeline import DataConfig, Source
+from diffusion_jax.data.pairs import load_pairs
+from diffusion_jax.data.pipeline import DataConfig, Source, check_indices
 from diffusion_jax.validate import check_images, check_int, check_labels
 
 DIGITS_TEST_FRACTION = 0.1  # fixed hold-out for split="test", independent of data.seed
@@ -58,16 +59,6 @@ class ArraySource:
         if self._labels is not None:
             out["label"] = self._labels[idx]
         return out
-
-
-def check_indices(indices, num_examples: int) -> np.ndarray:
-    """indices as a 1-D integer array in [0, num_examples); IndexError naming the problem otherwise."""
-    idx = np.asarray(indices)
-    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-        raise IndexError(f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
-    if idx.size and (idx.min() < 0 or idx.max() >= num_examples):
-        raise IndexError(f"indices out of range [0, {num_examples}): {idx.min()}..{idx.max()}")
-    return idx
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -238,8 +229,6 @@ def load_source(config: DataConfig) -> Source:
         from diffusion_jax.data.tfds_source import load_tfds
 
         return load_tfds(config.name[len("tfds:"):], config.split, config.image_size, config.data_dir)
-    from diffusion_jax.data.pairs import load_pairs   # pairs.py reads check_indices from here
-
     loaders = {
         "digits": lambda c: load_digits(c.split, c.image_size),
         "fashion_mnist": lambda c: load_fashion_mnist(c.split, c.image_size, c.data_dir),

@@ -17,6 +17,7 @@ draw of labels moves FD by more than the differences between samplers (measured:
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -63,6 +64,24 @@ def generate(exp, graphdef, params, spec: SamplerSpec, *, num: int, seed: int = 
         out.append(np.asarray(x)[:num - start])
     x = np.concatenate(out)
     return (np.clip(x, -1.0, 1.0) if clip else x), labels, nfe
+
+
+def evaluation_data(data):
+    """The DataConfig a run is scored against: its own, or for a run trained on reflow pairs (data.name "pairs") the
+    data of the run that drew them (the pair file's meta "workdir", followed back through further reflows)."""
+    from diffusion_jax.config import load_workdir_config
+    from diffusion_jax.data import DataConfig
+    from diffusion_jax.data.pairs import load_pairs
+
+    seen = set()
+    while data.name == "pairs":
+        workdir = load_pairs(data.data_dir).meta.get("workdir")
+        if workdir is None or workdir in seen or not os.path.isfile(os.path.join(workdir, "config.json")):
+            raise ValueError(f"the pairs {data.data_dir!r} do not name a readable source run (meta 'workdir' = "
+                             f"{workdir!r}): its data are what a run trained on them is scored against")
+        seen.add(workdir)
+        data = DataConfig(**dict(load_workdir_config(workdir).data))
+    return data
 
 
 def balanced_labels(num: int, num_classes: int) -> np.ndarray:
@@ -127,7 +146,7 @@ class Scorer:
                        cache_dir: str | None = None, progress: bool = True) -> "Scorer":
         from diffusion_jax.eval.metrics import get_extractor, reference_features
 
-        d = exp.data
+        d = evaluation_data(exp.data)
         ext = get_extractor(extractor, d.name, d.image_size, cache_dir=cache_dir, data_dir=d.data_dir,
                             progress=progress)
         kw = dict(max_items=max_items, cache_dir=cache_dir, data_dir=d.data_dir, return_labels=True)

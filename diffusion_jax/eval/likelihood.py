@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from diffusion_jax.config import build_schedule
 from diffusion_jax.data import load_source
+from diffusion_jax.eval.evaluate import evaluation_data
 from diffusion_jax.fileio import write_json
 from diffusion_jax.inference import likelihood as lik
 from diffusion_jax.inference.sampling import network_denoise_fn
@@ -43,9 +44,10 @@ def evaluate_likelihood(workdir: str, *, num: int, split: str | None = None, met
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{flag} must be a finite number > 0, got {value}")
     exp, graphdef, params, step = load_trained(workdir, step)
-    split = split or ("train" if exp.data.name == "folder" else "test")
+    data = evaluation_data(exp.data)   # a run trained on reflow pairs: the data of the run that drew them
+    split = split or ("train" if data.name == "folder" else "test")
     try:
-        source = load_source(dataclasses.replace(exp.data, split=split))
+        source = load_source(dataclasses.replace(data, split=split))
     except ValueError as e:
         raise ValueError(f"--split {split!r}: {e}") from None
     if num > source.num_examples:

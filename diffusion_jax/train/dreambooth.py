@@ -24,7 +24,7 @@ import numpy as np
 
 from diffusion_jax import fileio, viz
 from diffusion_jax.config import build_schedule
-from diffusion_jax.data.sources import check_indices
+from diffusion_jax.data.pipeline import check_indices
 from diffusion_jax.inference.sampling import SamplerSpec, make_sample_fn
 from diffusion_jax.train.checkpoint import load_trained
 

@@ -54,8 +54,11 @@ def test_pairs_of_a_trained_flow_train_a_2_rectified_flow_from_its_weights(flow_
                  f"--config.train.init_from={workdir}", "--config.optim.warmup_steps=5"]) == 0
     saved = json.load(open(f"{rf2}/config.json"))
     assert saved["data"]["name"] == "pairs" and saved["train"]["init_from"] == workdir
-    _, _, params2, step2 = load_trained(rf2)
+    exp2, _, params2, step2 = load_trained(rf2)
     assert step2 == 1
+    from diffusion_jax.eval.evaluate import evaluation_data
+
+    assert evaluation_data(exp2.data) == exp.data   # scored (compare, likelihood) against the source run's data
     import jax
 
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2), strict=True):

@@ -53,6 +53,10 @@ def test_bad_pair_files_and_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="finite"):
         save_pairs(str(tmp_path / "nan.npz"), noise, images, labels)
     assert not (tmp_path / "nan.npz").exists()
+    from diffusion_jax.eval.evaluate import evaluation_data
+
+    with pytest.raises(ValueError, match="do not name a readable source run"):   # written without meta
+        evaluation_data(DataConfig(name="pairs", data_dir=path))
     with pytest.raises(ValueError, match="data.data_dir must be set to a pair file"):
         DataConfig(name="pairs").validate()
     with pytest.raises(ValueError, match="random_flip=True would mirror a pair's image but not its noise"):
