@@ -290,7 +290,7 @@ class Experiment:
 
             if self.sample.spacing in DISCRETE_ONLY_SPACINGS:
                 raise ValueError(f"sample.spacing={self.sample.spacing!r} selects discrete timesteps; schedule.kind="
-                                 f"{self.schedule.kind!r} takes 'karras', 'logsnr', 'uniform' or 'quadratic'")
+                                 f"{self.schedule.kind!r} takes 'karras', 'logsnr', 'uniform', 'quadratic' or 'trailing'")
         if self.sample.spacing not in SPACINGS:
             raise ValueError(f"sample.spacing={self.sample.spacing!r} is unknown; choose from {SPACINGS}")
         for key, steps in (("sample.steps", self.sample.steps), ("train.sample_steps", self.train.sample_steps)):

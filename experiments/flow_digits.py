@@ -16,7 +16,8 @@ Models (configs/digits.py: the 8x8 digits, class-conditional, batch 64, AdamW 2e
              independent noise, so reflow - flow-ft is the coupling's effect at equal training
 Every model is sampled from the same --num standard-normal x_T with balanced labels (i mod 10), without guidance and
 without clipping; "euler" is each model's first-order solver (DDIM on trailing timesteps for the diffusion models,
-flow Euler on uniform t for the flows: on the rectified flow the same update), "dpmpp_2m" DPM-Solver++(2M) on log-SNR
+flow Euler for the flows: on the rectified flow the same update), both on "trailing" levels (K equal steps in t down
+to the clean end), "dpmpp_2m" DPM-Solver++(2M) on log-SNR
 levels; the reference of each model is its own ODE solved by adaptive Dopri5 (rtol = atol = 1e-5).
 Per cell: FD on the digits classifier's features against the held-out split (balanced reference statistics) with a
 stratified bootstrap interval, class agreement (Wilson), solver error (per-sample RMS to the model's reference,
@@ -104,7 +105,7 @@ class Model:
         self.noise, self.labels, self.batch, self.clip = noise, labels, batch, clip
 
     def first_order(self) -> tuple[str, str]:
-        return ("ddim", "trailing") if self.schedule.discrete else ("flow_euler", "uniform")
+        return ("ddim", "trailing") if self.schedule.discrete else ("flow_euler", "trailing")
 
     def run(self, sampler: str, steps: int, spacing: str, options=()) -> tuple[np.ndarray, int]:
         import jax.numpy as jnp

@@ -272,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     reflow.add_argument("--num", type=int, required=True, help="number of pairs")
     reflow.add_argument("--sampler", default="flow_heun", help="a deterministic sampler (default flow_heun)")
     reflow.add_argument("--steps", type=int, default=25)
-    reflow.add_argument("--spacing", default="uniform", choices=list(SPACINGS),
-                        help="default uniform (a DDPM run takes linspace)")
+    reflow.add_argument("--spacing", default="trailing", choices=list(SPACINGS),
+                        help="default trailing: equal steps in t down to the clean end")
     reflow.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
     reflow.add_argument("--clip", type=float, default=0.0, help="clip x0-hat to [-c, c]; 0 (default) disables")
     reflow.add_argument("--seed", type=int, default=0, help="the noise of chunk c is fold_in(PRNGKey(seed), c)")

@@ -34,7 +34,7 @@ from diffusion_jax.samplers.spacing import select_timesteps
 
 SPACINGS = ("leading", "trailing", "linspace", "uniform", "quadratic", "karras", "logsnr")
 FINALS = ("zero", "last")
-DISCRETE_ONLY_SPACINGS = ("leading", "trailing", "linspace")
+DISCRETE_ONLY_SPACINGS = ("leading", "linspace")
 MIN_ALPHA_BAR = 2.0 ** -24   # stands in for alpha_bar = 0 (zero terminal SNR) where log s is needed, as diffusers
 
 
@@ -198,8 +198,12 @@ def continuous_grid(sde, steps: int, spacing: str = "uniform", *, rho: float = 7
     """Grid of `steps` steps between sde.t_max and sde.t_min for a schedule of `diffusion_jax.process.sde`.
 
     t on the grid is sde.network_time; alpha, sigma are the schedule's at the chosen times (karras and logsnr
-    choose s = sigma/alpha or lambda and map back with sde.t_of_log_snr). A process that is pure noise at t_max
-    (alpha = 0: the flow's sigma = 1) starts at alpha^2 = MIN_ALPHA_BAR instead, where s and lambda are finite.
+    choose s = sigma/alpha or lambda and map back with sde.t_of_log_snr). "uniform", "quadratic", "karras" and
+    "logsnr" place the n levels from t_max to t_min, so the last network evaluation is at t_min (on a flow sigma =
+    1e-3: a step that changes almost nothing); "trailing" places them at t_max (n - i) / n, every step of the same
+    length down to the clean end, as diffusers' trailing timesteps and FlowMatch sigmas do. A process that is pure
+    noise at t_max (alpha = 0: the flow's sigma = 1) starts at alpha^2 = MIN_ALPHA_BAR instead, where s and lambda are
+    finite.
     """
     n = _check(steps, spacing, rho, final, discrete=False)
     t_max, t_min = float(sde.t_max), float(sde.t_min)
@@ -208,6 +212,8 @@ def continuous_grid(sde, steps: int, spacing: str = "uniform", *, rho: float = 7
     t_max = start_time(sde)
     if spacing == "uniform":
         t = np.linspace(t_max, t_min, n)
+    elif spacing == "trailing":   # evenly spaced from t_max, the last level one step above the clean end (diffusers'
+        t = np.maximum(t_max * (1.0 - np.arange(n) / n), t_min)   # "trailing" timesteps; FlowMatch's sigmas)
     elif spacing == "quadratic":
         t = np.linspace(math.sqrt(t_max), math.sqrt(t_min), n) ** 2
     else:

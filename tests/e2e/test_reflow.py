@@ -42,7 +42,7 @@ def test_pairs_of_a_trained_flow_train_a_2_rectified_flow_from_its_weights(flow_
     from diffusion_jax.inference.sampling import SamplerSpec, make_sample_fn
 
     got = source.get(np.arange(8))
-    fn = make_sample_fn(graphdef, build_schedule(exp.schedule), SamplerSpec("flow_euler", steps=2, spacing="uniform",
+    fn = make_sample_fn(graphdef, build_schedule(exp.schedule), SamplerSpec("flow_euler", steps=2, spacing="trailing",
                         clip_denoised=None), (8, 8, 8, 1), prediction="flow", num_classes=10)
     x, _ = fn(params, None, got["label"], None, got["noise"])
     np.testing.assert_allclose(np.asarray(x), got["image"], atol=1e-5)

@@ -144,6 +144,17 @@ def test_grid_of_a_pure_noise_end_and_every_sampler_on_the_flow():
         assert np.isfinite(err) and err < 0.03, (name, err)
 
 
+def test_trailing_levels_are_even_steps_down_to_the_clean_end():
+    """"trailing" on a continuous process: every level t_max (n - i) / n, as diffusers' FlowMatch sigmas on a flow
+    (no level spent at t_min, where "uniform" puts its last evaluation); the other spacings end at t_min."""
+    flow = RectifiedFlow()
+    sigma = np.asarray(continuous_grid(flow, 4, "trailing").sigma)
+    np.testing.assert_allclose(sigma, [1.0, 0.75, 0.5, 0.25, 0.0], atol=3e-4)
+    assert float(continuous_grid(flow, 4, "uniform").sigma[-2]) == pytest.approx(1e-3, rel=1e-2)
+    with pytest.raises(ValueError, match="spacing='leading' selects timesteps of a discrete schedule"):
+        continuous_grid(flow, 4, "leading")
+
+
 def test_solver_orders_on_the_exact_velocity():
     """Mean error against a 400-step Heun solution falls ~2x per doubling for Euler (order 1), ~4x for Heun and
     midpoint (order 2), on a smooth mixture (component std 0.4: the velocity does not stiffen near the data)."""
