@@ -63,8 +63,12 @@ def save_pairs(path: str, noise, images, labels=None, meta: dict | None = None) 
         arrays["label"] = np.asarray(labels, np.int32)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:   # a failed write (a full disk) leaves neither a partial file nor the temporary one
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 
