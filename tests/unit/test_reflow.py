@@ -1,6 +1,6 @@
 """Reflow's pieces without a trained model: the pair file (data/pairs.py), the flow objective on a coupling, Liu et
 al.'s straightness (eval/straightness.py) and train.init_from's fit check. The CLI round trip (draw pairs from a
-trained flow, train a 2-rectified flow from its weights) is tests/e2e/test_reflow.py."""
+trained flow, train a 2-rectified flow from its weights) is tests/e2e/test_reflow_cli.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
