@@ -108,20 +108,13 @@ class Model:
         return ("ddim", "trailing") if self.schedule.discrete else ("flow_euler", "trailing")
 
     def run(self, sampler: str, steps: int, spacing: str, options=()) -> tuple[np.ndarray, int]:
-        import jax.numpy as jnp
-
-        from diffusion_jax.inference.sampling import SamplerSpec, make_sample_fn
+        from diffusion_jax.inference.sampling import SamplerSpec, make_sample_fn, sample_from
 
         spec = SamplerSpec(sampler, steps=steps, spacing=spacing, clip_denoised=self.clip, options=tuple(options))
         shape = (self.batch,) + self.noise.shape[1:]
         fn = make_sample_fn(self.graphdef, self.schedule, spec, shape, prediction=self.exp.loss.prediction,
                             num_classes=self.exp.model.num_classes)
-        out, nfe = [], 0
-        for i in range(0, len(self.noise), self.batch):
-            x, nfe = fn(self.params, None, jnp.asarray(self.labels[i:i + self.batch]), None,
-                        jnp.asarray(self.noise[i:i + self.batch]))
-            out.append(np.asarray(x))
-        return np.concatenate(out), nfe
+        return sample_from(fn, self.params, self.noise, self.labels, batch=self.batch)
 
     def reference(self) -> tuple[np.ndarray, int]:
         steps = self.schedule.num_timesteps if self.schedule.discrete else 1000

@@ -149,7 +149,7 @@ def model_panel(exp, graphdef, params, schedule, spec: ErrorSpec, *, scorer=None
     `config.build_schedule`; class-conditional: balanced labels i mod C), reference from the adaptive solver at
     (rtol, atol); adds "reference": {"nfe", "loose_nfe", "check_rms"} (distance to the 10x-tolerance solve)."""
     from diffusion_jax.eval.evaluate import balanced_labels
-    from diffusion_jax.inference.sampling import SamplerSpec, make_sample_fn
+    from diffusion_jax.inference.sampling import SamplerSpec, make_sample_fn, sample_from
 
     m = exp.model
     _check_finite_start(schedule, spec)
@@ -167,13 +167,7 @@ def model_panel(exp, graphdef, params, schedule, spec: ErrorSpec, *, scorer=None
 
     def run(name, steps, x, options=()):
         batch, fn = compiled(name, steps, options)
-        out, nfe = [], 0
-        for i in range(0, len(x), batch):       # the last chunk is padded to `batch` (one compile) and cut
-            pad = lambda a: np.resize(np.asarray(a[i:i + batch]), (batch,) + a.shape[1:])
-            yb = None if y is None else jnp.asarray(pad(y))
-            xb, nfe = fn(params, jax.random.PRNGKey(0), yb, None, jnp.asarray(pad(x)))
-            out.append(np.asarray(xb)[:len(x) - i])
-        return np.concatenate(out), nfe
+        return sample_from(fn, params, x, y, batch=batch, key=jax.random.PRNGKey(0))
 
     ref, ref_nfe = run("adaptive", ref_steps, x_T, (("atol", spec.atol), ("rtol", spec.rtol), ("solver", "dopri5")))
     loose, loose_nfe = run("adaptive", ref_steps, x_T,

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax import parallel
 from diffusion_jax.models.functional import make_apply_fn
@@ -180,6 +181,18 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
         return x, int(nfe)
 
     return run
+
+
+def sample_from(sample: Callable, params, x_T, labels=None, *, batch: int, key=None):
+    """(x (N, ...) numpy, nfe): `sample` (make_sample_fn's, compiled for `batch` images) from the given starts x_T
+    (N, ...) and labels (N,) or None, `batch` at a time; the last chunk is padded to `batch` (one compile) and cut."""
+    x_T = np.asarray(x_T)
+    out, nfe = [], 0
+    for i in range(0, len(x_T), batch):
+        pad = lambda a: jnp.asarray(np.resize(np.asarray(a[i:i + batch]), (batch,) + np.shape(a)[1:]))
+        x, nfe = sample(params, key, None if labels is None else pad(labels), None, pad(x_T))
+        out.append(np.asarray(x)[:len(x_T) - i])
+    return np.concatenate(out), nfe
 
 
 def class_labels(num: int, num_classes: int | None):

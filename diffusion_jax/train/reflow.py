@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from diffusion_jax.data.pairs import save_pairs
-from diffusion_jax.inference.sampling import SamplerSpec, make_sample_fn
+from diffusion_jax.inference.sampling import SamplerSpec, make_sample_fn, sample_from
 from diffusion_jax.samplers.registry import get_entry
 
 UNIT_NOISE_KINDS = ("discrete", "vp", "subvp", "vdm", "flow")   # processes whose x_T is N(0, I)
@@ -53,14 +53,14 @@ def draw_pairs(workdir: str, out: str, *, num: int, spec: SamplerSpec, seed: int
     sample = make_sample_fn(graphdef, build_schedule(exp.schedule, params), spec, shape,
                             prediction=exp.loss.prediction, learn_sigma=m.learn_sigma, num_classes=m.num_classes)
     labels = None if m.num_classes is None else (np.arange(num) % m.num_classes).astype(np.int32)   # balanced
-    noise, images, nfe = [], [], 0
-    for c, start in enumerate(tqdm(range(0, num, batch), desc="reflow pairs", disable=not progress)):
-        x_T = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), c), shape)
-        y = None if labels is None else np.resize(labels[start:start + batch], batch)
-        x, nfe = sample(params, jax.random.PRNGKey(seed), y, None, x_T)
-        noise.append(np.asarray(x_T)[:num - start])
-        images.append(np.asarray(x)[:num - start])
-    noise, images = np.concatenate(noise), np.concatenate(images)
+    noise = np.concatenate([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), c), shape))
+                            for c in range((num + batch - 1) // batch)])[:num]
+    images, nfe = [], 0
+    for start in tqdm(range(0, num, batch), desc="reflow pairs", disable=not progress):
+        y = None if labels is None else labels[start:start + batch]
+        x, nfe = sample_from(sample, params, noise[start:start + batch], y, batch=batch, key=jax.random.PRNGKey(seed))
+        images.append(x)
+    images = np.concatenate(images)
     bad = ~np.isfinite(images.reshape(num, -1)).all(axis=1)
     if bad.any():
         raise FloatingPointError(f"{int(bad.sum())} of {num} solutions from {workdir!r} are not finite (sampler "
