@@ -29,6 +29,7 @@ from diffusion_jax.models import UNetConfig
 from diffusion_jax.models.registry import backbone, config_class, names_of_kind
 from diffusion_jax.objectives.build import validate_loss
 from diffusion_jax.objectives.discrete import LossConfig
+from diffusion_jax.objectives.distill import ConsistencyParam, DistillConfig, check_distill
 from diffusion_jax.objectives.vdm import gamma_params_of
 from diffusion_jax.process.vdm import LinearGamma, MonotoneGamma, VDMSchedule
 from diffusion_jax.process.discrete import check_schedule, make_schedule
@@ -212,9 +213,11 @@ class Experiment:
     train: TrainConfig
     sample: SampleConfig
     latent: LatentConfig = LatentConfig()
+    distill: DistillConfig = DistillConfig()
 
     SECTIONS = {"data": DataConfig, "model": UNetConfig, "schedule": ScheduleConfig, "loss": LossConfig,
-                "optim": OptimConfig, "train": TrainConfig, "sample": SampleConfig, "latent": LatentConfig}
+                "optim": OptimConfig, "train": TrainConfig, "sample": SampleConfig, "latent": LatentConfig,
+                "distill": DistillConfig}
 
     @classmethod
     def section_class(cls, name: str, values: Mapping | None = None) -> type:
@@ -251,6 +254,10 @@ class Experiment:
         self.model.validate()
         validate_loss(self.loss, self.model.learn_sigma, self.schedule.kind)
         self.latent.validate(self.model.context_dim)
+        check_distill(self.distill, self.schedule.kind, self.loss.prediction)
+        if self.distill.method != "none" and self.train.init_from is not None:
+            raise ValueError(f"train.init_from={self.train.init_from!r}: a distillation run starts from its teacher "
+                             "(distill.teacher) or, for consistency training, from scratch; leave train.init_from=None")
         if self.latent.vae_workdir is not None and self.model.num_classes is not None:
             raise ValueError(f"model.num_classes={self.model.num_classes}: a latent run is conditioned on captions "
                              "(the class name is in the caption); set model.num_classes=None")
@@ -299,6 +306,16 @@ class Experiment:
 
     def to_dict(self) -> dict:
         return {"seed": self.seed, **{k: dataclasses.asdict(getattr(self, k)) for k in self.SECTIONS}}
+
+
+def consistency_of(exp: Experiment) -> ConsistencyParam | None:
+    """The skip / out parameterization a consistency model's samplers apply (`objectives.distill`), None for any other
+    run. The boundary is the clean end of the distillation grid (s_min = 0), or EDM's sigma_min for consistency
+    training."""
+    if not exp.distill.consistency:
+        return None
+    s_min = build_schedule(exp.schedule).sigma_min if exp.distill.method == "consistency_training" else 0.0
+    return ConsistencyParam(float(s_min), exp.distill.sigma_data)
 
 
 def build_section(name: str, klass, values, *, check_types: bool = True):

@@ -116,6 +116,28 @@ def random_params(config, seed: int = 0):
     return graphdef, nnx.from_flat_state([fill(p, v) for p, v in nnx.to_flat_state(abstract)])
 
 
+def checkpoint_state(workdir, step=None) -> list:
+    """The whole TrainState (params, EMA, optimizer state, key) of a checkpoint (default: the latest), as numpy
+    leaves: what "bit-identical" compares."""
+    import jax
+    import numpy as np
+
+    from diffusion_jax.config import Experiment, load_workdir_config
+    from diffusion_jax.train.checkpoint import Checkpointer
+    from diffusion_jax.train.state import make_init_fn, make_optimizer
+
+    exp = Experiment.from_config(load_workdir_config(str(workdir)))
+    tx, _ = make_optimizer(exp.optim, exp.train.steps)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            jax.eval_shape(make_init_fn(exp.model, tx, jax.random.PRNGKey(0))))
+    ckpt = Checkpointer(str(workdir), async_save=False)
+    try:
+        return [np.asarray(x) for x in jax.tree.leaves(ckpt.restore(abstract, step))]
+    finally:
+        ckpt.close()
+
+
 @contextlib.contextmanager
 def hold_workdir_lock(workdir: str, command: str = "train"):
     """Another process holding WORKDIR's lock (fileio.WorkdirLock) until the block ends, when it is killed (-9);

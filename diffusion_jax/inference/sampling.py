@@ -67,16 +67,20 @@ class SamplerSpec:
 
 
 def run_spec(spec: SamplerSpec, imported, denoise_fn, schedule, key, shape, *, prediction: str, guidance: Guidance,
-             uncond_fn=None, x_T=None, options: dict | None = None):
+             uncond_fn=None, x_T=None, options: dict | None = None, consistency=None):
     """(x, info) of spec's sampler on denoise_fn: the diffusers scheduler `imported` (spec.imported(schedule)) when
     not None, x_T then being the standard-normal latents it scales by init_noise_sigma, as a diffusers pipeline
-    does; else `run_sampler` with spec's sampler, spacing and clipping."""
+    does; else `run_sampler` with spec's sampler, spacing and clipping (and a consistency model's `consistency`)."""
     guidance = guidance if guidance.active else None
     if imported is not None:
+        if consistency is not None:
+            raise ValueError("a consistency model is sampled by this library's samplers (e.g. 'consistency'), not by "
+                             "an imported diffusers scheduler_config")
         return imported.sample(denoise_fn, key, shape, noise=x_T, guidance=guidance, uncond_fn=uncond_fn)
     return run_sampler(spec.sampler, denoise_fn, schedule, key, shape, steps=spec.steps, prediction=prediction,
                        spacing=spec.spacing, clip_denoised=spec.clip_denoised or None, guidance=guidance,
-                       uncond_fn=uncond_fn, options=dict(spec.options) if options is None else options, x_T=x_T)
+                       uncond_fn=uncond_fn, options=dict(spec.options) if options is None else options, x_T=x_T,
+                       consistency=consistency)
 
 
 def learned_variance(spec: SamplerSpec, imported=None) -> bool:
@@ -114,7 +118,8 @@ def network_denoise_fn(apply: Callable, params, label, *, channels: int, keep_va
 
 def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...], *,
                    prediction: str = "eps", learn_sigma: bool = False, num_classes: int | None = None,
-                   mesh=None, condition: Callable | None = None, guess_mode: bool = False) -> Callable:
+                   mesh=None, condition: Callable | None = None, guess_mode: bool = False,
+                   consistency=None) -> Callable:
     """Returns `sample(params, key, y=None, aux=None, x_T=None, control=None) -> (images (N,H,W,C), nfe)`, compiled
     end to end.
 
@@ -135,6 +140,8 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
     "conditioning_scale": scalar or (num ControlNets,)} (traced: a new scale does not recompile), given to both
     branches of guidance; with `guess_mode` (diffusers) only the conditional branch sees it, with the residuals
     weighted 0.1 -> 1 from the first block to the middle one.
+    consistency: a consistency model's `objectives.distill.ConsistencyParam` (`config.consistency_of(exp)`): the
+    network's x0_hat becomes its consistency function f(x, t); None for any other model.
     """
     spec.validate()
     sharding = None
@@ -162,7 +169,7 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
             uncond = net(jnp.full(shape[:1], num_classes, jnp.int32), None if guess_mode else control)
         cond = net(y) if condition is None else condition(net, y, aux)
         x, info = run_spec(spec, imported, cond, schedule, key, shape, prediction=prediction, guidance=guidance,
-                           uncond_fn=uncond, x_T=x_T, options=options)
+                           uncond_fn=uncond, x_T=x_T, options=options, consistency=consistency)
         return x, info["nfe"]
 
     if sharding is None:

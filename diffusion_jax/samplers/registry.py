@@ -23,6 +23,7 @@ from diffusion_jax.process import check_process
 from diffusion_jax.samplers import (adaptive, ddim, ddpm, deis, dpm_sde, dpm_solver, euler, flow, kdpm2, lms, pndm,
                                    sde_solvers, unipc)
 from diffusion_jax.samplers.checks import check_key
+from diffusion_jax.samplers.consistency import multistep_consistency
 from diffusion_jax.samplers.grid import continuous_grid, discrete_grid
 from diffusion_jax.samplers.wrapper import Guidance, make_denoiser
 
@@ -82,6 +83,8 @@ SAMPLERS: dict[str, Entry] = {
                          from_process=sde_solvers.sde_options),
     "pc": _e(sde_solvers.predictor_corrector, "score_sde predictor-corrector (Langevin corrector)", True,
              from_process=sde_solvers.sde_options),
+    "consistency": _e(multistep_consistency, "multistep consistency sampling (Song et al. 2023, Alg. "
+                      "1): x0_hat, then fresh noise to the next level; 1 NFE per level", True),
     "adaptive": _e(adaptive.adaptive_ode, "adaptive PF-ODE (diffrax Tsit5 / Dopri5, rtol / atol)"),
 }
 _BUILT_IN = {"denoiser", "grid", "x_T", "key", "denoise_fn", "schedule", "shape", "steps", "prediction",
@@ -136,13 +139,14 @@ def make_grid(schedule, steps: int, spacing: str, *, rho: float = 7.0):
 
 def run_sampler(name: str, denoise_fn, schedule, key, shape, *, steps: int, prediction: str = "eps",
                 spacing: str = "leading", clip_denoised: float | None = None, guidance: Guidance | None = None,
-                uncond_fn=None, options: dict | None = None, rho: float = 7.0, x_T=None):
+                uncond_fn=None, options: dict | None = None, rho: float = 7.0, x_T=None, consistency=None):
     """Sample `shape` with sampler `name`. Returns (x_0, info) with info["nfe"].
 
     schedule: a `DiscreteSchedule` (DDPM betas) or a continuous one from `diffusion_jax.process.sde`.
     denoise_fn(x, t) -> prediction of kind `prediction`; uncond_fn likewise for classifier-free guidance.
     shape: a tuple of positive ints, e.g. (N, H, W, C); x_T, if given, a float array of that shape (else it is
-    drawn from `key`). options: a dict of the sampler's own options (`sampler_options(name)`).
+    drawn from `key`). options: a dict of the sampler's own options (`sampler_options(name)`). consistency: a
+    consistency model's `objectives.distill.ConsistencyParam` (its x0_hat is f(x, t)), or None.
     """
     if options is not None and not isinstance(options, dict):
         raise TypeError(f"options must be a dict of sampler options (name -> value), got {type(options).__name__}")
@@ -160,7 +164,8 @@ def run_sampler(name: str, denoise_fn, schedule, key, shape, *, steps: int, pred
             derived = entry.from_process(schedule, None if _traced(grid) else grid)
             solver = functools.partial(solver, **{k: v for k, v in derived.items() if k not in options})
     denoiser = make_denoiser(denoise_fn, prediction, clip_denoised=clip_denoised, guidance=guidance,
-                             uncond_fn=uncond_fn, learned_variance=options.get("variance") == "learned")
+                             uncond_fn=uncond_fn, learned_variance=options.get("variance") == "learned",
+                             consistency=consistency)
     if x_T is None:  # N(0, (alpha^2 + sigma^2) I): unit variance for VP, ~sigma_max^2 for VE / EDM (alpha = 1)
         scale = jnp.sqrt(grid.alpha[0] ** 2 + grid.sigma[0] ** 2)
         x_T = jax.random.normal(jax.random.fold_in(key, 0), shape) * scale

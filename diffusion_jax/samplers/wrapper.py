@@ -25,6 +25,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.objectives.distill import ConsistencyParam
 from diffusion_jax.objectives.param import PREDICTIONS, eps_from_x0, to_x0_eps
 
 Denoiser = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -83,15 +84,19 @@ class Threshold:
 
 
 def predict_x0_eps(out, x, alpha, sigma, prediction: str, clip_denoised, threshold: Threshold | None = None,
-                   rederive_eps: bool = True):
+                   rederive_eps: bool = True, consistency: ConsistencyParam | None = None):
     """(x0_hat, eps_hat) from a raw output of kind `prediction` (any of WRAPPER_PREDICTIONS; for "edm" the output
-    is x0_hat). With clipping, x0_hat is clipped to [-c, c]; with `threshold` it is dynamically thresholded instead;
-    either way eps_hat is re-derived from it (DDIM / ADM) unless rederive_eps=False (diffusers' DDIM without
-    use_clipped_model_output keeps the network's eps_hat)."""
+    is x0_hat). A consistency model's x0_hat is its consistency function f = c_skip y + c_out x0_hat
+    (`objectives.distill.ConsistencyParam`), eps_hat re-derived from it. With clipping, x0_hat is clipped to [-c, c];
+    with `threshold` it is dynamically thresholded instead; either way eps_hat is re-derived from it (DDIM / ADM)
+    unless rederive_eps=False (diffusers' DDIM without use_clipped_model_output keeps the network's eps_hat)."""
     if prediction == "edm":
         x0, eps = out, eps_from_x0(x, out, alpha, sigma)
     else:
         x0, eps = to_x0_eps(prediction, out, x, alpha, sigma)
+    if consistency is not None:
+        x0 = consistency(x0, x, alpha, sigma)
+        eps = eps_from_x0(x, x0, alpha, sigma)
     if threshold is not None:
         x0 = threshold(x0)
     elif clip_denoised is not None:
@@ -122,14 +127,15 @@ def batched_pair(net, y, y_null):
 def make_denoiser(denoise_fn, prediction: str, *, clip_denoised: float | None = None,
                   guidance: Guidance | None = None, uncond_fn=None, pair_fn=None,
                   learned_variance: bool = False, threshold: Threshold | None = None,
-                  rederive_eps: bool = True) -> Denoiser:
+                  rederive_eps: bool = True, consistency: ConsistencyParam | None = None) -> Denoiser:
     """The denoiser(x, t, alpha, sigma) -> (x0_hat, eps_hat) of a network `denoise_fn(x, t)` (see module doc).
 
     With guidance.scale != 1 exactly one of uncond_fn(x, t) / pair_fn(x, t) -> (cond, uncond) is required.
     learned_variance: the network returns 2 C channels, [prediction, v] (improved DDPM); the denoiser returns
     (x0_hat, eps_hat, v), guiding the prediction half only and keeping the conditional v.
     threshold: dynamic thresholding of x0_hat (`Threshold`) in place of clip_denoised; rederive_eps: see
-    `predict_x0_eps`. Never call it at a clean level (sigma = 0): eps_hat would divide by zero.
+    `predict_x0_eps`; consistency: a consistency model's skip / out parameterization (`predict_x0_eps`). Never call
+    it at a clean level (sigma = 0): eps_hat would divide by zero.
     """
     if prediction not in WRAPPER_PREDICTIONS:
         raise ValueError(f"sampler.prediction={prediction!r} is unknown; choose from {WRAPPER_PREDICTIONS}")
@@ -139,7 +145,10 @@ def make_denoiser(denoise_fn, prediction: str, *, clip_denoised: float | None = 
         raise ValueError(f"guidance must be a Guidance or None, got {type(guidance).__name__}")
     if threshold is not None and not isinstance(threshold, Threshold):
         raise ValueError(f"threshold must be a Threshold or None, got {type(threshold).__name__}")
-    post = dict(threshold=threshold, rederive_eps=rederive_eps)
+    if consistency is not None and not isinstance(consistency, ConsistencyParam):
+        raise ValueError(f"consistency must be an objectives.distill.ConsistencyParam or None, got "
+                         f"{type(consistency).__name__}")
+    post = dict(threshold=threshold, rederive_eps=rederive_eps, consistency=consistency)
     guided = guidance is not None and guidance.active
     if guided and (uncond_fn is None) == (pair_fn is None):
         raise ValueError("guidance.scale != 1 needs exactly one of uncond_fn(x, t) or pair_fn(x, t) -> (cond, uncond)")

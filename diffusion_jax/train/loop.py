@@ -16,10 +16,11 @@ import jax
 import numpy as np
 
 from diffusion_jax import parallel, viz
-from diffusion_jax.config import Experiment, build_schedule, learned_gamma
+from diffusion_jax.config import Experiment, build_schedule, consistency_of, learned_gamma
 from diffusion_jax.data import load_source
 from diffusion_jax.data.conditions import ControlSource
 from diffusion_jax.models.registry import backbone
+from diffusion_jax.objectives.distill import TEACHER_METHODS
 from diffusion_jax.inference.sampling import SamplerSpec, class_labels, make_sample_fn
 from diffusion_jax.train import runner
 from diffusion_jax.train.checkpoint import Checkpointer, load_trained
@@ -100,6 +101,8 @@ def load_pretrained(exp: Experiment, workdir: str, state, shardings):
     backbone says so (its registry `pretrained`, e.g. a ControlNet's locked base); unchanged when there is neither
     or WORKDIR already has a checkpoint to resume."""
     hook, init = backbone(exp.model.name).pretrained, exp.train.init_from
+    if exp.distill.method in TEACHER_METHODS:   # a student starts from its teacher
+        init = exp.distill.teacher
     if hook is None and init is None:
         return state
     if hook is not None and init is not None:
@@ -128,7 +131,7 @@ def init_params(run: str, fresh, load_params):
     try:
         params = load_params(run)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"train.init_from={run!r}: {e}") from e
+        raise FileNotFoundError(f"train.init_from / distill.teacher={run!r}: {e}") from e
     flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     for path, want in jax.tree_util.tree_flatten_with_path(fresh)[0]:
         got = flat.pop(path, None)
@@ -167,6 +170,10 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     tc = exp.train
     main = parallel.is_main_process()
     check_base_run(exp)
+    if exp.distill.method != "none":   # the teacher run, before anything compiles
+        from diffusion_jax.train.distill import check_student
+
+        check_student(exp)
     source = load_source(exp.data)
     dreambooth = hasattr(exp.model, "prior_loss_weight")   # its data are a subject's images, labelled by with_prior
     if exp.latent.vae_workdir is None and not dreambooth:
@@ -208,16 +215,26 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     opts = StepOptions(tc.ema_decay, tc.ema_warmup, exp.model.learn_sigma, exp.model.num_classes,
                        skip_nonfinite=tc.on_nonfinite == "skip", trainable=rule)
     schedule = build_schedule(exp.schedule, state.params)
-    train_step = make_train_step(graphdef, schedule, exp.loss, tx, lr_fn, opts, mesh, shardings)
+    distill = None
+    if exp.distill.method != "none":
+        from diffusion_jax.train.distill import make_distillation
+
+        distill = make_distillation(exp, schedule)
+    train_step = make_train_step(graphdef, schedule, exp.loss, tx, lr_fn, opts, mesh, shardings, distill)
     shape = (tc.sample_num, *source.image_shape)
-    if exp.schedule.kind == "discrete":
+    if exp.distill.method != "none":   # the student's own sampler: N DDIM steps, or one consistency step
+        from diffusion_jax.train.distill import student_spec
+
+        grid_spec = student_spec(exp)
+    elif exp.schedule.kind == "discrete":
         grid_spec = SamplerSpec("ddim", steps=tc.sample_steps)
     else:   # the run's own sampler and spacing (DDIM's timesteps are discrete)
         grid_spec = SamplerSpec.from_config(dataclasses.replace(exp.sample, steps=tc.sample_steps))
 
     def grid_sampler(schedule):
         return make_sample_fn(graphdef, schedule, grid_spec, shape, prediction=exp.loss.prediction,
-                              learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes, mesh=mesh)
+                              learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes, mesh=mesh,
+                              consistency=consistency_of(exp))
 
     # `schedule` of a learned gamma holds state.params' gamma, which the step donates: only the loss reads it (its
     # spec, not its arrays); the grids rebuild it from the EMA

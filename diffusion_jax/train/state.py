@@ -141,18 +141,24 @@ class StepOptions:
 
 
 def make_train_step(graphdef, schedule, loss_cfg: LossConfig, tx, lr_fn: Callable,
-                    opts: StepOptions, mesh, state_shardings) -> Callable:
-    """The jitted step (state, batch) -> (state, metrics); `state` is donated."""
+                    opts: StepOptions, mesh, state_shardings, distill=None) -> Callable:
+    """The jitted step (state, batch) -> (state, metrics); `state` is donated. distill: a `train.distill.Distillation`
+    whose objective replaces the schedule's, given the step and the teacher's params (a jit argument sharded as the
+    student's params)."""
     apply_fn = make_apply_fn(graphdef)
-    objective = make_objective(schedule, loss_cfg, learn_sigma=opts.learn_sigma, num_classes=opts.num_classes)
+    if distill is None:
+        objective = make_objective(schedule, loss_cfg, learn_sigma=opts.learn_sigma, num_classes=opts.num_classes)
+    else:
+        objective = distill.objective
 
-    def train_step(state: TrainState, batch: dict):
+    def train_step(state: TrainState, batch: dict, teacher=None):
         key = jax.random.fold_in(state.key, state.step)
+        extra = {} if distill is None else {"step": state.step, "teacher": teacher}
 
         def loss_fn(params):
             if mask is not None:   # frozen params: no weight gradients computed at all
                 params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
-            return objective(apply_fn, params, batch, key, train=True)
+            return objective(apply_fn, params, batch, key, train=True, **extra)
 
         mask = None if opts.trainable is None else trainable_mask(opts.trainable, state.params)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -169,6 +175,13 @@ def make_train_step(graphdef, schedule, loss_cfg: LossConfig, tx, lr_fn: Callabl
         return new_state, metrics
 
     batch_sharding = parallel.batch_sharding(mesh)
-    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,),
-                   compiler_options=parallel.step_compiler_options(mesh))
+    teacher = None if distill is None else distill.teacher_params
+    if teacher is None:
+        return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,),
+                       compiler_options=parallel.step_compiler_options(mesh))
+    teacher = jax.device_put(teacher, state_shardings.params)
+    jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, state_shardings.params),
+                     out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,),
+                     compiler_options=parallel.step_compiler_options(mesh))
+    return lambda state, batch: jitted(state, batch, teacher)

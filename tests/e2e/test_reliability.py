@@ -17,9 +17,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import DIGITS, ROOT, TINY
+from conftest import DIGITS, ROOT, TINY, checkpoint_state
 
-from diffusion_jax.config import Experiment, load_workdir_config
 from diffusion_jax.train.checkpoint import Checkpointer, CheckpointError
 from diffusion_jax.train.faults import NonFiniteError, NonFiniteGuard
 from diffusion_jax.train.metrics import read_metrics, truncate_metrics
@@ -66,22 +65,8 @@ def start_and_wait(workdir, env, rows, harness=None, marker=None):
     pytest.fail("timed out waiting for training to make progress")
 
 
-def final_state(workdir, step=None):
-    """The whole TrainState (params, EMA, optimizer state, key) of a checkpoint, as numpy leaves."""
-    exp = Experiment.from_config(load_workdir_config(str(workdir)))
-    tx, _ = make_optimizer(exp.optim, exp.train.steps)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            jax.eval_shape(make_init_fn(exp.model, tx, jax.random.PRNGKey(0))))
-    ckpt = Checkpointer(str(workdir), async_save=False)
-    try:
-        return [np.asarray(x) for x in jax.tree.leaves(ckpt.restore(abstract, step))]
-    finally:
-        ckpt.close()
-
-
 def assert_bit_identical(workdir, reference):
-    leaves, ref = final_state(workdir), final_state(reference)
+    leaves, ref = checkpoint_state(workdir), checkpoint_state(reference)
     assert len(leaves) == len(ref) > 0
     for a, b in zip(leaves, ref):
         np.testing.assert_array_equal(a, b)   # exact: not allclose
@@ -174,7 +159,7 @@ def test_a_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(
     assert "non-finite loss=" in proc.stderr and "update of step 22" in proc.stderr, proc.stderr[-2000:]
     assert f"the last good checkpoint is {last_good}" in proc.stderr
     assert Checkpointer(str(workdir)).all_steps() == [10, 15, 20]
-    for a, b in zip(final_state(workdir), final_state(reference)):
+    for a, b in zip(checkpoint_state(workdir), checkpoint_state(reference)):
         np.testing.assert_array_equal(a, b)
 
 

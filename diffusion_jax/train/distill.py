@@ -1,0 +1,232 @@
+"""Few-step students as objectives of the one train loop (config.distill; the maths is `objectives.distill`'s).
+
+    distill = make_distillation(exp, schedule)        # loads and checks the teacher run, builds the objective
+    objective(apply_fn, params, batch, key, train=True, *, step, teacher) -> (loss, metrics)
+
+`train.state.make_train_step` passes the step (iCT's curriculum) and the teacher's EMA params (a jit argument, sharded
+as the student's params: the teacher shares the student's model section). A student starts from its teacher's EMA
+weights (`loop.load_pretrained`); consistency training starts from scratch.
+
+    progressive               Salimans & Ho 2022, Alg. 2: one student DDIM step = two teacher DDIM steps, on the
+                              levels of a 2N-step grid (the student samples its N-step grid, every other level)
+    consistency_distillation  Song et al. 2023, Alg. 2: f(x_n, t_n) -> f_(stop grad)(x_hat_{n+1}, t_{n+1}), x_hat_{n+1}
+                              one step of the teacher's ODE by `distill.solver` (any deterministic registry sampler)
+                              on an N-step grid; iCT's pseudo-Huber metric and 1 / (s_n - s_{n+1}) weight
+    consistency_training      Song & Dhariwal 2023 (iCT): the same with x_hat_{n+1} = x0 + s_{n+1} z on the same z,
+                              Karras levels, the N(k) curriculum and log-normal pairs; no teacher, no EMA target
+
+Each example draws its own level; a per-example level reaches the network as a per-example time under `jax.vmap`,
+and the teacher's solver runs on that example's slice of the grid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.config import Experiment, build_schedule, consistency_of
+from diffusion_jax.inference.sampling import network_denoise_fn
+from diffusion_jax.objectives import distill as maths
+from diffusion_jax.objectives.discrete import mean_flat, read_batch
+from diffusion_jax.samplers.registry import get_entry, get_sampler, make_grid
+from diffusion_jax.samplers.wrapper import make_denoiser
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    objective: Callable          # (apply_fn, params, batch, key, train=True, *, step, teacher) -> (loss, metrics)
+    teacher_params: dict | None  # the teacher's EMA params (None: consistency training)
+
+
+def student_grid(exp: Experiment, schedule):
+    """The levels the student is trained on: progressive's 2N-step grid (the student's levels are its even ones),
+    consistency distillation's num_scales-step grid; None for consistency training (levels drawn in the step)."""
+    d = exp.distill
+    if d.method == "progressive":
+        grid = make_grid(schedule, 2 * d.student_steps, d.spacing)
+        own = make_grid(schedule, d.student_steps, d.spacing)
+        if not np.allclose(np.asarray(grid.sigma)[::2], np.asarray(own.sigma), rtol=1e-5, atol=1e-6):
+            raise ValueError(f"distill.spacing={d.spacing!r}: the student's {d.student_steps}-step levels are not "
+                             f"every other level of the teacher's {2 * d.student_steps}; use 'trailing' or 'uniform'")
+        return grid
+    if d.method == "consistency_distillation":
+        return make_grid(schedule, d.num_scales, d.spacing)
+    return None
+
+
+def student_spec(exp: Experiment, steps: int | None = None):
+    """How the student samples: DDIM on its N-step levels (progressive), else multistep consistency sampling
+    (`steps`, default 1) on distill.spacing; no clipping."""
+    from diffusion_jax.inference.sampling import SamplerSpec
+
+    d = exp.distill
+    if d.method == "progressive":
+        return SamplerSpec("ddim", steps=d.student_steps, spacing=d.spacing, clip_denoised=None)
+    return SamplerSpec("consistency", steps=steps or 1, spacing=d.spacing, clip_denoised=None)
+
+
+def check_teacher(exp: Experiment, teacher: Experiment) -> None:
+    """The student must share the teacher's model, schedule, loss.prediction and latent sections (it starts from
+    the teacher's weights and reads its outputs the same way); a progressive round's teacher is the previous round."""
+    d, path = exp.distill, exp.distill.teacher
+    for section in ("model", "schedule", "latent"):
+        ours, theirs = dataclasses.asdict(getattr(exp, section)), dataclasses.asdict(getattr(teacher, section))
+        for key in sorted(set(ours) | set(theirs)):
+            if ours.get(key) != theirs.get(key):
+                raise ValueError(f"distill.teacher={path!r} is incompatible: its {section}.{key}={theirs.get(key)!r}, "
+                                 f"this student's is {ours.get(key)!r}; a student shares its teacher's {section} "
+                                 "section")
+    if teacher.loss.prediction != exp.loss.prediction:
+        raise ValueError(f"distill.teacher={path!r} is incompatible: it predicts {teacher.loss.prediction!r}, this "
+                         f"student's loss.prediction is {exp.loss.prediction!r}")
+    t = teacher.distill
+    if t.consistency:
+        raise ValueError(f"distill.teacher={path!r} is a consistency model ({t.method}): its ODE is not the data's; "
+                         "distil from a diffusion run or a progressive-distillation student")
+    if t.method == "progressive" and (d.method != "progressive" or t.student_steps != 2 * d.student_steps
+                                      or t.spacing != d.spacing):
+        raise ValueError(f"distill.teacher={path!r} is a {t.student_steps}-step progressive student on "
+                         f"{t.spacing!r} levels: its next round is distill.method='progressive', distill.student_steps="
+                         f"{t.student_steps // 2}, distill.spacing={t.spacing!r}")
+
+
+def check_student(exp: Experiment) -> None:
+    """What can be checked before anything compiles: the teacher run's config (`check_teacher`; FileNotFoundError
+    naming distill.teacher when it is not a run) and consistency distillation's solver."""
+    from diffusion_jax.config import load_workdir_config
+
+    d = exp.distill
+    if d.method == "consistency_distillation" and get_entry(d.solver).stochastic:
+        raise ValueError(f"distill.solver={d.solver!r} is stochastic; the teacher's one ODE step needs a "
+                         "deterministic sampler, e.g. 'heun', 'ddim', 'euler', 'dpm_solver_2'")
+    if d.method not in maths.TEACHER_METHODS:
+        return
+    if not os.path.isfile(os.path.join(d.teacher, "config.json")):
+        raise FileNotFoundError(f"distill.teacher={d.teacher!r} is not a training workdir (no config.json there)")
+    check_teacher(exp, Experiment.from_config(load_workdir_config(d.teacher)))
+
+
+def load_teacher(exp: Experiment):
+    """(teacher experiment, its EMA params) of distill.teacher, checked (FileNotFoundError / ValueError naming it)."""
+    from diffusion_jax.train.checkpoint import load_trained
+
+    check_student(exp)
+    path = exp.distill.teacher
+    try:
+        teacher, _, params, _ = load_trained(path, allow_latent=True)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"distill.teacher={path!r}: {e}") from e
+    return teacher, params
+
+
+def _batched(tree):
+    return jax.tree.map(lambda a: a[None], tree)
+
+
+def make_distillation(exp: Experiment, schedule=None, *, teacher_params=None) -> Distillation:
+    """The objective of exp.distill on `schedule` (default: built from exp.schedule); the teacher is loaded from
+    distill.teacher unless `teacher_params` are given."""
+    d, lc = exp.distill, exp.loss
+    schedule = build_schedule(exp.schedule) if schedule is None else schedule
+    if d.method in maths.TEACHER_METHODS and teacher_params is None:
+        teacher_params = load_teacher(exp)[1]
+    prediction = "edm" if schedule.kind == "edm" else lc.prediction
+    channels = exp.model.in_channels
+    cparam = consistency_of(exp)
+    grid = student_grid(exp, schedule)
+    check_student(exp)
+    if d.method == "consistency_distillation":
+        solver = get_sampler(d.solver)
+    elif d.method == "progressive":
+        solver = get_sampler("ddim")
+
+    def denoiser_of(apply_fn, params, cond, *, consistency=None, train=False, dropout_key=None):
+        """denoiser(x, t, alpha, sigma) -> (x0_hat, eps_hat) of the network with these params and conditioning."""
+        def apply(p, x, t, **kw):   # edm_denoise passes its own train=False: the step's flags win
+            kw = {k: v for k, v in kw.items() if k not in ("train", "dropout_key")}
+            return apply_fn(p, x, t, train=train, dropout_key=dropout_key, **kw)
+        control = {"control": cond["control"]} if cond.get("control") is not None else None
+        fn = network_denoise_fn(apply, params, cond.get("y"), channels=channels, schedule=schedule,
+                                context=cond.get("context"), control=control)
+        return make_denoiser(fn, prediction, consistency=consistency)
+
+    def x0_at(apply_fn, params, x, levels, cond, *, consistency=None, train=False, keys=None):
+        """x0_hat (B, ...) of each example x_b at its own level (t_b, alpha_b, sigma_b): levels are three (B,)."""
+        def one(x_b, t, a, s, cond_b, k):
+            den = denoiser_of(apply_fn, params, _batched(cond_b), consistency=consistency, train=train,
+                              dropout_key=k)
+            return den(x_b[None], t, a, s)[0][0]
+        keys = jnp.zeros((x.shape[0], 2), jnp.uint32) if keys is None else keys
+        return jax.vmap(one)(x, *levels, cond, keys)
+
+    def solve(apply_fn, params, x, start, num, cond):
+        """Each example x_b moved `num` steps of `solver` along the grid from its level start_b."""
+        def one(x_b, n, cond_b):
+            sub = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, n, num + 1), grid)
+            return solver(denoiser_of(apply_fn, params, _batched(cond_b)), sub, x_b[None])[0][0]
+        return jax.lax.stop_gradient(jax.vmap(one)(x, start, cond))
+
+    def levels(i):
+        return grid.t[i], grid.alpha[i], grid.sigma[i]
+
+    def column(v, x):
+        return v.reshape((-1,) + (1,) * (x.ndim - 1))
+
+    def progressive(apply_fn, params, batch, key, train=True, *, step=None, teacher=None):
+        k_n, k_z, k_drop, k_cond = jax.random.split(key, 4)
+        x0, cond = read_batch(batch, k_cond, exp.model.num_classes, lc.cond_drop_prob)
+        i = 2 * jax.random.randint(k_n, (x0.shape[0],), 0, d.student_steps)   # teacher levels i -> i + 2
+        t, a, s = levels(i)
+        z = jax.random.normal(k_z, x0.shape, x0.dtype)
+        x_t = column(a, x0) * x0 + column(s, x0) * z
+        x_tpp = solve(apply_fn, teacher, x_t, i, 2, cond)
+        target = maths.pd_target(x_t, x_tpp, column(a, x0), column(s, x0), column(grid.alpha[i + 2], x0),
+                                 column(grid.sigma[i + 2], x0))
+        keys = jax.random.split(k_drop, x0.shape[0])
+        x0_hat = x0_at(apply_fn, params, x_t, (t, a, s), cond, train=train, keys=keys)
+        mse = mean_flat((jax.lax.stop_gradient(target) - x0_hat) ** 2)
+        loss = jnp.mean(maths.truncated_snr_weight(a, s) * mse)
+        return loss, {"loss": loss, "mse": jnp.mean(mse)}
+
+    def consistency(apply_fn, params, batch, key, train=True, *, step=None, teacher=None):
+        k_n, k_z, k_drop, k_cond = jax.random.split(key, 4)
+        x0, cond = read_batch(batch, k_cond, exp.model.num_classes, lc.cond_drop_prob)
+        B = x0.shape[0]
+        z = jax.random.normal(k_z, x0.shape, x0.dtype)
+        if d.method == "consistency_distillation":
+            n = jax.random.randint(k_n, (B,), 0, d.num_scales)     # the pair of levels n -> n + 1
+            here, there = levels(n), levels(n + 1)
+            x_n = column(here[1], x0) * x0 + column(here[2], x0) * z
+            x_next = solve(apply_fn, teacher, x_n, n, 1, cond)
+            num = jnp.asarray(d.num_scales + 1)
+        else:   # iCT on EDM's levels (alpha = 1, t = sigma): s_{i+1} > s_i, the student at the noisier one
+            num = maths.ict_num_levels(step, exp.train.steps, d.s0, d.s1)
+            i = maths.ict_pair_index(k_n, (B,), num, d.s1 + 1, schedule.sigma_min, schedule.sigma_max, d.p_mean,
+                                     d.p_std)
+            s_hi = maths.karras_levels(i + 1, num, schedule.sigma_min, schedule.sigma_max)
+            s_lo = maths.karras_levels(i, num, schedule.sigma_min, schedule.sigma_max)
+            one = jnp.ones_like(s_hi)
+            here, there = (s_hi, one, s_hi), (s_lo, one, s_lo)
+            x_n = x0 + column(s_hi, x0) * z
+            x_next = x0 + column(s_lo, x0) * z
+        keys = jax.random.split(k_drop, B)
+        f = x0_at(apply_fn, params, x_n, here, cond, consistency=cparam, train=train, keys=keys)
+        f_target = x0_at(apply_fn, jax.lax.stop_gradient(params), x_next, there, cond, consistency=cparam)
+        at_end = column(there[2], x0) <= 0            # the clean end: f is the identity there (boundary condition)
+        f_target = jax.lax.stop_gradient(jnp.where(at_end, x_next / column(there[1], x0), f_target))
+        s_here, s_there = here[2] / here[1], there[2] / there[1]
+        c = maths.huber_c_for(d, math.prod(x0.shape[1:]))
+        dist = maths.pseudo_huber(f, f_target, c)
+        loss = jnp.mean(dist / (s_here - s_there))
+        return loss, {"loss": loss, "distance": jnp.mean(dist), "num_levels": num.astype(jnp.float32)}
+
+    if d.method == "progressive":
+        return Distillation(progressive, teacher_params)
+    if d.consistency:
+        return Distillation(consistency, teacher_params)
+    raise ValueError(f"distill.method={d.method!r}: make_distillation needs a distillation method")

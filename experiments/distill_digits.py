@@ -1,0 +1,222 @@
+"""Few-step generation on the digits default: the teacher's solvers at 1-8 and 50 NFE against progressive distillation
+(1-16 steps), consistency distillation and consistency training (1 and 2 steps), on the same x_T.
+
+    python experiments/distill_digits.py [--root workdirs/distill_digits] [--num 1000] [--out results/distill_digits]
+
+Models (configs/digits.py: the 8x8 digits, class-conditional, v-prediction on the cosine schedule, 2,500 steps):
+  teacher   the default run (or --teacher WORKDIR of one)
+  pd-N      progressive distillation (Salimans & Ho 2022), rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1 teacher DDIM steps on
+            trailing levels, --pd-steps updates per round, each round starting from the previous one's EMA weights
+  cd        consistency distillation from the teacher (Song et al. 2023): 32 trailing scales, Heun as the teacher's
+            one-step solver, iCT's pseudo-Huber metric, --cd-steps updates from the teacher's weights
+  ct        improved consistency training (Song & Dhariwal 2023) from scratch on EDM's levels, --ct-steps updates
+Every cell samples the same --num standard-normal x_T (EDM's scaled by sigma_max) with balanced labels (i mod 10),
+no guidance, no clipping. Per cell: FD on the digits classifier's features against the held-out split (balanced
+reference statistics, stratified bootstrap interval), KID, class agreement (Wilson) and the sampling wall time of all
+--num samples after compilation. Paired FD differences (same x_T, paired bootstrap) answer the questions in PAIRED.
+Floor: --num real training images. Writes OUT/distill_digits.md, cells.csv, paired.csv, models.csv, fd_vs_nfe.png and
+grids/*.png.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+BASE = "configs/digits.py"
+TEACHER_CELLS = [("ddim", "trailing", n) for n in (1, 2, 4, 8, 16, 50)] + [("dpmpp_2m", "logsnr", n)
+                                                                           for n in (2, 4, 8, 16)]
+PD_FIRST = 16       # the first student's steps (its teacher takes 32)
+PAIRED = [("pd-4", "DDIM 4", "teacher", "DDIM 50"), ("pd-8", "DDIM 8", "teacher", "DDIM 50"),
+          ("pd-4", "DDIM 4", "teacher", "DDIM 4"), ("pd-2", "DDIM 2", "teacher", "DPM++ 2"),
+          ("pd-1", "DDIM 1", "teacher", "DDIM 1"), ("cd", "CM 1", "pd-1", "DDIM 1"), ("cd", "CM 2", "pd-2", "DDIM 2"),
+          ("ct", "CM 1", "cd", "CM 1"), ("ct", "CM 2", "cd", "CM 2"), ("cd", "CM 2", "cd", "CM 1")]
+
+
+def distill_overrides(name: str, args) -> list[str]:
+    lr = [f"optim.learning_rate={args.lr}", "optim.warmup_steps=0"]
+    if name.startswith("pd-"):
+        n = int(name[3:])
+        teacher = args.teacher if n == PD_FIRST else os.path.join(args.root, f"pd-{2 * n}")
+        return lr + ["distill.method=progressive", f"distill.teacher={teacher}", f"distill.student_steps={n}",
+                     f"train.steps={args.pd_steps}"]
+    if name == "cd":
+        return lr + ["distill.method=consistency_distillation", f"distill.teacher={args.teacher}",
+                     "distill.num_scales=32", "distill.solver=heun", f"train.steps={args.cd_steps}"]
+    return ["distill.method=consistency_training", "schedule.kind=edm", "loss.prediction=edm",
+            f"train.steps={args.ct_steps}"]
+
+
+def train(name: str, args) -> dict:
+    from diffusion_jax.config import load_experiment
+    from diffusion_jax.train.loop import train_and_evaluate
+
+    workdir = args.teacher if name == "teacher" else os.path.join(args.root, name)
+    timing = os.path.join(workdir, "wall_time.json")
+    exp = load_experiment(BASE, [] if name == "teacher" else distill_overrides(name, args))[0]
+    if not os.path.isfile(timing):
+        t0 = time.perf_counter()
+        train_and_evaluate(exp, workdir, progress=not args.no_progress)
+        with open(timing, "w") as f:
+            json.dump({"seconds": time.perf_counter() - t0}, f)
+    return {"model": name, "workdir": workdir, "steps": exp.train.steps,
+            "train_s": json.load(open(timing))["seconds"]}
+
+
+def cells_of(name: str, exp) -> list[tuple[str, str, str, int]]:
+    """(label, sampler, spacing, steps) of a model's cells."""
+    if name == "teacher":
+        return [(f"{'DDIM' if s == 'ddim' else 'DPM++'} {n}", s, sp, n) for s, sp, n in TEACHER_CELLS]
+    if exp.distill.method == "progressive":
+        n = exp.distill.student_steps
+        return [(f"DDIM {n}", "ddim", exp.distill.spacing, n)]
+    return [(f"CM {n}", "consistency", exp.distill.spacing, n) for n in (1, 2)]
+
+
+def evaluate(row: dict, noise, labels, scorer, args) -> tuple[list[dict], dict]:
+    import jax
+
+    from diffusion_jax import viz
+    from diffusion_jax.config import build_schedule, consistency_of
+    from diffusion_jax.eval.metrics.distances import kid
+    from diffusion_jax.eval.metrics.paired import fd_interval
+    from diffusion_jax.eval.report import wilson
+    from diffusion_jax.inference.sampling import SamplerSpec, make_sample_fn, sample_from
+    from diffusion_jax.train.checkpoint import load_trained
+
+    exp, graphdef, params, _ = load_trained(row["workdir"])
+    schedule = build_schedule(exp.schedule)
+    mu, sigma = scorer.real_stats
+    rows, kept = [], {}
+    for label, sampler, spacing, steps in cells_of(row["model"], exp):
+        spec = SamplerSpec(sampler, steps=steps, spacing=spacing, clip_denoised=None)
+        fn = make_sample_fn(graphdef, schedule, spec, (args.batch,) + noise.shape[1:], prediction=exp.loss.prediction,
+                            num_classes=exp.model.num_classes, consistency=consistency_of(exp))
+        x_T = noise * (float(schedule.sigma_max) if schedule.kind == "edm" else 1.0)
+        key = jax.random.PRNGKey(7)
+        sample_from(fn, params, x_T[:args.batch], labels[:args.batch], batch=args.batch, key=key)   # compile
+        t0 = time.perf_counter()
+        x, nfe = sample_from(fn, params, x_T, labels, batch=args.batch, key=key)
+        seconds = time.perf_counter() - t0
+        feats, probs = scorer.features(np.clip(x, -1.0, 1.0))
+        fd = fd_interval(feats, mu, sigma, labels, seed=0)
+        k, k_std = kid(feats, scorer.real_feats, subset_size=min(1000, len(feats)))
+        agree = int(np.sum(probs.argmax(1) == labels))
+        lo, hi = wilson(agree, len(x))
+        rows.append({"model": row["model"], "cell": label, "nfe": nfe, "fd": fd["fd"], "fd_lo": fd["lo"],
+                     "fd_hi": fd["hi"], "kid": k, "kid_std": k_std, "agree": agree / len(x), "agree_lo": lo,
+                     "agree_hi": hi, "sample_s": seconds})
+        kept[label] = feats
+        viz.save_grid(np.clip(x[:50], -1, 1), os.path.join(args.out, "grids", f"{row['model']}_{label.replace(' ', '')}"
+                                                                              ".png"), nrow=10)
+    return rows, kept
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="workdirs/distill_digits")
+    p.add_argument("--teacher", default=None, help="a trained run of configs/digits.py (default: ROOT/teacher)")
+    p.add_argument("--out", default="results/distill_digits")
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=500, help="samples per compiled call")
+    p.add_argument("--pd-steps", type=int, default=1000, help="updates per progressive round")
+    p.add_argument("--cd-steps", type=int, default=2500)
+    p.add_argument("--ct-steps", type=int, default=5000)
+    p.add_argument("--lr", type=float, default=5e-4, help="the distilled students' learning rate (cosine decay)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    args.teacher = args.teacher or os.path.join(args.root, "teacher")
+    from diffusion_jax.host import reuse_host_memory
+
+    reuse_host_memory()
+    import jax
+
+    from diffusion_jax.config import load_experiment
+    from diffusion_jax.eval.evaluate import Scorer, balanced_labels
+
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.perf_counter()
+    names = ["teacher"] + [f"pd-{PD_FIRST >> k}" for k in range(PD_FIRST.bit_length())] + ["cd", "ct"]
+    models = [train(name, args) for name in names]
+    scorer = Scorer.for_experiment(load_experiment(BASE)[0], progress=not args.no_progress)
+    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(2026), (args.num, 8, 8, 1)))
+    labels = balanced_labels(args.num, 10)
+    cells, kept = [], {}
+    for row in models:
+        rows, kept[row["model"]] = evaluate(row, noise, labels, scorer, args)
+        cells += rows
+    paired = paired_rows(kept, scorer, labels)
+    floor = scorer.real_floor(args.num)
+    write(args, models, cells, paired, floor, time.perf_counter() - t_start)
+    return 0
+
+
+def paired_rows(kept: dict, scorer, labels) -> list[dict]:
+    from diffusion_jax.eval.metrics.paired import paired_fd_difference, verdict_text
+
+    mu, sigma = scorer.real_stats
+    rows = []
+    for a, ca, b, cb in PAIRED:
+        if ca in kept.get(a, {}) and cb in kept.get(b, {}):
+            d = paired_fd_difference(kept[a][ca], kept[b][cb], mu, sigma, labels, seed=0)
+            rows.append({"a": f"{a} {ca}", "b": f"{b} {cb}", "diff": d["diff"], "lo": d["lo"], "hi": d["hi"],
+                         "verdict": verdict_text(d, f"{a} {ca}", f"{b} {cb}")})
+    return rows
+
+
+def _ci(v, lo, hi, d=2) -> str:
+    return f"{v:.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"
+
+
+def write(args, models, cells, paired, floor, seconds) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from diffusion_jax.eval.report import markdown_table, write_csv
+
+    for rows, name in ((cells, "cells"), (paired, "paired"), (models, "models")):
+        write_csv(rows, os.path.join(args.out, f"{name}.csv"))
+    lines = [f"# Few-step generation on the digits ({args.num} samples per cell)", "",
+             f"`python experiments/distill_digits.py --num {args.num}`: {seconds / 60:.0f} min on this machine "
+             "(training included when the workdirs were new).", "", "## Models", "",
+             markdown_table(["model", "updates", "train s"],
+                            [[m["model"], str(m["steps"]), f"{m['train_s']:.0f}"] for m in models]), "",
+             f"Floor (real vs real, {floor['num']} training images vs the held-out reference): FD {floor['fd']:.2f}, "
+             f"KID {floor['kid']:.4f}.", "", "## Quality and sampling time per cell", "",
+             markdown_table(["model", "sampler", "NFE", "FD (95% CI)", "KID", "class agreement (95% CI)",
+                             f"s / {args.num} samples"],
+                            [[c["model"], c["cell"], str(c["nfe"]), _ci(c["fd"], c["fd_lo"], c["fd_hi"]),
+                              f"{c['kid']:.4f} ± {c['kid_std']:.4f}", _ci(c["agree"], c["agree_lo"], c["agree_hi"], 3),
+                              f"{c['sample_s']:.2f}"] for c in cells]),
+             "", "## Paired comparisons (same x_T and labels; FD(a) - FD(b), paired bootstrap)", "",
+             *[f"- {r['verdict']}" for r in paired], ""]
+    with open(os.path.join(args.out, "distill_digits.md"), "w") as f:
+        f.write("\n".join(lines))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = {}
+    for c in cells:
+        key = c["model"] if not c["model"].startswith("pd-") else "progressive distillation"
+        if c["model"] == "teacher":
+            key = "teacher " + c["cell"].split()[0]
+        groups.setdefault(key, []).append(c)
+    for key, rows in groups.items():
+        rows = sorted(rows, key=lambda c: c["nfe"])
+        ax.errorbar([c["nfe"] for c in rows], [c["fd"] for c in rows],
+                    yerr=[[c["fd"] - c["fd_lo"] for c in rows], [c["fd_hi"] - c["fd"] for c in rows]],
+                    marker="o", capsize=3, label=key)
+    ax.axhline(floor["fd"], color="k", ls=":", label="real vs real")
+    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="FD (classifier features)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "fd_vs_nfe.png"), dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
