@@ -3,10 +3,11 @@
 
     python experiments/distill_digits.py [--root workdirs/distill_digits] [--num 1000] [--out results/distill_digits]
 
-Models (configs/digits.py: the 8x8 digits, class-conditional, v-prediction on the cosine schedule, 2,500 steps):
+Models (configs/digits.py: the 8x8 digits, class-conditional, v-prediction on the cosine schedule, 2,500 steps; the
+students' recipes are configs/distill_digits.py's):
   teacher   the default run (or --teacher WORKDIR of one)
   pd-N      progressive distillation (Salimans & Ho 2022), rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1 teacher DDIM steps on
-            trailing levels, --pd-steps updates per round, each round starting from the previous one's EMA weights
+            trailing levels, --pd-steps updates per round (AdamW 5e-4, cosine), each from the previous round's EMA
   cd        consistency distillation from the teacher (Song et al. 2023): 32 trailing scales, Heun as the teacher's
             one-step solver, iCT's pseudo-Huber metric, --cd-steps updates from the teacher's weights
   ct        improved consistency training (Song & Dhariwal 2023) from scratch on EDM's levels, --ct-steps updates
@@ -28,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 BASE = "configs/digits.py"
+DISTILL = "configs/distill_digits.py"
 TEACHER_CELLS = [("ddim", "trailing", n) for n in (1, 2, 4, 8, 16, 50)] + [("dpmpp_2m", "logsnr", n)
                                                                            for n in (2, 4, 8, 16)]
 PD_FIRST = 16       # the first student's steps (its teacher takes 32)
@@ -37,18 +39,18 @@ PAIRED = [("pd-4", "DDIM 4", "teacher", "DDIM 50"), ("pd-8", "DDIM 8", "teacher"
           ("ct", "CM 1", "cd", "CM 1"), ("ct", "CM 2", "cd", "CM 2"), ("cd", "CM 2", "cd", "CM 1")]
 
 
-def distill_overrides(name: str, args) -> list[str]:
-    lr = [f"optim.learning_rate={args.lr}", "optim.warmup_steps=0"]
+def config_of(name: str, args) -> tuple[str, list[str]]:
+    """(config file, overrides) of a model: configs/distill_digits.py holds each method's recipe."""
+    if name == "teacher":
+        return BASE, []
     if name.startswith("pd-"):
         n = int(name[3:])
         teacher = args.teacher if n == PD_FIRST else os.path.join(args.root, f"pd-{2 * n}")
-        return lr + ["distill.method=progressive", f"distill.teacher={teacher}", f"distill.student_steps={n}",
-                     f"train.steps={args.pd_steps}"]
+        return DISTILL + ":progressive", [f"distill.teacher={teacher}", f"distill.student_steps={n}",
+                                          f"train.steps={args.pd_steps}"]
     if name == "cd":
-        return lr + ["distill.method=consistency_distillation", f"distill.teacher={args.teacher}",
-                     "distill.num_scales=32", "distill.solver=heun", f"train.steps={args.cd_steps}"]
-    return ["distill.method=consistency_training", "schedule.kind=edm", "loss.prediction=edm",
-            f"train.steps={args.ct_steps}"]
+        return DISTILL + ":cd", [f"distill.teacher={args.teacher}", f"train.steps={args.cd_steps}"]
+    return DISTILL + ":ct", [f"train.steps={args.ct_steps}"]
 
 
 def train(name: str, args) -> dict:
@@ -57,7 +59,7 @@ def train(name: str, args) -> dict:
 
     workdir = args.teacher if name == "teacher" else os.path.join(args.root, name)
     timing = os.path.join(workdir, "wall_time.json")
-    exp = load_experiment(BASE, [] if name == "teacher" else distill_overrides(name, args))[0]
+    exp = load_experiment(*config_of(name, args))[0]
     if not os.path.isfile(timing):
         t0 = time.perf_counter()
         train_and_evaluate(exp, workdir, progress=not args.no_progress)
@@ -126,7 +128,6 @@ def main(argv=None) -> int:
     p.add_argument("--pd-steps", type=int, default=1000, help="updates per progressive round")
     p.add_argument("--cd-steps", type=int, default=2500)
     p.add_argument("--ct-steps", type=int, default=5000)
-    p.add_argument("--lr", type=float, default=5e-4, help="the distilled students' learning rate (cosine decay)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.teacher = args.teacher or os.path.join(args.root, "teacher")

@@ -95,15 +95,19 @@ def check_teacher(exp: Experiment, teacher: Experiment) -> None:
                          f"{t.student_steps // 2}, distill.spacing={t.spacing!r}")
 
 
+def check_solver(d) -> None:
+    if d.method == "consistency_distillation" and get_entry(d.solver).stochastic:
+        raise ValueError(f"distill.solver={d.solver!r} is stochastic; the teacher's one ODE step needs a "
+                         "deterministic sampler, e.g. 'heun', 'ddim', 'euler', 'dpm_solver_2'")
+
+
 def check_student(exp: Experiment) -> None:
     """What can be checked before anything compiles: the teacher run's config (`check_teacher`; FileNotFoundError
     naming distill.teacher when it is not a run) and consistency distillation's solver."""
     from diffusion_jax.config import load_workdir_config
 
     d = exp.distill
-    if d.method == "consistency_distillation" and get_entry(d.solver).stochastic:
-        raise ValueError(f"distill.solver={d.solver!r} is stochastic; the teacher's one ODE step needs a "
-                         "deterministic sampler, e.g. 'heun', 'ddim', 'euler', 'dpm_solver_2'")
+    check_solver(d)
     if d.method not in maths.TEACHER_METHODS:
         return
     if not os.path.isfile(os.path.join(d.teacher, "config.json")):
@@ -139,7 +143,7 @@ def make_distillation(exp: Experiment, schedule=None, *, teacher_params=None) ->
     channels = exp.model.in_channels
     cparam = consistency_of(exp)
     grid = student_grid(exp, schedule)
-    check_student(exp)
+    check_solver(d)
     if d.method == "consistency_distillation":
         solver = get_sampler(d.solver)
     elif d.method == "progressive":

@@ -100,9 +100,9 @@ def load_pretrained(exp: Experiment, workdir: str, state, shardings):
     """A fresh state whose params come from trained runs: train.init_from's EMA params (fine-tuning), or where the
     backbone says so (its registry `pretrained`, e.g. a ControlNet's locked base); unchanged when there is neither
     or WORKDIR already has a checkpoint to resume."""
-    hook, init = backbone(exp.model.name).pretrained, exp.train.init_from
+    hook, init, key = backbone(exp.model.name).pretrained, exp.train.init_from, "train.init_from"
     if exp.distill.method in TEACHER_METHODS:   # a student starts from its teacher
-        init = exp.distill.teacher
+        init, key = exp.distill.teacher, "distill.teacher"
     if hook is None and init is None:
         return state
     if hook is not None and init is not None:
@@ -119,30 +119,30 @@ def load_pretrained(exp: Experiment, workdir: str, state, shardings):
         return load_trained(run, allow_latent=True)[2]
 
     fresh = jax.device_get(state.params)
-    params = init_params(init, fresh, load_params) if hook is None else hook(exp.model, fresh, load_params)
+    params = init_params(init, fresh, load_params, key) if hook is None else hook(exp.model, fresh, load_params)
     params = jax.device_put(params, shardings.params)
     ema = jax.device_put(jax.tree.map(lambda p: p + 0.0, params), shardings.ema_params)
     return state.replace(params=params, ema_params=ema)
 
 
-def init_params(run: str, fresh, load_params):
-    """train.init_from's EMA params, which must have `fresh`'s structure and shapes (ValueError naming the first
-    parameter that differs: the model sections differ)."""
+def init_params(run: str, fresh, load_params, key: str = "train.init_from"):
+    """The EMA params of run `run` (config `key`: train.init_from or distill.teacher), which must have `fresh`'s
+    structure and shapes (ValueError naming the first parameter that differs: the model sections differ)."""
     try:
         params = load_params(run)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"train.init_from / distill.teacher={run!r}: {e}") from e
+        raise FileNotFoundError(f"{key}={run!r}: {e}") from e
     flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     for path, want in jax.tree_util.tree_flatten_with_path(fresh)[0]:
         got = flat.pop(path, None)
         if got is None or np.shape(got) != np.shape(want):
             name = jax.tree_util.keystr(path)
             found = "missing" if got is None else f"shape {np.shape(got)}"
-            raise ValueError(f"train.init_from={run!r} does not fit this model: its parameter {name} is {found}, this "
+            raise ValueError(f"{key}={run!r} does not fit this model: its parameter {name} is {found}, this "
                              f"model's is {np.shape(want)}; give both runs the same model section")
     if flat:
         name = jax.tree_util.keystr(next(iter(flat)))
-        raise ValueError(f"train.init_from={run!r} does not fit this model: it has parameter {name}, which this model "
+        raise ValueError(f"{key}={run!r} does not fit this model: it has parameter {name}, which this model "
                          "lacks; give both runs the same model section")
     return jax.tree.map(lambda p, f: np.asarray(p, np.asarray(f).dtype), params, fresh)
 
