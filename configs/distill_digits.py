@@ -8,7 +8,8 @@
         --config.distill.teacher=workdirs/pd-16 --config.distill.student_steps=8
     diffusion-jax sample --workdir workdirs/pd-8 --sampler ddim --steps 8 --spacing trailing --clip 0 --out pd8.png
     # consistency distillation (Song et al. 2023) and improved consistency training (Song & Dhariwal 2023)
-    diffusion-jax train --config configs/distill_digits.py:cd --workdir workdirs/cd --config.distill.teacher=workdirs/digits
+    diffusion-jax train --config configs/distill_digits.py:cd --workdir workdirs/cd \\
+        --config.distill.teacher=workdirs/digits
     diffusion-jax train --config configs/distill_digits.py:ct --workdir workdirs/ct
     diffusion-jax sample --workdir workdirs/cd --sampler consistency --steps 2 --spacing trailing --clip 0 --out cd.png
 

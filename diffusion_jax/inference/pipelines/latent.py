@@ -50,12 +50,15 @@ class LatentPipeline:
     vae: the autoencoder's config (its scaling / shift factors map VAE latents to the U-Net's space).
     schedule: the U-Net's noise schedule (a DiscreteSchedule, e.g. Stable Diffusion's scaled_linear, or a
       continuous one from `process/sde.py`); prediction: what the U-Net predicts ("eps", "v", "x0", "edm", ...).
+    consistency: a latent consistency model's `objectives.distill.ConsistencyParam` (config.consistency_of), whose
+      x0-hat is its consistency function (txt2img only); None for a diffusion model.
     """
 
     unet_graphdef: Any
     vae: VAEConfig
     schedule: Any
     prediction: str = "eps"
+    consistency: Any = None
 
     def latent_shape(self, num: int, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
         """(num, H / f, W / f, latent_channels) for images of image_size (H, W); both must divide by f."""
@@ -110,6 +113,9 @@ def make_pipeline(pipe: LatentPipeline, spec: SamplerSpec, task: str = "txt2img"
     if spec.clip_denoised is not None:
         raise ValueError(f"clip_denoised={spec.clip_denoised} clips to [-1, 1], but latents are not bounded; "
                          "give clip_denoised=None for a latent pipeline")
+    if pipe.consistency is not None and task != "txt2img":
+        raise ValueError(f"task={task!r}: a latent consistency model generates from noise (txt2img) here; the "
+                         "editing tasks run diffusion samplers on partly known latents")
     if task == "img2img":
         if strength is None or strength != 0:
             strength = check_strength(strength)
@@ -142,7 +148,7 @@ def make_pipeline(pipe: LatentPipeline, spec: SamplerSpec, task: str = "txt2img"
         nfe = jnp.zeros((), jnp.int32)
         if task == "txt2img":
             z, info = run_spec(spec, imported, net(context), pipe.schedule, key, shape, prediction=pipe.prediction,
-                               guidance=guidance, uncond_fn=uncond, x_T=latents)
+                               guidance=guidance, uncond_fn=uncond, x_T=latents, consistency=pipe.consistency)
             nfe = info["nfe"]
         else:
             z0 = to_diffusion_latents(encode(params["vae"], image, pipe.vae).mode(), pipe.vae)
