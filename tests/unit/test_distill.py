@@ -172,7 +172,19 @@ def test_one_progressive_round_on_the_exact_testbed_halves_the_steps_at_the_teac
      "takes no teacher"),
     (["distill.method=cm"], "distill.method='cm' is unknown"),
     (["distill.method=consistency_distillation", "distill.teacher=/x", "train.init_from=/y"], "train.init_from"),
+    (["distill.method=consistency_distillation", "distill.teacher=/x", "schedule.kind=vdm", "schedule.gamma=learned",
+      "sample.spacing=logsnr"], "learned VDM gamma"),
 ])
 def test_bad_distill_configs_name_the_key(overrides, match):
     with pytest.raises(ValueError, match=match):
         load_experiment(DIGITS + ":debug", overrides)
+
+
+def test_an_adapter_run_is_not_distilled_itself(tmp_path):
+    import json
+
+    with open(tmp_path / "config.json", "w") as f:   # a base run's config is all the adapter reads at validation
+        json.dump(load_experiment(DIGITS)[0].to_dict(), f)
+    with pytest.raises(ValueError, match="model.name='lora', an adapter of a base run: distil the base run"):
+        load_experiment("configs/lora_digits.py", [f"model.base_workdir={tmp_path}", "distill.teacher=/x",
+                                                   "distill.method=consistency_distillation"])
