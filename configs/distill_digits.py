@@ -17,20 +17,14 @@ A student shares its teacher's model, schedule and loss.prediction (train refuse
 key) and starts from its EMA weights; each run resumes like any other. The argument picks the method: "progressive",
 "cd" or "ct"; add ",debug" (e.g. "cd,debug") for a smoke test on a configs/digits.py:debug teacher.
 """
-import importlib.util
 import os
 
 import ml_collections
 
+from diffusion_jax.config import load_config_file
+
 METHODS = {"progressive": "progressive", "cd": "consistency_distillation", "ct": "consistency_training"}
-
-
-def _digits(arg: str):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py")
-    spec = importlib.util.spec_from_file_location("_diffusion_jax_digits_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+DIGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -38,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if method not in METHODS or debug not in ("", "debug"):
         raise ValueError(f"configs/distill_digits.py takes one of {sorted(METHODS)}, optionally followed by ',debug' "
                          f"(e.g. 'cd,debug'), got {arg!r}")
-    c = _digits("debug" if debug else None)
+    c = load_config_file(DIGITS + (":debug" if debug else ""))
     c.unlock()
     c.distill = dict(method=METHODS[method], teacher=None, student_steps=16 if method == "progressive" else 0,
                      spacing="trailing", num_scales=32, solver="heun")

@@ -254,16 +254,9 @@ class Experiment:
         self.model.validate()
         validate_loss(self.loss, self.model.learn_sigma, self.schedule.kind)
         self.latent.validate(self.model.context_dim)
-        check_distill(self.distill, self.schedule.kind, self.loss.prediction)
-        if self.distill.method != "none" and self.schedule.kind == "vdm" and self.schedule.gamma == "learned":
-            raise ValueError("distill.method: a learned VDM gamma (schedule.gamma='learned') trains with the network; "
-                             "distil a run with a fixed schedule")
-        if self.distill.method != "none" and backbone(self.model.name).pretrained is not None:
-            raise ValueError(f"distill.method={self.distill.method!r} with model.name={self.model.name!r}, an adapter "
-                             "of a base run: distil the base run itself")
-        if self.distill.method != "none" and self.train.init_from is not None:
-            raise ValueError(f"train.init_from={self.train.init_from!r}: a distillation run starts from its teacher "
-                             "(distill.teacher) or, for consistency training, from scratch; leave train.init_from=None")
+        adapter = self.model.name if backbone(self.model.name).pretrained is not None else None
+        check_distill(self.distill, self.schedule.kind, self.loss.prediction, gamma=self.schedule.gamma,
+                      adapter=adapter, init_from=self.train.init_from)
         if self.latent.vae_workdir is not None and self.model.num_classes is not None:
             raise ValueError(f"model.num_classes={self.model.num_classes}: a latent run is conditioned on captions "
                              "(the class name is in the caption); set model.num_classes=None")

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 METHODS = ("none", "progressive", "consistency_distillation", "consistency_training")
 TEACHER_METHODS = ("progressive", "consistency_distillation")
+CONSISTENCY_METHODS = ("consistency_distillation", "consistency_training")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +73,7 @@ class DistillConfig:
 
     @property
     def consistency(self) -> bool:
-        return self.method in ("consistency_distillation", "consistency_training")
+        return self.method in CONSISTENCY_METHODS
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -95,9 +96,23 @@ class DistillConfig:
             raise ValueError(f"distill.huber_c must be None or >= 0, got {self.huber_c}")
 
 
-def check_distill(cfg: DistillConfig, kind: str, prediction: str) -> None:
-    """config.distill against the schedule's kind and loss.prediction (ValueError naming the key)."""
+def check_distill(cfg: DistillConfig, kind: str, prediction: str, *, gamma: str = "linear", adapter: str | None = None,
+                  init_from: str | None = None) -> None:
+    """config.distill against the rest of the run (ValueError naming the key): the schedule's kind and VDM gamma,
+    loss.prediction, the backbone (`adapter`: model.name of one that adapts a base run, else None) and
+    train.init_from."""
     cfg.validate()
+    if cfg.method == "none":
+        return
+    if kind == "vdm" and gamma == "learned":
+        raise ValueError("distill.method: a learned VDM gamma (schedule.gamma='learned') trains with the network; "
+                         "distil a run with a fixed schedule")
+    if adapter is not None:
+        raise ValueError(f"distill.method={cfg.method!r} with model.name={adapter!r}, an adapter of a base run: "
+                         "distil the base run itself")
+    if init_from is not None:
+        raise ValueError(f"train.init_from={init_from!r}: a distillation run starts from its teacher "
+                         "(distill.teacher) or, for consistency training, from scratch; leave train.init_from=None")
     if cfg.method == "consistency_training" and kind != "edm":
         raise ValueError(f"distill.method='consistency_training' runs on Karras et al.'s VE levels (iCT): set "
                          f"schedule.kind='edm' and loss.prediction='edm', got schedule.kind={kind!r}")
@@ -150,9 +165,9 @@ def huber_c_for(cfg: DistillConfig, dim: int) -> float:
 
 def ict_num_levels(step, total_steps: int, s0: int, s1: int):
     """N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1 / s0) + 1)) (iCT sec. 3.4); int32."""
-    k_prime = max(total_steps // (int(math.log2(s1 // s0)) + 1), 1)
-    stage = jnp.asarray(step, jnp.int32) // k_prime
-    return (jnp.minimum(s0 * 2 ** jnp.minimum(stage, 30), s1) + 1).astype(jnp.int32)
+    stages = int(math.log2(s1 // s0)) + 1          # s0 2^stages > s1: the last stage is capped at s1
+    stage = jnp.minimum(jnp.asarray(step, jnp.int32) // max(total_steps // stages, 1), stages)
+    return (jnp.minimum(s0 * 2 ** stage, s1) + 1).astype(jnp.int32)
 
 
 def karras_levels(i, n, s_min: float, s_max: float, rho: float = 7.0):

@@ -59,15 +59,15 @@ def student_grid(exp: Experiment, schedule):
     return None
 
 
-def student_spec(exp: Experiment, steps: int | None = None):
-    """How the student samples: DDIM on its N-step levels (progressive), else multistep consistency sampling
-    (`steps`, default 1) on distill.spacing; no clipping."""
+def student_spec(exp: Experiment):
+    """How the training grid samples the student: DDIM on its N-step levels (progressive), else one consistency step
+    on distill.spacing; no clipping."""
     from diffusion_jax.inference.sampling import SamplerSpec
 
     d = exp.distill
     if d.method == "progressive":
         return SamplerSpec("ddim", steps=d.student_steps, spacing=d.spacing, clip_denoised=None)
-    return SamplerSpec("consistency", steps=steps or 1, spacing=d.spacing, clip_denoised=None)
+    return SamplerSpec("consistency", steps=1, spacing=d.spacing, clip_denoised=None)
 
 
 def check_teacher(exp: Experiment, teacher: Experiment) -> None:
@@ -116,16 +116,18 @@ def check_student(exp: Experiment) -> None:
 
 
 def load_teacher(exp: Experiment):
-    """(teacher experiment, its EMA params) of distill.teacher, checked (FileNotFoundError / ValueError naming it)."""
+    """The EMA params of distill.teacher after `check_student` (FileNotFoundError / ValueError naming the key); None
+    for a method without a teacher."""
     from diffusion_jax.train.checkpoint import load_trained
 
     check_student(exp)
     path = exp.distill.teacher
+    if exp.distill.method not in maths.TEACHER_METHODS:
+        return None
     try:
-        teacher, _, params, _ = load_trained(path, allow_latent=True)
+        return load_trained(path, allow_latent=True)[2]
     except FileNotFoundError as e:
         raise FileNotFoundError(f"distill.teacher={path!r}: {e}") from e
-    return teacher, params
 
 
 def _batched(tree):
@@ -138,7 +140,7 @@ def make_distillation(exp: Experiment, schedule=None, *, teacher_params=None) ->
     d, lc = exp.distill, exp.loss
     schedule = build_schedule(exp.schedule) if schedule is None else schedule
     if d.method in maths.TEACHER_METHODS and teacher_params is None:
-        teacher_params = load_teacher(exp)[1]
+        teacher_params = load_teacher(exp)
     prediction = "edm" if schedule.kind == "edm" else lc.prediction
     channels = exp.model.in_channels
     cparam = consistency_of(exp)

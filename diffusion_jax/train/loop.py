@@ -20,7 +20,6 @@ from diffusion_jax.config import Experiment, build_schedule, consistency_of, lea
 from diffusion_jax.data import load_source
 from diffusion_jax.data.conditions import ControlSource
 from diffusion_jax.models.registry import backbone
-from diffusion_jax.objectives.distill import TEACHER_METHODS
 from diffusion_jax.inference.sampling import SamplerSpec, class_labels, make_sample_fn
 from diffusion_jax.train import runner
 from diffusion_jax.train.checkpoint import Checkpointer, load_trained
@@ -96,12 +95,12 @@ def check_base_run(exp: Experiment) -> None:
                          f"{saved['loss']['prediction']!r}")
 
 
-def load_pretrained(exp: Experiment, workdir: str, state, shardings):
-    """A fresh state whose params come from trained runs: train.init_from's EMA params (fine-tuning), or where the
-    backbone says so (its registry `pretrained`, e.g. a ControlNet's locked base); unchanged when there is neither
-    or WORKDIR already has a checkpoint to resume."""
+def load_pretrained(exp: Experiment, workdir: str, state, shardings, teacher_params=None):
+    """A fresh state whose params come from trained runs: train.init_from's EMA params (fine-tuning), a student's
+    teacher's (`teacher_params`, already loaded), or where the backbone says so (its registry `pretrained`, e.g. a
+    ControlNet's locked base); unchanged when there is none or WORKDIR already has a checkpoint to resume."""
     hook, init, key = backbone(exp.model.name).pretrained, exp.train.init_from, "train.init_from"
-    if exp.distill.method in TEACHER_METHODS:   # a student starts from its teacher
+    if teacher_params is not None:   # a student starts from its teacher
         init, key = exp.distill.teacher, "distill.teacher"
     if hook is None and init is None:
         return state
@@ -116,7 +115,7 @@ def load_pretrained(exp: Experiment, workdir: str, state, shardings):
         ckpt.close()
 
     def load_params(run: str):
-        return load_trained(run, allow_latent=True)[2]
+        return teacher_params if teacher_params is not None else load_trained(run, allow_latent=True)[2]
 
     fresh = jax.device_get(state.params)
     params = init_params(init, fresh, load_params, key) if hook is None else hook(exp.model, fresh, load_params)
@@ -170,10 +169,11 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     tc = exp.train
     main = parallel.is_main_process()
     check_base_run(exp)
-    if exp.distill.method != "none":   # the teacher run, before anything compiles
-        from diffusion_jax.train.distill import check_student
+    teacher_params = None
+    if exp.distill.method != "none":   # the teacher run, checked and loaded once, before anything compiles
+        from diffusion_jax.train.distill import load_teacher
 
-        check_student(exp)
+        teacher_params = load_teacher(exp)   # None for consistency training
     source = load_source(exp.data)
     dreambooth = hasattr(exp.model, "prior_loss_weight")   # its data are a subject's images, labelled by with_prior
     if exp.latent.vae_workdir is None and not dreambooth:
@@ -211,7 +211,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
                          "(schedule.gamma='learned') would have to be trained with it: use a fixed gamma")
     graphdef, state, shardings = create_train_state(exp.model, tx, jax.random.PRNGKey(exp.seed), mesh, tc.fsdp,
                                                     learned_gamma=gamma)
-    state = load_pretrained(exp, workdir, state, shardings)
+    state = load_pretrained(exp, workdir, state, shardings, teacher_params)
     opts = StepOptions(tc.ema_decay, tc.ema_warmup, exp.model.learn_sigma, exp.model.num_classes,
                        skip_nonfinite=tc.on_nonfinite == "skip", trainable=rule)
     schedule = build_schedule(exp.schedule, state.params)
@@ -219,7 +219,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
     if exp.distill.method != "none":
         from diffusion_jax.train.distill import make_distillation
 
-        distill = make_distillation(exp, schedule)
+        distill = make_distillation(exp, schedule, teacher_params=teacher_params)
     train_step = make_train_step(graphdef, schedule, exp.loss, tx, lr_fn, opts, mesh, shardings, distill)
     shape = (tc.sample_num, *source.image_shape)
     if exp.distill.method != "none":   # the student's own sampler: N DDIM steps, or one consistency step
