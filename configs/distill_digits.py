@@ -12,10 +12,18 @@
         --config.distill.teacher=workdirs/digits
     diffusion-jax train --config configs/distill_digits.py:ct --workdir workdirs/ct
     diffusion-jax sample --workdir workdirs/cd --sampler consistency --steps 2 --spacing trailing --clip 0 --out cd.png
+    # guidance distillation (Meng et al. 2023): the student takes w as input, then progressive rounds of it
+    diffusion-jax train --config configs/distill_digits.py:guidance --workdir workdirs/guided \\
+        --config.distill.teacher=workdirs/digits
+    diffusion-jax train --config configs/distill_digits.py:guided-pd --workdir workdirs/guided-pd-16 \\
+        --config.distill.teacher=workdirs/guided --config.distill.student_steps=16
+    diffusion-jax sample --workdir workdirs/guided-pd-16 --sampler ddim --steps 16 --spacing trailing --clip 0 \\
+        --guidance-scale 2 --out w2.png
 
 A student shares its teacher's model, schedule and loss.prediction (train refuses a teacher that differs, naming the
 key) and starts from its EMA weights; each run resumes like any other. The argument picks the method: "progressive",
-"cd" or "ct"; add ",debug" (e.g. "cd,debug") for a smoke test on a configs/digits.py:debug teacher.
+"cd", "ct", "guidance" or "guided-pd"; add ",debug" (e.g. "cd,debug") for a smoke test on a configs/digits.py:debug
+teacher.
 """
 import os
 
@@ -23,7 +31,13 @@ import ml_collections
 
 from diffusion_jax.config import load_config_file
 
-METHODS = {"progressive": "progressive", "cd": "consistency_distillation", "ct": "consistency_training"}
+METHODS = {"progressive": "progressive", "cd": "consistency_distillation", "ct": "consistency_training",
+           "guidance": "guidance", "guided-pd": "progressive"}
+# A student taking the guidance weight w as input (Meng et al. 2023): "guidance" learns the teacher's classifier-free
+# guided prediction for w ~ U[W_RANGE] ("stage one"), "guided-pd" is a progressive round of such a student (w given to
+# teacher and student alike, "stage two").
+W_STUDENT = {"guidance_embed_dim": 64}
+W_RANGE = (1.0, 4.0)
 DIGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py")
 
 
@@ -34,17 +48,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                          f"(e.g. 'cd,debug'), got {arg!r}")
     c = load_config_file(DIGITS + (":debug" if debug else ""))
     c.unlock()
-    c.distill = dict(method=METHODS[method], teacher=None, student_steps=16 if method == "progressive" else 0,
-                     spacing="trailing", num_scales=32, solver="heun")
+    pd = METHODS[method] == "progressive"
+    c.distill = dict(method=METHODS[method], teacher=None, student_steps=16 if pd else 0, spacing="trailing",
+                     num_scales=1000 if method == "guidance" else 32, solver="heun", w_min=W_RANGE[0],
+                     w_max=W_RANGE[1])
+    if method in ("guidance", "guided-pd"):
+        c.model.update(W_STUDENT)
     if method == "ct":   # from scratch on EDM's levels, the teacher's recipe otherwise
         c.schedule = dict(kind="edm", name="cosine", num_timesteps=1000)
         c.loss.prediction = "edm"
         c.train.steps = 20 if debug else 5000
     else:                # fine-tuning from the teacher's weights: a smaller, decaying rate without warmup
         c.optim.learning_rate, c.optim.warmup_steps = 5e-4, 0
-        c.train.steps = 20 if debug else (1000 if method == "progressive" else 2500)
-    c.sample.sampler = "ddim" if method == "progressive" else "consistency"
-    c.sample.steps = c.distill.get_ref("student_steps") if method == "progressive" else 1
+        c.train.steps = 20 if debug else (1000 if method in ("progressive", "guidance", "guided-pd") else 2500)
+    c.sample.sampler = "ddim" if method in ("progressive", "guidance", "guided-pd") else "consistency"
+    c.sample.steps = c.distill.get_ref("student_steps") if pd else (50 if method == "guidance" else 1)
     c.sample.clip_denoised = 0.0
     c.lock()
     return c

@@ -255,8 +255,12 @@ class Experiment:
         validate_loss(self.loss, self.model.learn_sigma, self.schedule.kind)
         self.latent.validate(self.model.context_dim)
         adapter = self.model.name if backbone(self.model.name).pretrained is not None else None
+        m = self.model
         check_distill(self.distill, self.schedule.kind, self.loss.prediction, gamma=self.schedule.gamma,
-                      adapter=adapter, init_from=self.train.init_from)
+                      adapter=adapter, init_from=self.train.init_from,
+                      guidance_embed_dim=getattr(m, "guidance_embed_dim", None),
+                      conditional=getattr(m, "num_classes", None) is not None or getattr(m, "context_dim", None)
+                      is not None)
         if self.latent.vae_workdir is not None and self.model.num_classes is not None:
             raise ValueError(f"model.num_classes={self.model.num_classes}: a latent run is conditioned on captions "
                              "(the class name is in the caption); set model.num_classes=None")
@@ -315,6 +319,15 @@ def consistency_of(exp: Experiment) -> ConsistencyParam | None:
         return None
     s_min = build_schedule(exp.schedule).sigma_min if exp.distill.method == "consistency_training" else 0.0
     return ConsistencyParam(float(s_min), exp.distill.sigma_data)
+
+
+def sampling_kwargs(exp: Experiment) -> dict:
+    """The keywords `inference.sampling.make_sample_fn` takes from a trained run: how to read its output
+    (loss.prediction, model.learn_sigma, a consistency model's parameterization), its classes (the null class of
+    guidance) and whether the network takes the guidance weight w as input (a guidance-distilled student)."""
+    m = exp.model
+    return dict(prediction=exp.loss.prediction, learn_sigma=m.learn_sigma, num_classes=m.num_classes,
+                consistency=consistency_of(exp), guidance_input=getattr(m, "guidance_embed_dim", None) is not None)
 
 
 def build_section(name: str, klass, values, *, check_types: bool = True):

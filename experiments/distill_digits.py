@@ -1,5 +1,7 @@
 """Few-step generation on the digits default: the teacher's solvers at 1-8 and 50 NFE against progressive distillation
-(1-16 steps), consistency distillation and consistency training (1 and 2 steps), on the same x_T.
+(1-16 steps), consistency distillation and consistency training (1 and 2 steps), and guidance distillation (a student
+taking the guidance weight w as input, then progressive rounds of it) against the teacher's two-branch classifier-free
+guidance at w = 2, 3, on the same x_T.
 
     python experiments/distill_digits.py [--root workdirs/distill_digits] [--num 1000] [--out results/distill_digits]
 
@@ -11,12 +13,15 @@ students' recipes are configs/distill_digits.py's):
   cd        consistency distillation from the teacher (Song et al. 2023): 32 trailing scales, Heun as the teacher's
             one-step solver, iCT's pseudo-Huber metric, --cd-steps updates from the teacher's weights
   ct        improved consistency training (Song & Dhariwal 2023) from scratch on EDM's levels, --ct-steps updates
+  guided    guidance distillation (Meng et al. 2023, stage one): the teacher's uncond + w (cond - uncond) learned by a
+            student with w as input (w ~ U[1, 4], all 1000 levels), --guided-steps updates from the teacher's weights
+  guided-pd-N  stage two: progressive rounds 32 -> 16 -> 8 -> 4 steps of the guided student, w given to both
 Every cell samples the same --num standard-normal x_T (EDM's scaled by sigma_max) with balanced labels (i mod 10),
-no guidance, no clipping. Per cell: FD on the digits classifier's features against the held-out split (balanced
-reference statistics, stratified bootstrap interval), KID, class agreement (Wilson) and the sampling wall time of all
---num samples after compilation. Paired FD differences (same x_T, paired bootstrap) answer the questions in PAIRED.
-Floor: --num real training images. Writes OUT/distill_digits.md, cells.csv, paired.csv, models.csv, fd_vs_nfe.png and
-grids/*.png.
+no clipping; guidance only in the cells marked w (two branches for the teacher, an input for the guided students).
+Per cell: FD on the digits classifier's features against the held-out split (balanced reference statistics, stratified
+bootstrap interval), KID, class agreement (Wilson) and the sampling wall time of all --num samples after compilation.
+Paired FD differences (same x_T, paired bootstrap) answer the questions in PAIRED. Floor: --num real training images.
+Writes OUT/distill_digits.md, cells.csv, paired.csv, models.csv, fd_vs_nfe.png, guided_fd_vs_nfe.png and grids/*.png.
 """
 import argparse
 import json
@@ -33,10 +38,19 @@ DISTILL = "configs/distill_digits.py"
 TEACHER_CELLS = [("ddim", "trailing", n) for n in (1, 2, 4, 8, 16, 50)] + [("dpmpp_2m", "logsnr", n)
                                                                            for n in (2, 4, 8, 16)]
 PD_FIRST = 16       # the first student's steps (its teacher takes 32)
+GUIDED_PD = (16, 8, 4)   # the progressive rounds of the guided student
+W_TEACHER = (2.0, 3.0)   # the teacher's two-branch guidance cells (DDIM 8 and 50)
+W_STUDENT = (1.0, 2.0, 3.0)
 PAIRED = [("pd-4", "DDIM 4", "teacher", "DDIM 50"), ("pd-8", "DDIM 8", "teacher", "DDIM 50"),
           ("pd-4", "DDIM 4", "teacher", "DDIM 4"), ("pd-2", "DDIM 2", "teacher", "DPM++ 2"),
           ("pd-1", "DDIM 1", "teacher", "DDIM 1"), ("cd", "CM 1", "pd-1", "DDIM 1"), ("cd", "CM 2", "pd-2", "DDIM 2"),
-          ("ct", "CM 1", "cd", "CM 1"), ("ct", "CM 2", "cd", "CM 2"), ("cd", "CM 2", "cd", "CM 1")]
+          ("ct", "CM 1", "cd", "CM 1"), ("ct", "CM 2", "cd", "CM 2"), ("cd", "CM 2", "cd", "CM 1"),
+          ("teacher", "DDIM 50 w=2", "teacher", "DDIM 50"), ("guided", "DDIM 50 w=1", "teacher", "DDIM 50"),
+          ("guided", "DDIM 8 w=2", "teacher", "DDIM 8 w=2"), ("guided", "DDIM 50 w=2", "teacher", "DDIM 50 w=2"),
+          ("guided-pd-8", "DDIM 8 w=2", "teacher", "DDIM 50 w=2"), ("guided-pd-4", "DDIM 4 w=2", "teacher",
+                                                                    "DDIM 50 w=2"),
+          ("guided-pd-4", "DDIM 4 w=3", "teacher", "DDIM 50 w=3"), ("guided-pd-4", "DDIM 4 w=2", "teacher",
+                                                                    "DDIM 8 w=2")]
 
 
 def config_of(name: str, args) -> tuple[str, list[str]]:
@@ -50,6 +64,13 @@ def config_of(name: str, args) -> tuple[str, list[str]]:
                                           f"train.steps={args.pd_steps}"]
     if name == "cd":
         return DISTILL + ":cd", [f"distill.teacher={args.teacher}", f"train.steps={args.cd_steps}"]
+    if name == "guided":
+        return DISTILL + ":guidance", [f"distill.teacher={args.teacher}", f"train.steps={args.guided_steps}"]
+    if name.startswith("guided-pd-"):
+        n = int(name[len("guided-pd-"):])
+        teacher = os.path.join(args.root, "guided" if n == GUIDED_PD[0] else f"guided-pd-{2 * n}")
+        return DISTILL + ":guided-pd", [f"distill.teacher={teacher}", f"distill.student_steps={n}",
+                                        f"train.steps={args.pd_steps}"]
     return DISTILL + ":ct", [f"train.steps={args.ct_steps}"]
 
 
@@ -69,21 +90,26 @@ def train(name: str, args) -> dict:
             "train_s": json.load(open(timing))["seconds"]}
 
 
-def cells_of(name: str, exp) -> list[tuple[str, str, str, int]]:
-    """(label, sampler, spacing, steps) of a model's cells."""
+def cells_of(name: str, exp) -> list[tuple[str, str, str, int, float]]:
+    """(label, sampler, spacing, steps, guidance weight w) of a model's cells; w != 1 (or a student taking w) is
+    in the label."""
+    takes_w = exp.model.guidance_embed_dim is not None
     if name == "teacher":
-        return [(f"{'DDIM' if s == 'ddim' else 'DPM++'} {n}", s, sp, n) for s, sp, n in TEACHER_CELLS]
-    if exp.distill.method == "progressive":
-        n = exp.distill.student_steps
-        return [(f"DDIM {n}", "ddim", exp.distill.spacing, n)]
-    return [(f"CM {n}", "consistency", exp.distill.spacing, n) for n in (1, 2)]
+        return ([(f"{'DDIM' if s == 'ddim' else 'DPM++'} {n}", s, sp, n, 1.0) for s, sp, n in TEACHER_CELLS]
+                + [(f"DDIM {n} w={w:g}", "ddim", "trailing", n, w) for w in W_TEACHER for n in (8, 50)])
+    if exp.distill.method in ("progressive", "guidance"):
+        steps = (8, 50) if exp.distill.method == "guidance" else (exp.distill.student_steps,)
+        if not takes_w:
+            return [(f"DDIM {n}", "ddim", exp.distill.spacing, n, 1.0) for n in steps]
+        return [(f"DDIM {n} w={w:g}", "ddim", exp.distill.spacing, n, w) for w in W_STUDENT for n in steps]
+    return [(f"CM {n}", "consistency", exp.distill.spacing, n, 1.0) for n in (1, 2)]
 
 
 def evaluate(row: dict, noise, labels, scorer, args) -> tuple[list[dict], dict]:
     import jax
 
     from diffusion_jax import viz
-    from diffusion_jax.config import build_schedule, consistency_of
+    from diffusion_jax.config import build_schedule, sampling_kwargs
     from diffusion_jax.eval.metrics.distances import kid
     from diffusion_jax.eval.metrics.paired import fd_interval
     from diffusion_jax.eval.report import wilson
@@ -94,10 +120,9 @@ def evaluate(row: dict, noise, labels, scorer, args) -> tuple[list[dict], dict]:
     schedule = build_schedule(exp.schedule)
     mu, sigma = scorer.real_stats
     rows, kept = [], {}
-    for label, sampler, spacing, steps in cells_of(row["model"], exp):
-        spec = SamplerSpec(sampler, steps=steps, spacing=spacing, clip_denoised=None)
-        fn = make_sample_fn(graphdef, schedule, spec, (args.batch,) + noise.shape[1:], prediction=exp.loss.prediction,
-                            num_classes=exp.model.num_classes, consistency=consistency_of(exp))
+    for label, sampler, spacing, steps, w in cells_of(row["model"], exp):
+        spec = SamplerSpec(sampler, steps=steps, spacing=spacing, clip_denoised=None, guidance_scale=w)
+        fn = make_sample_fn(graphdef, schedule, spec, (args.batch,) + noise.shape[1:], **sampling_kwargs(exp))
         x_T = noise * (float(schedule.sigma_max) if schedule.kind == "edm" else 1.0)
         key = jax.random.PRNGKey(7)
         sample_from(fn, params, x_T[:args.batch], labels[:args.batch], batch=args.batch, key=key)   # compile
@@ -109,7 +134,9 @@ def evaluate(row: dict, noise, labels, scorer, args) -> tuple[list[dict], dict]:
         k, k_std = kid(feats, scorer.real_feats, subset_size=min(1000, len(feats)))
         agree = int(np.sum(probs.argmax(1) == labels))
         lo, hi = wilson(agree, len(x))
-        rows.append({"model": row["model"], "cell": label, "nfe": nfe, "fd": fd["fd"], "fd_lo": fd["lo"],
+        two_branch = w != 1 and exp.model.guidance_embed_dim is None      # cond + uncond per evaluation
+        rows.append({"model": row["model"], "cell": label, "w": w, "nfe": nfe,
+                     "calls": nfe * (2 if two_branch else 1), "fd": fd["fd"], "fd_lo": fd["lo"],
                      "fd_hi": fd["hi"], "kid": k, "kid_std": k_std, "agree": agree / len(x), "agree_lo": lo,
                      "agree_hi": hi, "sample_s": seconds})
         kept[label] = feats
@@ -128,6 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--pd-steps", type=int, default=1000, help="updates per progressive round")
     p.add_argument("--cd-steps", type=int, default=2500)
     p.add_argument("--ct-steps", type=int, default=5000)
+    p.add_argument("--guided-steps", type=int, default=1000, help="updates of guidance distillation (stage one)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.teacher = args.teacher or os.path.join(args.root, "teacher")
@@ -141,7 +169,8 @@ def main(argv=None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
-    names = ["teacher"] + [f"pd-{PD_FIRST >> k}" for k in range(PD_FIRST.bit_length())] + ["cd", "ct"]
+    names = (["teacher"] + [f"pd-{PD_FIRST >> k}" for k in range(PD_FIRST.bit_length())] + ["cd", "ct", "guided"]
+             + [f"guided-pd-{n}" for n in GUIDED_PD])
     models = [train(name, args) for name in names]
     scorer = Scorer.for_experiment(load_experiment(BASE)[0], progress=not args.no_progress)
     noise = np.asarray(jax.random.normal(jax.random.PRNGKey(2026), (args.num, 8, 8, 1)))
@@ -190,33 +219,45 @@ def write(args, models, cells, paired, floor, seconds) -> None:
                             [[m["model"], str(m["steps"]), f"{m['train_s']:.0f}"] for m in models]), "",
              f"Floor (real vs real, {floor['num']} training images vs the held-out reference): FD {floor['fd']:.2f}, "
              f"KID {floor['kid']:.4f}.", "", "## Quality and sampling time per cell", "",
-             markdown_table(["model", "sampler", "NFE", "FD (95% CI)", "KID", "class agreement (95% CI)",
-                             f"s / {args.num} samples"],
-                            [[c["model"], c["cell"], str(c["nfe"]), _ci(c["fd"], c["fd_lo"], c["fd_hi"]),
+             markdown_table(["model", "sampler", "w", "NFE", "network calls", "FD (95% CI)", "KID",
+                             "class agreement (95% CI)", f"s / {args.num} samples"],
+                            [[c["model"], c["cell"], f"{c['w']:g}", str(c["nfe"]), str(c["calls"]),
+                              _ci(c["fd"], c["fd_lo"], c["fd_hi"]),
                               f"{c['kid']:.4f} ± {c['kid_std']:.4f}", _ci(c["agree"], c["agree_lo"], c["agree_hi"], 3),
                               f"{c['sample_s']:.2f}"] for c in cells]),
              "", "## Paired comparisons (same x_T and labels; FD(a) - FD(b), paired bootstrap)", "",
              *[f"- {r['verdict']}" for r in paired], ""]
     with open(os.path.join(args.out, "distill_digits.md"), "w") as f:
         f.write("\n".join(lines))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups = {}
-    for c in cells:
-        key = c["model"] if not c["model"].startswith("pd-") else "progressive distillation"
+    def group(c):
+        """The curve of a cell in the plots: the teacher per solver, progressive rounds together."""
         if c["model"] == "teacher":
-            key = "teacher " + c["cell"].split()[0]
-        groups.setdefault(key, []).append(c)
-    for key, rows in groups.items():
-        rows = sorted(rows, key=lambda c: c["nfe"])
-        ax.errorbar([c["nfe"] for c in rows], [c["fd"] for c in rows],
-                    yerr=[[c["fd"] - c["fd_lo"] for c in rows], [c["fd_hi"] - c["fd"] for c in rows]],
-                    marker="o", capsize=3, label=key)
-    ax.axhline(floor["fd"], color="k", ls=":", label="real vs real")
-    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="FD (classifier features)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "fd_vs_nfe.png"), dpi=110)
-    plt.close(fig)
+            return "teacher " + c["cell"].split()[0] + (" (two-branch guidance)" if c["w"] != 1 else "")
+        if c["model"].startswith("guided-pd-"):
+            return "guided progressive distillation (w input)"
+        if c["model"] == "guided":
+            return "guided student (w input)"
+        return "progressive distillation" if c["model"].startswith("pd-") else c["model"]
+
+    for name, keep, title in (("fd_vs_nfe.png", lambda c: c["w"] == 1 and not c["model"].startswith("guided"),
+                               "no guidance"),
+                              ("guided_fd_vs_nfe.png", lambda c: c["w"] == 2, "classifier-free guidance w = 2")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        groups = {}
+        for c in filter(keep, cells):
+            groups.setdefault(group(c), []).append(c)
+        for key, rows in groups.items():
+            rows = sorted(rows, key=lambda c: c["calls"])
+            ax.errorbar([c["calls"] for c in rows], [c["fd"] for c in rows],
+                        yerr=[[c["fd"] - c["fd_lo"] for c in rows], [c["fd_hi"] - c["fd"] for c in rows]],
+                        marker="o", capsize=3, label=key)
+        ax.axhline(floor["fd"], color="k", ls=":", label="real vs real")
+        ax.set(xscale="log", yscale="log", xlabel="NFE (network calls per sample)", ylabel="FD (classifier features)",
+               title=title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, name), dpi=110)
+        plt.close(fig)
 
 
 if __name__ == "__main__":

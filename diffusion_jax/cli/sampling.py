@@ -118,7 +118,7 @@ def _sample(args, overrides) -> None:
     import numpy as np
 
     from diffusion_jax import parallel, viz
-    from diffusion_jax.config import build_schedule, consistency_of
+    from diffusion_jax.config import build_schedule, sampling_kwargs
     from diffusion_jax.inference.sampling import class_labels, make_sample_fn
 
     if args.classifier is None and args.classifier_scale is not None:
@@ -146,9 +146,8 @@ def _sample(args, overrides) -> None:
     mesh = parallel.make_mesh(args.num_devices, flag="--num-devices")
     parallel.check_divisible(args.num, mesh, "--num", hint="--num-devices")
     if args.classifier is None:
-        sample_fn = make_sample_fn(graphdef, schedule, spec, shape, prediction=exp.loss.prediction,
-                                   learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes, mesh=mesh,
-                                   guess_mode=args.guess_mode, consistency=consistency_of(exp))
+        sample_fn = make_sample_fn(graphdef, schedule, spec, shape, mesh=mesh, guess_mode=args.guess_mode,
+                                   **sampling_kwargs(exp))
         labels = class_labels(args.num, exp.model.num_classes)
         if args.label is not None:
             if exp.model.num_classes is None or not 0 <= args.label < exp.model.num_classes:

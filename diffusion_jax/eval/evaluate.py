@@ -22,7 +22,7 @@ import os
 import jax
 import numpy as np
 
-from diffusion_jax.config import build_schedule, consistency_of
+from diffusion_jax.config import build_schedule, sampling_kwargs
 from diffusion_jax.inference.sampling import SamplerSpec, make_sample_fn
 
 HELD_OUT = {"digits": "test", "fashion_mnist": "test"}   # datasets with a held-out split for the reference
@@ -53,8 +53,7 @@ def generate(exp, graphdef, params, spec: SamplerSpec, *, num: int, seed: int = 
         raise ValueError("labels given, but the model is unconditional (model.num_classes is None)")
     schedule = build_schedule(exp.schedule, params)
     shape = (batch, m.image_size, m.image_size, m.in_channels)
-    sample = make_sample_fn(graphdef, schedule, spec, shape, prediction=exp.loss.prediction,
-                            learn_sigma=m.learn_sigma, num_classes=m.num_classes, consistency=consistency_of(exp))
+    sample = make_sample_fn(graphdef, schedule, spec, shape, **sampling_kwargs(exp))
     out, nfe = [], 0
     for c, start in enumerate(range(0, num, batch)):
         y = None

@@ -148,7 +148,7 @@ def model_panel(exp, graphdef, params, schedule, spec: ErrorSpec, *, scorer=None
     """`measure` on a trained run's EMA network (`load_trained`'s exp, graphdef, params; its schedule from
     `config.build_schedule`; class-conditional: balanced labels i mod C), reference from the adaptive solver at
     (rtol, atol); adds "reference": {"nfe", "loose_nfe", "check_rms"} (distance to the 10x-tolerance solve)."""
-    from diffusion_jax.config import consistency_of
+    from diffusion_jax.config import sampling_kwargs
     from diffusion_jax.eval.evaluate import balanced_labels
     from diffusion_jax.inference.sampling import SamplerSpec, make_sample_fn, sample_from
 
@@ -163,9 +163,7 @@ def model_panel(exp, graphdef, params, schedule, spec: ErrorSpec, *, scorer=None
     def compiled(name, steps, options):
         sampler = SamplerSpec(name, steps=steps, spacing=spec.spacing, clip_denoised=None, options=options)
         batch = min(batch_size, spec.num)
-        return batch, make_sample_fn(graphdef, schedule, sampler, (batch,) + shape[1:], prediction=exp.loss.prediction,
-                                     learn_sigma=m.learn_sigma, num_classes=m.num_classes,
-                                     consistency=consistency_of(exp))
+        return batch, make_sample_fn(graphdef, schedule, sampler, (batch,) + shape[1:], **sampling_kwargs(exp))
 
     def run(name, steps, x, options=()):
         batch, fn = compiled(name, steps, options)

@@ -96,21 +96,38 @@ def check_model_fits(spec: SamplerSpec, learn_sigma: bool, num_classes: int | No
         raise ValueError("guidance needs a class-conditional model (model.num_classes); this one is unconditional")
 
 
+def guidance_of(spec: SamplerSpec, guidance_input: bool) -> tuple[Guidance, float | None]:
+    """(the two-branch classifier-free guidance the samplers run, the w the network takes as input): a
+    guidance-distilled student (`guidance_input`, model.guidance_embed_dim) gets w = spec.guidance_scale as input and
+    runs one branch; any other model gets (Guidance(scale, rescale), None)."""
+    if not guidance_input:
+        return Guidance(spec.guidance_scale, spec.guidance_rescale), None
+    if spec.guidance_rescale:
+        raise ValueError(f"guidance_rescale={spec.guidance_rescale} rescales two-branch guidance; this model takes "
+                         "the guidance weight as input (model.guidance_embed_dim), so it has one branch")
+    return Guidance(), float(spec.guidance_scale)
+
+
 def network_denoise_fn(apply: Callable, params, label, *, channels: int, keep_variance: bool = False,
-                       sharding=None, schedule=None, context=None, control: dict | None = None) -> Callable:
+                       sharding=None, schedule=None, context=None, control: dict | None = None,
+                       w=None) -> Callable:
     """The network as a sampler's denoise_fn(x (N,H,W,C), t scalar or (N,)) -> prediction (N,H,W,C), or
     (N,H,W,2C) with the learned variance when keep_variance. label: (N,) int32 or None. context: (N, L, D)
     embeddings for a cross-attention network (`models.UNetCond`), or None. control: a ControlNet's keywords
     {"control": images, "conditioning_scale": ..., "guess_mode": ...} (`models.controlnet.ControlledUNet`), or None.
+    w: the guidance weight, scalar or (N,), of a network that takes it as input (model.guidance_embed_dim), or None.
     sharding: constrain x
     to it, so every network call runs batch-parallel over the mesh. An EDM process (kind "edm") wraps the network in
     EDM's preconditioning: t is sigma and the output D(x; sigma) (prediction "edm")."""
     def denoise_fn(x, t):
         if sharding is not None:
             x = jax.lax.with_sharding_constraint(x, sharding)
+        extra = dict(control or {})
+        if w is not None:
+            extra["guidance"] = jnp.broadcast_to(jnp.asarray(w, jnp.float32), x.shape[:1])
         if schedule is not None and schedule.kind == "edm":
-            return edm_denoise(apply, params, x, t, schedule.sigma_data, y=label, context=context, **(control or {}))
-        out = apply(params, x, jnp.broadcast_to(t, x.shape[:1]), y=label, context=context, **(control or {}))
+            return edm_denoise(apply, params, x, t, schedule.sigma_data, y=label, context=context, **extra)
+        out = apply(params, x, jnp.broadcast_to(t, x.shape[:1]), y=label, context=context, **extra)
         return out if keep_variance else out[..., :channels]
 
     return denoise_fn
@@ -119,7 +136,7 @@ def network_denoise_fn(apply: Callable, params, label, *, channels: int, keep_va
 def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...], *,
                    prediction: str = "eps", learn_sigma: bool = False, num_classes: int | None = None,
                    mesh=None, condition: Callable | None = None, guess_mode: bool = False,
-                   consistency=None) -> Callable:
+                   consistency=None, guidance_input: bool = False) -> Callable:
     """Returns `sample(params, key, y=None, aux=None, x_T=None, control=None) -> (images (N,H,W,C), nfe)`, compiled
     end to end.
 
@@ -142,6 +159,9 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
     weighted 0.1 -> 1 from the first block to the middle one.
     consistency: a consistency model's `objectives.distill.ConsistencyParam` (`config.consistency_of(exp)`): the
     network's x0_hat becomes its consistency function f(x, t); None for any other model.
+    guidance_input: the network takes the guidance weight as input (a guidance-distilled student,
+    model.guidance_embed_dim): spec.guidance_scale goes to it, one network call per step (`guidance_of`).
+    `config.sampling_kwargs(exp)` gives prediction, learn_sigma, num_classes, consistency and guidance_input.
     """
     spec.validate()
     sharding = None
@@ -153,7 +173,7 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
     check_model_fits(spec, learn_sigma, num_classes, imported)
     keep_variance = learned_variance(spec, imported)
     apply = make_apply_fn(graphdef)
-    guidance = Guidance(spec.guidance_scale, spec.guidance_rescale)
+    guidance, w = guidance_of(spec, guidance_input)
 
     def sample(params, key, y=None, aux=None, x_T=None, control=None):
         if control is not None:
@@ -162,7 +182,7 @@ def make_sample_fn(graphdef, schedule, spec: SamplerSpec, shape: tuple[int, ...]
         def net(label, control=control):
             return network_denoise_fn(apply, params, label, channels=shape[-1],
                                       keep_variance=keep_variance, sharding=sharding,
-                                      schedule=schedule, control=control)
+                                      schedule=schedule, control=control, w=w)
 
         uncond = None
         if guidance.active:

@@ -65,6 +65,42 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *, f
     return emb
 
 
+def guidance_embedding(w: jax.Array, dim: int) -> jax.Array:
+    """The guidance weight's sinusoids for a guidance-distilled student (LCM, Luo et al. 2023: diffusers
+    `get_guidance_scale_embedding`): `timestep_embedding(1000 (w - 1), dim)`, sin first, shift 1.
+
+    w: (B,) classifier-free guidance weights in this library's convention (1 = no guidance; LCM's omega = w - 1).
+    Returns (B, dim) float32, which the network projects onto its time sinusoids (`guidance_projection`).
+    """
+    return timestep_embedding(1000.0 * (jnp.asarray(w, jnp.float32) - 1.0), dim)
+
+
+GUIDANCE_PARAM = "cond_proj"   # the name of the guidance projection in every network that takes w (diffusers')
+
+
+def guidance_projection(dim: int, out: int, rngs: nnx.Rngs) -> nnx.Linear:
+    """The Linear without bias (dim -> out) that adds `guidance_embedding(w, dim)` to a network's time sinusoids
+    (diffusers' `cond_proj`, LCM). Zero-initialised: a student built from its teacher's weights starts as the
+    teacher's conditional network. Networks name it GUIDANCE_PARAM."""
+    return nnx.Linear(dim, out, use_bias=False, kernel_init=ZERO_INIT, rngs=rngs)
+
+
+def check_guidance(guidance, dim: int | None, b: int, key: str = "model.guidance_embed_dim"):
+    """A network's guidance input: (B,) float32 when it takes one (its config `key` = dim), else None; ValueError
+    naming the mismatch."""
+    if dim is None:
+        if guidance is not None:
+            raise ValueError(f"a guidance weight was given but the network does not take one ({key} is None)")
+        return None
+    if guidance is None:
+        raise ValueError(f"the network takes the guidance weight w as input ({key}={dim}); pass guidance of shape "
+                         "(B,)")
+    guidance = jnp.asarray(guidance, jnp.float32)
+    if guidance.shape != (b,):
+        raise ValueError(f"guidance must have shape ({b},), got {guidance.shape}")
+    return guidance
+
+
 def fourier_frequencies(n: int, scale: float) -> np.ndarray:
     """The fixed random frequencies W ~ N(0, scale**2) of the Gaussian Fourier embedding, (n,) float32.
 

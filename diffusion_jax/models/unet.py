@@ -41,11 +41,14 @@ from diffusion_jax.models.layers import (
     ResBlock,
     Upsample,
     add_residuals,
+    check_guidance,
     check_network_inputs,
     conv,
     fourier_embedding,
     fourier_frequencies,
     group_norm,
+    guidance_embedding,
+    guidance_projection,
     linear,
     timestep_embedding,
 )
@@ -119,6 +122,8 @@ class UNet(nnx.Module):
         time_dim = 2 * c.channels if c.time_embedding == "fourier" else c.channels
         self.time_embed_1 = linear(time_dim, emb_dim, rngs)
         self.time_embed_2 = linear(emb_dim, emb_dim, rngs)
+        self.cond_proj = (guidance_projection(c.guidance_embed_dim, time_dim, rngs)
+                          if c.guidance_embed_dim is not None else None)
         self.class_embed = (nnx.Embed(c.num_classes + 1, emb_dim, rngs=rngs)
                             if c.num_classes is not None else None)
         if c.class_embed_type == "timestep":   # y through the time features and an MLP of its own (diffusers)
@@ -187,7 +192,8 @@ class UNet(nnx.Module):
             return fourier_embedding(s, np.asarray(w, np.float32))
         return timestep_embedding(t, c.channels, flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
 
-    def __call__(self, x, t, y=None, context=None, *, residuals=None, train: bool = False, dropout_key=None):
+    def __call__(self, x, t, y=None, context=None, *, residuals=None, train: bool = False, dropout_key=None,
+                 guidance=None):
         """Predict from a noisy batch.
 
         Args:
@@ -202,10 +208,12 @@ class UNet(nnx.Module):
           residuals: ControlNet residuals (down, mid) added to the skips and the middle block's output
             (`layers.add_residuals`), or None.
           train: apply dropout, with randomness from `dropout_key` (one fold per ResBlock).
+          guidance: (B,) classifier-free guidance weights w (1 = none), required iff `guidance_embed_dim` is set
+            (a guidance-distilled student); their embedding is added to the time features.
         Returns:
           (B, H, W, resolved_out_channels) float32, divided by t when `scale_by_sigma`.
         """
-        x, emb, context, key = self.prepare(x, t, y, context, train=train, dropout_key=dropout_key)
+        x, emb, context, key = self.prepare(x, t, y, context, train=train, dropout_key=dropout_key, guidance=guidance)
         skips, h = self.encode(x, emb, context, key)
         skips, h = add_residuals(skips, h, residuals)
         out = self.decode(h, skips, emb, context, key)
@@ -213,7 +221,7 @@ class UNet(nnx.Module):
             out = out / jnp.broadcast_to(jnp.asarray(t, jnp.float32), out.shape[:1])[:, None, None, None]
         return out
 
-    def prepare(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None):
+    def prepare(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None, guidance=None):
         """Checked inputs -> (x in the compute dtype, emb (B, 4 channels), context, key) with key() the next
         dropout key (None without dropout); the arguments are those of `__call__`."""
         c = self.config
@@ -240,7 +248,11 @@ class UNet(nnx.Module):
                 raise ValueError(f"context must be ({b}, L, {c.context_dim}), got {context.shape}")
             context = context.astype(dt)
 
-        emb = self.time_embed_2(nnx.silu(self.time_embed_1(self.time_features(t))))
+        features = self.time_features(t)
+        guidance = check_guidance(guidance, c.guidance_embed_dim, b)
+        if guidance is not None:
+            features = features + self.cond_proj(guidance_embedding(guidance, c.guidance_embed_dim))
+        emb = self.time_embed_2(nnx.silu(self.time_embed_1(features)))
         if self.class_embed is not None:
             emb = emb + self.class_embed(y)
         elif c.class_embed_type is not None:

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax.models.layers import COMPUTE_DTYPES, add_residuals, check_network_inputs, timestep_embedding
+from diffusion_jax.models.layers import (COMPUTE_DTYPES, add_residuals, check_guidance, check_network_inputs,
+                                        timestep_embedding)
 from diffusion_jax.models.unet_cond_blocks import (Block, Downsample2D, ResnetBlock2D, TimestepEmbedding,
                                                    Transformer2DModel, Upsample2D, conv, group_norm)
 
@@ -40,7 +41,7 @@ _FIELDS = {k: k for k in (
     "down_block_types", "mid_block_type", "up_block_types", "block_out_channels", "layers_per_block",
     "downsample_padding", "mid_block_scale_factor", "dropout", "norm_num_groups", "norm_eps",
     "cross_attention_dim", "transformer_layers_per_block", "use_linear_projection", "num_class_embeds",
-    "upcast_attention", "time_embedding_dim", "conv_in_kernel", "conv_out_kernel")}
+    "upcast_attention", "time_embedding_dim", "conv_in_kernel", "conv_out_kernel", "time_cond_proj_dim")}
 _FIELDS["attention_head_dim"] = "num_attention_heads"  # diffusers' historic name: it is the head COUNT
 # diffusers options not implemented: key -> (accepted values, diffusers default).
 _ONLY = {
@@ -54,7 +55,6 @@ _ONLY = {
     "projection_class_embeddings_input_dim": ((None,), None),
     "addition_embed_type": ((None,), None),
     "addition_time_embed_dim": ((None,), None),
-    "time_cond_proj_dim": ((None,), None),
     "encoder_hid_dim": ((None,), None),
     "encoder_hid_dim_type": ((None,), None),
     "time_embedding_act_fn": ((None,), None),
@@ -103,6 +103,8 @@ class UNetCondConfig:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     num_class_embeds: int | None = None     # class embedding added to the time embedding; y required
+    time_cond_proj_dim: int | None = None   # LCM: the guidance weight w's embedding (layers.guidance_embedding) is
+    #   projected onto the time sinusoids by time_embedding.cond_proj; guidance (B,) required
     upcast_attention: bool = False          # kept for round trips: attention logits are always float32
     dtype: str = "float32"                  # compute dtype ("float32" | "bfloat16"); params float32
 
@@ -180,7 +182,8 @@ class UNetCondConfig:
             raise ValueError("model.block_out_channels must be a non-empty tuple of ints")
         for name in ("in_channels", "out_channels", "norm_num_groups", "conv_in_kernel", "conv_out_kernel"):
             positive_int(name, getattr(self, name))
-        for name in ("num_class_embeds", "time_embedding_dim", "sample_size", "cross_attention_dim"):
+        for name in ("num_class_embeds", "time_embedding_dim", "sample_size", "cross_attention_dim",
+                     "time_cond_proj_dim"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name))
         for name in ("conv_in_kernel", "conv_out_kernel"):
@@ -257,7 +260,7 @@ class UNetCond(nnx.Module):
                                       dtype=dt, rngs=rngs)
 
         self.conv_in = conv(c.in_channels, boc[0], c.conv_in_kernel, rngs, dt)
-        self.time_embedding = TimestepEmbedding(boc[0], temb, rngs=rngs)
+        self.time_embedding = TimestepEmbedding(boc[0], temb, cond_proj_dim=c.time_cond_proj_dim, rngs=rngs)
         self.class_embedding = (nnx.Embed(c.num_class_embeds, temb, rngs=rngs)
                                 if c.num_class_embeds is not None else None)
 
@@ -294,7 +297,8 @@ class UNetCond(nnx.Module):
         self.conv_norm_out = group_norm(boc[0], c.norm_num_groups, rngs, c.norm_eps)
         self.conv_out = conv(boc[0], c.out_channels, c.conv_out_kernel, rngs, dt, zero=True)
 
-    def __call__(self, x, t, y=None, context=None, *, residuals=None, train: bool = False, dropout_key=None):
+    def __call__(self, x, t, y=None, context=None, *, residuals=None, train: bool = False, dropout_key=None,
+                 guidance=None):
         """Predict from a noisy batch (diffusers' `sample`, `timestep`, `class_labels`, `encoder_hidden_states`).
 
         Args:
@@ -305,15 +309,17 @@ class UNetCond(nnx.Module):
           residuals: ControlNet residuals (down, mid) (diffusers' down_block_additional_residuals,
             mid_block_additional_residual; `layers.add_residuals`), or None.
           train: apply ResBlock dropout, with randomness from `dropout_key` (one fold per ResBlock).
+          guidance: (B,) classifier-free guidance weights w (1 = none), required iff `time_cond_proj_dim` is set;
+            diffusers' timestep_cond is guidance_embedding(w) (its LCM pipelines embed w - 1 likewise).
         Returns:
           (B, H, W, out_channels) float32.
         """
-        x, emb, context, key = self.prepare(x, t, y, context, train=train, dropout_key=dropout_key)
+        x, emb, context, key = self.prepare(x, t, y, context, train=train, dropout_key=dropout_key, guidance=guidance)
         skips, h = self.encode(x, emb, context, key)
         skips, h = add_residuals(skips, h, residuals)
         return self.decode(h, skips, emb, context, key)
 
-    def prepare(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None):
+    def prepare(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None, guidance=None):
         """Checked inputs -> (x in the compute dtype, emb (B, time_embed_dim), context, key) with key() the next
         dropout key (None without dropout); the arguments are those of `__call__`."""
         c = self.config
@@ -345,7 +351,7 @@ class UNetCond(nnx.Module):
             x = 2.0 * x - 1.0
         features = timestep_embedding(t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
                                       freq_shift=c.freq_shift)
-        emb = self.time_embedding(features)
+        emb = self.time_embedding(features, check_guidance(guidance, c.time_cond_proj_dim, b, "time_cond_proj_dim"))
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(y)
         counter = itertools.count()

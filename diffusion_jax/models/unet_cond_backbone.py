@@ -10,6 +10,7 @@ training loop (`model.name = "unet_cond"`), configured in the same words as `une
     context_dim                            cross_attention_dim: the transformers attend to a (B, L, context_dim)
                                            context (latent text-to-image); None: their second attention attends to
                                            the feature map (diffusers' double_self_attention), no context taken
+    guidance_embed_dim                     time_cond_proj_dim: a guidance-distilled student (LCM) takes guidance=w
 
 Called like every backbone: net(x, t, y=None, context=None, *, train=False, dropout_key=None); y=None on a
 class-conditional network is the null class.
@@ -46,6 +47,7 @@ class UNetCondBackboneConfig(UNetShape):
     context_dim: int | None = None           # cross-attention on a (B, L, context_dim) context
     learn_sigma: bool = False
     dtype: str = "float32"
+    guidance_embed_dim: int | None = None    # time_cond_proj_dim: a guidance-distilled student (LCM) takes w (B,)
 
     def diffusers_config(self) -> UNetCondConfig:
         """The UNetCondConfig (diffusers' names) that this section describes (module docstring)."""
@@ -58,7 +60,8 @@ class UNetCondBackboneConfig(UNetShape):
             mid_block_type="UNetMidBlock2DCrossAttn", layers_per_block=self.num_res_blocks,
             num_attention_heads=self.num_heads, transformer_layers_per_block=self.transformer_layers,
             cross_attention_dim=self.context_dim, norm_num_groups=self.num_groups, dropout=self.dropout,
-            num_class_embeds=None if self.num_classes is None else self.num_classes + 1, dtype=self.dtype)
+            num_class_embeds=None if self.num_classes is None else self.num_classes + 1, dtype=self.dtype,
+            time_cond_proj_dim=self.guidance_embed_dim)
 
     def validate(self) -> None:
         self.validate_shape("unet_cond")
@@ -80,16 +83,17 @@ class UNetCondBackbone(nnx.Module):
         self.net = UNetCond(config.diffusers_config(), rngs=rngs, encoder_only=encoder_only)
         self.skip_channels = self.net.skip_channels
 
-    def __call__(self, x, t, y=None, context=None, *, residuals=None, train: bool = False, dropout_key=None):
-        x, emb, context, key = self.prepare(x, t, y, context, train=train, dropout_key=dropout_key)
+    def __call__(self, x, t, y=None, context=None, *, residuals=None, train: bool = False, dropout_key=None,
+                 guidance=None):
+        x, emb, context, key = self.prepare(x, t, y, context, train=train, dropout_key=dropout_key, guidance=guidance)
         skips, h = self.encode(x, emb, context, key)
         skips, h = add_residuals(skips, h, residuals)
         return self.decode(h, skips, emb, context, key)
 
-    def prepare(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None):
+    def prepare(self, x, t, y=None, context=None, *, train: bool = False, dropout_key=None, guidance=None):
         if self.num_classes is not None and y is None:
             y = jnp.full((jnp.shape(x)[0],), self.num_classes, jnp.int32)
-        return self.net.prepare(x, t, y, context, train=train, dropout_key=dropout_key)
+        return self.net.prepare(x, t, y, context, train=train, dropout_key=dropout_key, guidance=guidance)
 
     def encode(self, x, emb, context, key, hint=None):
         return self.net.encode(x, emb, context, key, hint)

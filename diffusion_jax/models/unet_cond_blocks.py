@@ -23,7 +23,8 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax.models.conv import conv_general_dilated
-from diffusion_jax.models.layers import DEFAULT_INIT, ZERO_INIT, _mha, dropout, group_norm
+from diffusion_jax.models.layers import (DEFAULT_INIT, ZERO_INIT, _mha, dropout, group_norm, guidance_embedding,
+                                        guidance_projection)
 
 TRANSFORMER_GROUPNORM_EPS = 1e-6  # Transformer2DModel's GroupNorm (fixed, not the config's norm_eps)
 TRANSFORMER_LAYERNORM_EPS = 1e-5  # BasicTransformerBlock's LayerNorms (diffusers' default norm_eps)
@@ -210,13 +211,18 @@ class Transformer2DModel(nnx.Module):
 
 
 class TimestepEmbedding(nnx.Module):
-    """linear_2(silu(linear_1(features)))."""
+    """linear_2(silu(linear_1(features))), with features + cond_proj(guidance_embedding(w)) when cond_proj_dim is set
+    (diffusers' time_cond_proj_dim: LCM's guidance-conditioned student; `layers.guidance_projection`)."""
 
-    def __init__(self, cin: int, dim: int, *, rngs: nnx.Rngs):
+    def __init__(self, cin: int, dim: int, *, cond_proj_dim: int | None = None, rngs: nnx.Rngs):
         self.linear_1 = linear(cin, dim, rngs, None)
         self.linear_2 = linear(dim, dim, rngs, None)
+        self.cond_proj_dim = cond_proj_dim
+        self.cond_proj = guidance_projection(cond_proj_dim, cin, rngs) if cond_proj_dim is not None else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, guidance: jax.Array | None = None) -> jax.Array:
+        if guidance is not None:
+            x = x + self.cond_proj(guidance_embedding(guidance, self.cond_proj_dim))
         return self.linear_2(nnx.silu(self.linear_1(x)))
 
 

@@ -73,6 +73,8 @@ class UNetConfig(UNetShape):
     #   level's last ResBlock (diffusers AttnSkipUpBlock2D)
     class_embed_type: str | None = None     # y's embedding: None: a table of num_classes labels (+ the null class);
     #   "timestep": y (B,) float through the time features and an MLP of its own; "identity": y (B, 4 channels) added
+    guidance_embed_dim: int | None = None   # a guidance-distilled student (config.distill) takes the guidance weight
+    #   w (B,) as input: guidance_embedding(w, dim) projected onto the time features (layers.GuidanceProjection)
 
     def validate(self) -> None:
         """Raise ValueError naming the offending key (e.g. `model.image_size`)."""

@@ -12,7 +12,8 @@ def output_channels(config) -> int:
 class UNetShape:
     """What every U-Net config (this one, `unet_cond_backbone.UNetCondBackboneConfig`) derives from and checks on
     the fields they share (name, image_size, in_channels, out_channels, channels, channel_mult, num_res_blocks,
-    attention_resolutions, num_heads, num_groups, dropout, num_classes, context_dim, learn_sigma)."""
+    attention_resolutions, num_heads, num_groups, dropout, num_classes, context_dim, learn_sigma,
+    guidance_embed_dim)."""
 
     def __post_init__(self):
         # Accept lists (e.g. from ml_collections) but keep the dataclass hashable.
@@ -43,7 +44,7 @@ class UNetShape:
 
         for key in ("image_size", "in_channels", "channels", "num_res_blocks", "num_heads", "num_groups"):
             positive_int(key, getattr(self, key))
-        for key in ("out_channels", "num_classes", "context_dim"):
+        for key in ("out_channels", "num_classes", "context_dim", "guidance_embed_dim"):
             if getattr(self, key) is not None:
                 positive_int(key, getattr(self, key))
         if not isinstance(self.channel_mult, tuple) or not self.channel_mult:

@@ -36,8 +36,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-METHODS = ("none", "progressive", "consistency_distillation", "consistency_training")
-TEACHER_METHODS = ("progressive", "consistency_distillation")
+METHODS = ("none", "guidance", "progressive", "consistency_distillation", "consistency_training")
+TEACHER_METHODS = ("guidance", "progressive", "consistency_distillation")
+GUIDED_METHODS = TEACHER_METHODS   # a student that takes w as input (model.guidance_embed_dim) learns by one of these
 CONSISTENCY_METHODS = ("consistency_distillation", "consistency_training")
 
 
@@ -45,8 +46,11 @@ CONSISTENCY_METHODS = ("consistency_distillation", "consistency_training")
 class DistillConfig:
     """config.distill: how a few-step student is trained (method "none": an ordinary diffusion run).
 
-    teacher:        the teacher's workdir (progressive, consistency_distillation); the student starts from its EMA
-                    weights and must share its model, schedule and loss sections
+    method:         "guidance" (Meng et al. 2023, stage one): a student that takes the guidance weight w as input
+                    (model.guidance_embed_dim) learns its teacher's classifier-free guided prediction in one call;
+                    "progressive", "consistency_distillation", "consistency_training" (module doc)
+    teacher:        the teacher's workdir (guidance, progressive, consistency_distillation); the student starts from
+                    its EMA weights and must share its model, schedule and loss sections
     student_steps:  progressive: N, the student's DDIM steps (the teacher takes 2N on the levels of `spacing`)
     spacing:        the levels the student is trained on: progressive's 2N-step grid, consistency distillation's
                     num_scales-step grid (`samplers.grid` spacings); sample the student on the same spacing
@@ -56,6 +60,10 @@ class DistillConfig:
     s0, s1:         iCT's curriculum: N(k) grows from s0 + 1 to s1 + 1 levels, doubling in equal stages
     p_mean, p_std:  iCT's log-normal choice of the level pair
     huber_c:        the pseudo-Huber c (None: 0.00054 sqrt(dim), iCT); 0 gives the L2 distance
+    w_min, w_max:   a student that takes w (model.guidance_embed_dim) learns the guided teacher for w ~ U[w_min, w_max]
+                    per example (1 = no guidance): the teacher's guided prediction uncond + w (cond - uncond) in
+                    "guidance" and in the one-step ODE solver of consistency distillation (LCM, Luo et al. 2023);
+                    progressive rounds of a w-student pass w to both (Meng et al.'s stage two)
     """
 
     method: str = "none"
@@ -70,6 +78,8 @@ class DistillConfig:
     p_mean: float = -1.1
     p_std: float = 2.0
     huber_c: float | None = None
+    w_min: float = 1.0
+    w_max: float = 5.0
 
     @property
     def consistency(self) -> bool:
@@ -94,14 +104,28 @@ class DistillConfig:
             raise ValueError(f"distill.sigma_data and distill.p_std must be > 0, got {self.sigma_data}, {self.p_std}")
         if self.huber_c is not None and not self.huber_c >= 0:
             raise ValueError(f"distill.huber_c must be None or >= 0, got {self.huber_c}")
+        if not (math.isfinite(self.w_min) and math.isfinite(self.w_max) and 0 <= self.w_min <= self.w_max):
+            raise ValueError(f"distill.w_min, distill.w_max must satisfy 0 <= w_min <= w_max (guidance weights, 1 = "
+                             f"none), got {self.w_min}, {self.w_max}")
 
 
 def check_distill(cfg: DistillConfig, kind: str, prediction: str, *, gamma: str = "linear", adapter: str | None = None,
-                  init_from: str | None = None) -> None:
+                  init_from: str | None = None, guidance_embed_dim: int | None = None,
+                  conditional: bool = False) -> None:
     """config.distill against the rest of the run (ValueError naming the key): the schedule's kind and VDM gamma,
-    loss.prediction, the backbone (`adapter`: model.name of one that adapts a base run, else None) and
-    train.init_from."""
+    loss.prediction, the backbone (`adapter`: model.name of one that adapts a base run, else None),
+    train.init_from, and a student taking w (model.guidance_embed_dim) of a `conditional` model (labels or text)."""
     cfg.validate()
+    if guidance_embed_dim is not None and cfg.method not in GUIDED_METHODS:
+        raise ValueError(f"model.guidance_embed_dim={guidance_embed_dim}: a network that takes the guidance weight w "
+                         f"is a distilled student; set distill.method to one of {GUIDED_METHODS} (got "
+                         f"{cfg.method!r})")
+    if cfg.method == "guidance" and guidance_embed_dim is None:
+        raise ValueError("distill.method='guidance' trains a student that takes the guidance weight w as input: set "
+                         "model.guidance_embed_dim (e.g. 256; the unet and unet_cond backbones take it)")
+    if guidance_embed_dim is not None and not conditional:
+        raise ValueError(f"model.guidance_embed_dim={guidance_embed_dim}: classifier-free guidance needs a "
+                         "conditional model (model.num_classes or model.context_dim)")
     if cfg.method == "none":
         return
     if kind == "vdm" and gamma == "learned":

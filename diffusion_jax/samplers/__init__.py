@@ -4,7 +4,7 @@ One calling convention: every solver, DDPM and DDIM included, runs on a noise-le
 `Denoiser` (wrapper.py):  `solver(denoiser, grid, x_T, key, **options) -> (x, info)`.
 `run_sampler(name, denoise_fn, schedule, key, shape, steps=...)` (registry.py) builds both from a process and a
 network and runs a solver by name; lookup by name happens only there, at the config boundary. info["nfe"] counts
-network evaluations.
+denoiser evaluations: network evaluations, each two network calls under two-branch classifier-free guidance.
 """
 from diffusion_jax.samplers.ddpm import VARIANCES
 from diffusion_jax.samplers.grid import SPACINGS, Grid, continuous_grid, discrete_grid

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from diffusion_jax.config import consistency_of
+from diffusion_jax.config import sampling_kwargs
 from diffusion_jax.inference.pipelines import stable_diffusion
 from diffusion_jax.inference.pipelines.latent import LatentPipeline, make_pipeline
 from diffusion_jax.inference.pipelines.stable_diffusion import TextToImage
@@ -30,13 +30,19 @@ def load_text_to_image(folder: str) -> TextToImage:
     return stable_diffusion.load_text_to_image(folder)
 
 
+def pipeline_kwargs(exp) -> dict:
+    """LatentPipeline's keywords of a trained latent run: prediction, consistency, guidance_input."""
+    kw = sampling_kwargs(exp)
+    return {k: kw[k] for k in ("prediction", "consistency", "guidance_input")}
+
+
 def latent_grid_fn(exp, graphdef, schedule, spec, source, mesh=None):
     """sample(ema_params, key, labels=None) -> (decoded images (train.sample_num, H, W, C), NFE): the training
     loop's sample grid of a latent run, image i drawn for class i % num_classes's first caption, no guidance."""
     from diffusion_jax.train.vae import load_vae
 
     vae, vae_params = load_vae(exp.latent.vae_workdir)
-    pipe = LatentPipeline(graphdef, vae, schedule, prediction=exp.loss.prediction, consistency=consistency_of(exp))
+    pipe = LatentPipeline(graphdef, vae, schedule, **pipeline_kwargs(exp))
     num = exp.train.sample_num
     size = source.image_shape[0] * vae.downsample_factor
     run = make_pipeline(pipe, dataclasses.replace(spec, clip_denoised=None, guidance_scale=1.0), "txt2img",
@@ -62,8 +68,7 @@ def load_latent_run(workdir: str, step: int | None = None) -> TextToImage:
         raise FileNotFoundError(f"the run's latent.vae_workdir={exp.latent.vae_workdir!r} does not exist (from the "
                                 f"current directory {os.getcwd()!r})")
     vae, vae_params = load_vae(exp.latent.vae_workdir)
-    pipe = LatentPipeline(graphdef, vae, build_schedule(exp.schedule, ema), prediction=exp.loss.prediction,
-                          consistency=consistency_of(exp))
+    pipe = LatentPipeline(graphdef, vae, build_schedule(exp.schedule, ema), **pipeline_kwargs(exp))
     encode, _ = text_encoder(exp.latent)
     size = exp.model.image_size * vae.downsample_factor
     return TextToImage(pipe, {"unet": ema, "vae": vae_params}, encode, (size, size),

@@ -16,9 +16,10 @@ import jax
 import numpy as np
 
 from diffusion_jax import parallel, viz
-from diffusion_jax.config import Experiment, build_schedule, consistency_of, learned_gamma
+from diffusion_jax.config import Experiment, build_schedule, learned_gamma, sampling_kwargs
 from diffusion_jax.data import load_source
 from diffusion_jax.data.conditions import ControlSource
+from diffusion_jax.models.layers import GUIDANCE_PARAM
 from diffusion_jax.models.registry import backbone
 from diffusion_jax.inference.sampling import SamplerSpec, class_labels, make_sample_fn
 from diffusion_jax.train import runner
@@ -126,14 +127,24 @@ def load_pretrained(exp: Experiment, workdir: str, state, shardings, teacher_par
 
 def init_params(run: str, fresh, load_params, key: str = "train.init_from"):
     """The EMA params of run `run` (config `key`: train.init_from or distill.teacher), which must have `fresh`'s
-    structure and shapes (ValueError naming the first parameter that differs: the model sections differ)."""
+    structure and shapes (ValueError naming the first parameter that differs: the model sections differ). The one
+    exception: a student's guidance projection (model.guidance_embed_dim, `layers.GUIDANCE_PARAM`) that its teacher
+    lacks keeps its fresh (zero) value, so the student starts as its teacher's conditional network."""
     try:
         params = load_params(run)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{key}={run!r}: {e}") from e
     flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    def guidance_param(path):
+        return any(getattr(k, "key", None) == GUIDANCE_PARAM for k in path)
+
+    new = key == "distill.teacher" and not any(map(guidance_param, flat))
+    out = []
     for path, want in jax.tree_util.tree_flatten_with_path(fresh)[0]:
         got = flat.pop(path, None)
+        if got is None and new and guidance_param(path):
+            got = want
+        out.append(np.asarray(got, np.asarray(want).dtype) if got is not None else None)
         if got is None or np.shape(got) != np.shape(want):
             name = jax.tree_util.keystr(path)
             found = "missing" if got is None else f"shape {np.shape(got)}"
@@ -143,7 +154,7 @@ def init_params(run: str, fresh, load_params, key: str = "train.init_from"):
         name = jax.tree_util.keystr(next(iter(flat)))
         raise ValueError(f"{key}={run!r} does not fit this model: it has parameter {name}, which this model "
                          "lacks; give both runs the same model section")
-    return jax.tree.map(lambda p, f: np.asarray(p, np.asarray(f).dtype), params, fresh)
+    return jax.tree.unflatten(jax.tree.structure(fresh), out)
 
 
 def frozen_changes(workdir: str, exp: Experiment) -> list[str]:
@@ -232,9 +243,7 @@ def train_and_evaluate(exp: Experiment, workdir: str, *, progress: bool = True):
         grid_spec = SamplerSpec.from_config(dataclasses.replace(exp.sample, steps=tc.sample_steps))
 
     def grid_sampler(schedule):
-        return make_sample_fn(graphdef, schedule, grid_spec, shape, prediction=exp.loss.prediction,
-                              learn_sigma=exp.model.learn_sigma, num_classes=exp.model.num_classes, mesh=mesh,
-                              consistency=consistency_of(exp))
+        return make_sample_fn(graphdef, schedule, grid_spec, shape, mesh=mesh, **sampling_kwargs(exp))
 
     # `schedule` of a learned gamma holds state.params' gamma, which the step donates: only the loss reads it (its
     # spec, not its arrays); the grids rebuild it from the EMA

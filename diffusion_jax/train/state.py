@@ -140,6 +140,14 @@ class StepOptions:
     #   and keep their values exactly (params and EMA); None: all train
 
 
+def restrict(full, like):
+    """`full` (a nested dict) cut to the keys of `like`, a nested dict whose keys it holds: a teacher's shardings
+    from its student's, whose params hold the teacher's and possibly more (a guidance projection)."""
+    if isinstance(like, dict):
+        return {k: restrict(full[k], v) for k, v in like.items()}
+    return full
+
+
 def make_train_step(graphdef, schedule, loss_cfg: LossConfig, tx, lr_fn: Callable,
                     opts: StepOptions, mesh, state_shardings, distill=None) -> Callable:
     """The jitted step (state, batch) -> (state, metrics); `state` is donated. distill: a `train.distill.Distillation`
@@ -180,8 +188,9 @@ def make_train_step(graphdef, schedule, loss_cfg: LossConfig, tx, lr_fn: Callabl
         return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,),
                        compiler_options=parallel.step_compiler_options(mesh))
-    teacher = jax.device_put(teacher, state_shardings.params)
-    jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, state_shardings.params),
+    teacher_shardings = restrict(state_shardings.params, teacher)   # it may lack a student's guidance projection
+    teacher = jax.device_put(teacher, teacher_shardings)
+    jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, teacher_shardings),
                      out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,),
                      compiler_options=parallel.step_compiler_options(mesh))
     return lambda state, batch: jitted(state, batch, teacher)

@@ -56,6 +56,28 @@ def test_consistency_distillation_from_a_teacher_workdir_samples_in_one_and_two_
     assert x.shape == (4, 8, 8, 1) and np.all(np.isfinite(x))
 
 
+def test_a_guidance_distilled_student_and_its_progressive_round_take_w_as_input(tmp_path, trained_workdir, capsys):
+    """Meng et al. 2023: stage one learns the guided teacher with w as input; stage two halves its steps, teacher and
+    student both taking w, which reaches the network when it samples."""
+    takes_w = ["model.guidance_embed_dim=8", "distill.w_min=1", "distill.w_max=4", "optim.warmup_steps=0"]
+    guided, pd = tmp_path / "guided", tmp_path / "pd"
+    assert main(train_argv(guided, "distill.method=guidance", f"distill.teacher={trained_workdir}",
+                           "distill.num_scales=8", *takes_w, steps=2)) == 0, capsys.readouterr().err
+    round_two = ["distill.method=progressive", "distill.student_steps=2", f"distill.teacher={guided}"]
+    assert main(train_argv(pd, *round_two)) == 2                      # a student of a w-teacher must take w
+    assert "takes the guidance weight as input (model.guidance_embed_dim=8); its student must too" in \
+        capsys.readouterr().err
+    assert main(train_argv(pd, *round_two, *takes_w, steps=2)) == 0, capsys.readouterr().err
+    x = {}
+    for w in (1, 3):    # w reaches the network through the CLI (its guidance projection moved off zero in training)
+        out = tmp_path / f"w{w}.npz"
+        assert main(["sample", "--workdir", str(pd), "--sampler", "ddim", "--steps", "2", "--spacing", "trailing",
+                     "--guidance-scale", str(w), "--num", "4", "--out", str(tmp_path / f"w{w}.png"), "--npz",
+                     str(out)]) == 0, capsys.readouterr().err
+        x[w] = np.load(out)["x"]
+    assert x[3].shape == (4, 8, 8, 1) and np.all(np.isfinite(x[3])) and not np.array_equal(x[1], x[3])
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["distill.method=progressive", "distill.student_steps=2", "distill.teacher={missing}"],
      "distill.teacher={missing!r}"),

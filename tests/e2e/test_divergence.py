@@ -43,6 +43,7 @@ def small_v_model(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow    # about a minute: trains 500 steps first
 def test_no_diverged_ode_samples_on_a_small_v_model(small_v_model, tmp_path, capsys):
     from diffusion_jax.cli.main import main
 

@@ -122,20 +122,24 @@ def test_latent_run_trains_on_cached_latents_and_generates(ldm_dir, vae_dir):
 
 
 def test_a_latent_consistency_model_distils_from_the_latent_run_and_generates(ldm_dir, tmp_path):
-    """Consistency distillation on the text-conditioned latent run (LCM's setting, without guidance in the student):
-    the teacher is the latent workdir, the student shares its VAE, text encoder and captions."""
+    """Latent consistency distillation with guidance in the student (LCM, Luo et al. 2023): the teacher is the
+    latent workdir, guided in its one-step ODE solver at w ~ U[2, 8] (two branches, the empty caption's context for
+    the unconditional one); the student takes w as input and shares the teacher's VAE, text encoder and captions."""
     teacher, exp = ldm_dir
     overrides = [f"latent.vae_workdir={exp.latent.vae_workdir}", "distill.method=consistency_distillation",
                  f"distill.teacher={teacher}", "distill.num_scales=4", "distill.solver=ddim", "train.steps=2",
-                 "train.ckpt_every=2", "train.sample_steps=1"]
+                 "train.ckpt_every=2", "train.sample_steps=1", "model.guidance_embed_dim=8", "distill.w_min=2",
+                 "distill.w_max=8"]
     student = str(tmp_path / "lcm")
     train_and_evaluate(load_experiment("configs/latent_fashion_mnist.py:debug", overrides)[0], student,
                        progress=False)
     model = load_text_to_image(student)
     assert model.pipe.consistency is not None and model.pipe.consistency.sigma_min == 0.0
-    spec = SamplerSpec("consistency", 2, spacing="trailing", clip_denoised=None)   # denoise, re-noise, denoise
+    assert model.pipe.guidance_input
+    spec = SamplerSpec("consistency", 2, spacing="trailing", clip_denoised=None,   # denoise, re-noise, denoise
+                       guidance_scale=4.0)
     images, nfe = generate(model, ["a photo of a 3", "a 7"], spec, seed=1)
-    assert images.shape == (2, 16, 16, 1) and nfe == 2 and np.all(np.isfinite(images))
+    assert images.shape == (2, 16, 16, 1) and nfe == 2 and np.all(np.isfinite(images))   # w as input: one branch
 
 
 def test_latent_config_errors_name_the_key(vae_dir):

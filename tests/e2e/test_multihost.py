@@ -65,6 +65,7 @@ def _losses(workdir):
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
+@pytest.mark.slow    # about a minute: five JAX processes (two pairs over gloo, one with two devices)
 def test_two_processes_train_save_and_resume_like_one_process_with_two_devices(tmp_path):
     from diffusion_jax.train.checkpoint import Checkpointer, load_trained
 

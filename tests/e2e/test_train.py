@@ -27,6 +27,7 @@ def test_end_to_end_tiny_run(trained_workdir):
         assert json.load(f)["model"]["channels"] == 8
 
 
+@pytest.mark.slow    # about a minute: a JAX process with eight devices compiling DP, FSDP and DiT steps
 def test_eight_fake_devices_give_the_same_loss_update_and_samples():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     script = os.path.join(os.path.dirname(__file__), "_multidevice.py")

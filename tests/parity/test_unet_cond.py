@@ -41,7 +41,7 @@ TINY_A = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=
               cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8)
 TINY_B = dict(TINY_A, use_linear_projection=True, attention_head_dim=(2, 4), transformer_layers_per_block=2,
               num_class_embeds=3, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
-              mid_block_scale_factor=2.0, center_input_sample=True, upcast_attention=True,
+              mid_block_scale_factor=2.0, center_input_sample=True, upcast_attention=True, time_cond_proj_dim=7,
               down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
 RTOL = 1e-4  # parity tolerance, relative to the largest magnitude of the reference output
@@ -72,7 +72,7 @@ def test_functional_split_has_only_params(abstract):
 
 
 @pytest.mark.parametrize("key, value", [
-    ("addition_embed_type", "text"), ("time_cond_proj_dim", 8), ("encoder_hid_dim", 32),
+    ("addition_embed_type", "text"), ("encoder_hid_dim", 32),
     ("dual_cross_attention", True), ("attention_type", "gated"), ("resnet_time_scale_shift", "scale_shift"),
     ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"), ("class_embed_type", "timestep"),
     ("only_cross_attention", [True, False, False, False]), ("num_attention_heads", 8), ("act_fn", "gelu"),
@@ -95,6 +95,10 @@ def test_call_convention_errors(abstract):
         model(x, t, None, jnp.zeros((2, 3, 8)))
     with pytest.raises(ValueError, match="pass labels y"):
         labelled(x, t, None, ctx)
+    with pytest.raises(ValueError, match=r"time_cond_proj_dim=7\); pass guidance of shape"):
+        labelled(x, t, jnp.zeros((2,), jnp.int32), ctx)
+    with pytest.raises(ValueError, match="does not take one"):
+        model(x, t, None, ctx, guidance=jnp.ones((2,)))
 
 
 # ---------------------------------------------------------------- parity with diffusers (PyTorch)
@@ -124,14 +128,28 @@ def _inputs(config, shape, seed=1):
     return x, t, y, ctx
 
 
+def _guidance(config):
+    """(our guidance w (2,), diffusers' timestep_cond: its LCM pipeline's embedding of w - 1) or ({}, {})."""
+    if config.time_cond_proj_dim is None:
+        return {}, {}
+    torch, _ = need("torch", "diffusers")
+    from diffusers import LatentConsistencyModelPipeline
+
+    w = np.array([1.0, 7.5], np.float32)
+    emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.tensor(w - 1.0),
+                                                                      config.time_cond_proj_dim)
+    return {"guidance": jnp.asarray(w)}, {"timestep_cond": emb.numpy()}
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("name, shape", [("A", (16, 16)), ("A", (15, 10)), ("B", (16, 16))])
 def test_parity_with_diffusers(models, name, shape):
     """Same inputs -> same outputs (NCHW <-> NHWC); (15, 10) exercises diffusers' odd-size upsampling."""
     ref, config, params, apply = models[name]
     x, t, y, ctx = _inputs(config, shape)
-    ours = np.asarray(apply(params, x, t, None if y is None else jnp.asarray(y), ctx))
-    theirs = run_nhwc(ref, x, t, ctx, class_labels=y)
+    ours_w, theirs_w = _guidance(config)       # B: LCM's guidance-conditioned time embedding (time_cond_proj_dim)
+    ours = np.asarray(apply(params, x, t, None if y is None else jnp.asarray(y), ctx, **ours_w))
+    theirs = run_nhwc(ref, x, t, ctx, class_labels=y, **theirs_w)
     assert ours.shape == theirs.shape == (2, *shape, config.out_channels)
     rel = assert_rel_close(ours, theirs, RTOL, f"UNet2DConditionModel parity {name} {shape}")
     print(f"UNet2DConditionModel parity {name} {shape}: relative error {rel:.2e}")

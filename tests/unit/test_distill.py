@@ -188,3 +188,105 @@ def test_an_adapter_run_is_not_distilled_itself(tmp_path):
     with pytest.raises(ValueError, match="model.name='lora', an adapter of a base run: distil the base run"):
         load_experiment("configs/lora_digits.py", [f"model.base_workdir={tmp_path}", "distill.teacher=/x",
                                                    "distill.method=consistency_distillation"])
+
+
+# ------------------------------------------------------------------ guidance distillation (Meng et al. 2023)
+def _class_testbed(schedule):
+    """Two classes of 64-dim Gaussian data and their mixture (the null class 10 of the digits config): the exact x0
+    of each, as a network apply(params, x, t, y) would return it."""
+    mus = 0.5 * jax.random.normal(jax.random.PRNGKey(6), (2, 64))
+    per_class = [discrete_denoise_fn(GaussianMixture.create([1.0], mus[k:k + 1], 0.3), schedule, "x0")
+                 for k in range(2)]
+    mixture = discrete_denoise_fn(GaussianMixture.create([0.5, 0.5], mus, 0.3), schedule, "x0")
+
+    def teacher(params, x, t, y=None, context=None, train=False, dropout_key=None):
+        yb = jnp.reshape(y, (-1, 1, 1, 1))
+        return jnp.where(yb == 0, per_class[0](x, t), jnp.where(yb == 1, per_class[1](x, t), mixture(x, t)))
+    return mus, teacher
+
+
+def _guided(teacher, params, x, t, y, w):
+    """The classifier-free guided x0 of the testbed at w (B,): uncond + w (cond - uncond)."""
+    cond, uncond = teacher(params, x, t, y), teacher(params, x, t, jnp.full_like(y, 10))
+    return uncond + jnp.reshape(w, (-1, 1, 1, 1)) * (cond - uncond)
+
+
+def test_guidance_distillation_learns_the_classifier_free_guided_teacher_on_the_exact_testbed():
+    """A student x0 = cond + a (w - 1) (cond - uncond) holds the guided teacher at a = 1 only: the objective is zero
+    there, positive at a = 0 (the conditional teacher), and gradient descent from a = 0 finds a = 1."""
+    from diffusion_jax.train.distill import make_distillation
+
+    exp = load_experiment(DIGITS + ":debug", ["loss.prediction=x0", "loss.cond_drop_prob=0.0",
+                                              "distill.method=guidance", "distill.teacher=exact",
+                                              "model.guidance_embed_dim=8", "distill.num_scales=1000",
+                                              "distill.w_min=1", "distill.w_max=4"])[0]
+    schedule = build_schedule(exp.schedule)
+    mus, teacher = _class_testbed(schedule)
+
+    def apply_fn(params, x, t, y=None, context=None, train=False, dropout_key=None, guidance=None):
+        return _guided(teacher, params, x, t, y, 1.0 + params["a"] * (guidance - 1.0))
+
+    distill = make_distillation(exp, schedule, teacher_params={"exact": jnp.zeros(())}, teacher_apply=teacher)
+    labels = jnp.arange(256) % 2
+    data = mus[labels] + 0.3 * jax.random.normal(jax.random.PRNGKey(3), (256, 64))
+    batch = {"image": data.reshape(256, 8, 8, 1), "label": labels}
+
+    @jax.jit
+    def loss_and_grad(a, key):
+        return jax.value_and_grad(lambda a: distill.objective(apply_fn, {"a": a}, batch, key, step=0,
+                                                              teacher=distill.teacher_params)[0])(a)
+
+    at_one, at_zero = loss_and_grad(1.0, jax.random.PRNGKey(0))[0], loss_and_grad(0.0, jax.random.PRNGKey(0))[0]
+    assert at_one < 1e-8 * at_zero and at_zero > 0
+    a, tx = jnp.zeros(()), optax.adam(0.05)
+    opt = tx.init(a)
+    for k in range(150):
+        _, g = loss_and_grad(a, jax.random.PRNGKey(k))
+        updates, opt = tx.update(g, opt)
+        a = optax.apply_updates(a, updates)
+    assert abs(float(a) - 1.0) < 0.05
+
+
+def test_a_student_taking_w_samples_in_one_branch_what_two_branch_guidance_gives():
+    """network_denoise_fn(w=...) hands w to the network (guidance=w (B,)) and guidance_of turns the two-branch
+    guidance off: the exact guided student at w = 3 samples what the teacher's two-branch guidance at w = 3 does."""
+    from diffusion_jax.inference.sampling import SamplerSpec, guidance_of, network_denoise_fn
+    from diffusion_jax.samplers import Guidance
+
+    schedule = build_schedule(load_experiment(DIGITS + ":debug")[0].schedule)
+    _, teacher = _class_testbed(schedule)
+    y = jnp.arange(8) % 2
+
+    def student(params, x, t, y=None, context=None, guidance=None):
+        return _guided(teacher, params, x, t, y, guidance)
+
+    spec = SamplerSpec("ddim", steps=6, spacing="trailing", clip_denoised=None, guidance_scale=3.0)
+    guidance, w = guidance_of(spec, True)
+    assert not guidance.active and w == 3.0
+    run = dict(steps=6, prediction="x0", spacing="trailing", x_T=jax.random.normal(jax.random.PRNGKey(1), (8, 8, 8, 1)))
+    one, info_one = run_sampler("ddim", network_denoise_fn(student, {}, y, channels=1, w=w), schedule, None,
+                                (8, 8, 8, 1), **run)
+    two, info_two = run_sampler("ddim", network_denoise_fn(teacher, {}, y, channels=1), schedule, None, (8, 8, 8, 1),
+                                guidance=Guidance(3.0), uncond_fn=network_denoise_fn(teacher, {}, jnp.full_like(y, 10),
+                                                                                     channels=1), **run)
+    np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-5)
+    assert int(info_one["nfe"]) == int(info_two["nfe"]) == 6     # denoiser evaluations: 6 vs 12 network calls
+    with pytest.raises(ValueError, match="guidance_rescale=0.5 rescales two-branch guidance"):
+        guidance_of(SamplerSpec("ddim", guidance_scale=3.0, guidance_rescale=0.5), True)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.guidance_embed_dim=8"], "a network that takes the guidance weight w is a distilled student"),
+    (["distill.method=guidance", "distill.teacher=/x"], "set model.guidance_embed_dim"),
+    (["distill.method=consistency_training", "schedule.kind=edm", "loss.prediction=edm",
+      "model.guidance_embed_dim=8"], "set distill.method to one of"),
+    (["distill.w_min=3", "distill.w_max=2"], "0 <= w_min <= w_max"),
+    (["model.guidance_embed_dim=0", "distill.method=guidance", "distill.teacher=/x"],
+     "model.guidance_embed_dim=0 must be a positive int"),
+])
+def test_bad_guidance_distillation_configs_name_the_key(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_experiment(DIGITS + ":debug", overrides)
+    with pytest.raises(ValueError, match="classifier-free guidance needs a conditional model"):
+        maths.check_distill(maths.DistillConfig(method="guidance", teacher="/x"), "discrete", "v",
+                            guidance_embed_dim=8, conditional=False)

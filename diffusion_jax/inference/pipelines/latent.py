@@ -33,10 +33,9 @@ from diffusion_jax.inference.editing.api import default_mask
 from diffusion_jax.inference.editing.known import known
 from diffusion_jax.inference.editing.projection import sample_known
 from diffusion_jax.inference.editing.sdedit import check_strength, img2img
-from diffusion_jax.inference.sampling import SamplerSpec, network_denoise_fn, run_spec
+from diffusion_jax.inference.sampling import SamplerSpec, guidance_of, network_denoise_fn, run_spec
 from diffusion_jax.models.functional import make_apply_fn
 from diffusion_jax.models.vae import VAEConfig, decode, encode, from_diffusion_latents, to_diffusion_latents
-from diffusion_jax.samplers import Guidance
 
 TASKS = ("txt2img", "img2img", "inpaint", "outpaint")
 
@@ -52,6 +51,8 @@ class LatentPipeline:
       continuous one from `process/sde.py`); prediction: what the U-Net predicts ("eps", "v", "x0", "edm", ...).
     consistency: a latent consistency model's `objectives.distill.ConsistencyParam` (config.consistency_of), whose
       x0-hat is its consistency function (txt2img only); None for a diffusion model.
+    guidance_input: the U-Net takes the guidance weight w as input (a guidance-distilled student, LCM's
+      time_cond_proj_dim): the spec's guidance_scale goes to it and each step calls it once, without null_context.
     """
 
     unet_graphdef: Any
@@ -59,6 +60,7 @@ class LatentPipeline:
     schedule: Any
     prediction: str = "eps"
     consistency: Any = None
+    guidance_input: bool = False
 
     def latent_shape(self, num: int, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
         """(num, H / f, W / f, latent_channels) for images of image_size (H, W); both must divide by f."""
@@ -127,7 +129,7 @@ def make_pipeline(pipe: LatentPipeline, spec: SamplerSpec, task: str = "txt2img"
         raise ValueError(f"a diffusers scheduler config (scheduler_config) samples task 'txt2img' only, got {task!r}")
     shape = pipe.latent_shape(num, image_size)
     factor = pipe.vae.downsample_factor
-    guidance = Guidance(spec.guidance_scale, spec.guidance_rescale)
+    guidance, w = guidance_of(spec, pipe.guidance_input)
     sharding = None
     if mesh is not None:
         parallel.check_divisible(num, mesh, "the number of images", hint="fewer devices")
@@ -142,7 +144,7 @@ def make_pipeline(pipe: LatentPipeline, spec: SamplerSpec, task: str = "txt2img"
 
         def net(ctx, control=control):
             return network_denoise_fn(apply, params["unet"], None, channels=shape[-1], sharding=sharding,
-                                      schedule=pipe.schedule, context=ctx, control=control)
+                                      schedule=pipe.schedule, context=ctx, control=control, w=w)
 
         uncond = net(null_context, None if guess_mode else control) if guidance.active else None
         nfe = jnp.zeros((), jnp.int32)

@@ -100,7 +100,7 @@ def _pad_token(folder: str) -> str:
 def _assemble(configs: dict, params: dict, tokenizer: CLIPTokenizer) -> TextToImage:
     unet, vae, text = configs["unet"], configs["vae"], configs["text"]
     pipe = LatentPipeline(unet_cond_graphdef(unet), vae, make_schedule(**configs["schedule"]),
-                          prediction=configs["prediction"])
+                          prediction=configs["prediction"], guidance_input=unet.time_cond_proj_dim is not None)
     text_graphdef = abstract_params(lambda rngs: CLIPTextModel(text, rngs=rngs))[0]
     encode = clip_prompt_encoder(tokenizer, text_graphdef, params["text"], text.max_position_embeddings)
     size = (unet.sample_size or 64) * vae.downsample_factor
@@ -186,8 +186,11 @@ def generate(model: TextToImage, prompts: list[str], spec: SamplerSpec, *, task:
     size = tuple(image_size or model.image_size)
     run = make_pipeline(model.pipe, spec, task, num=len(prompts), image_size=size, strength=strength, mesh=mesh,
                         guess_mode=guess_mode)
+    if negative_prompt and model.pipe.guidance_input:
+        raise ValueError(f"negative_prompt={negative_prompt!r}: this U-Net takes the guidance weight as input (a "
+                         "guidance-distilled student) and runs no unconditional branch to embed it in")
     context = model.encode(prompts)
-    null = model.encode([negative_prompt]) if spec.guidance_scale != 1.0 else None
+    null = model.encode([negative_prompt]) if spec.guidance_scale != 1.0 and not model.pipe.guidance_input else None
     return run(model.params, jax.random.PRNGKey(seed), context, null, image=image, mask=mask, latents=latents,
                control=control)
 
