@@ -26,7 +26,8 @@ RUNS = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(RUNS))
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k == "vdm" else k   # vdm: ~40 s
+                                  for k in sorted(RUNS)])
 def test_continuous_run_trains_samples_and_loads(tmp_path, kind):
     exp = load_experiment(DIGITS + ":debug", TINY + ["train.sample_steps=4"] + RUNS[kind])[0]
     train_and_evaluate(exp, str(tmp_path), progress=False)

@@ -56,6 +56,7 @@ def test_consistency_distillation_from_a_teacher_workdir_samples_in_one_and_two_
     assert x.shape == (4, 8, 8, 1) and np.all(np.isfinite(x))
 
 
+@pytest.mark.slow    # about 40 s: two distillation runs and two sampling runs through the CLI
 def test_a_guidance_distilled_student_and_its_progressive_round_take_w_as_input(tmp_path, trained_workdir, capsys):
     """Meng et al. 2023: stage one learns the guided teacher with w as input; stage two halves its steps, teacher and
     student both taking w, which reaches the network when it samples."""

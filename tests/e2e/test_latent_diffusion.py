@@ -121,6 +121,7 @@ def test_latent_run_trains_on_cached_latents_and_generates(ldm_dir, vae_dir):
     assert os.stat(cache).st_mtime_ns == before and source.image_shape == (8, 8, 4)
 
 
+@pytest.mark.slow    # about 35 s: latent consistency distillation with a two-branch teacher
 def test_a_latent_consistency_model_distils_from_the_latent_run_and_generates(ldm_dir, tmp_path):
     """Latent consistency distillation with guidance in the student (LCM, Luo et al. 2023): the teacher is the
     latent workdir, guided in its one-step ODE solver at w ~ U[2, 8] (two branches, the empty caption's context for

@@ -86,6 +86,7 @@ def _mtimes(root, pattern_dirs):
     return out
 
 
+@pytest.mark.slow    # about 30 s: two training runs and their evaluations through the sweep CLI
 def test_two_cell_sweep_runs_and_resumes(capsys, tmp_path, cache_dir, monkeypatch):
     monkeypatch.setenv("DIFFUSION_JAX_CACHE", cache_dir)
     root = tmp_path / "sweep"

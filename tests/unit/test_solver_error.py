@@ -71,6 +71,7 @@ def test_zero_terminal_snr_refused_on_linspace():
         solver_error.testbed_panel(ErrorSpec(spacing="linspace", num=4), schedule, progress=False)
 
 
+@pytest.mark.slow    # about 30 s: a compare run with the solver-error panels (reference solves included)
 def test_compare_with_solver_error_panels(capsys, trained_workdir, tmp_path, metrics_cache):
     """`compare --solver-error-nfe` on the tiny run: both panels, the tables, the CSVs and the plot; the model's
     reference agrees with the 10x-tolerance solve; stochastic and option variants are left out."""
