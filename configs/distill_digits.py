@@ -22,8 +22,8 @@
 
 A student shares its teacher's model, schedule and loss.prediction (train refuses a teacher that differs, naming the
 key) and starts from its EMA weights; each run resumes like any other. The argument picks the method: "progressive",
-"cd", "ct", "guidance" or "guided-pd"; add ",debug" (e.g. "cd,debug") for a smoke test on a configs/digits.py:debug
-teacher.
+"cd", "ct", "guidance", "guided-pd" or "guided-cd"; add ",debug" (e.g. "cd,debug") for a smoke test on a
+configs/digits.py:debug teacher.
 """
 import os
 
@@ -32,10 +32,12 @@ import ml_collections
 from diffusion_jax.config import load_config_file
 
 METHODS = {"progressive": "progressive", "cd": "consistency_distillation", "ct": "consistency_training",
-           "guidance": "guidance", "guided-pd": "progressive"}
+           "guidance": "guidance", "guided-pd": "progressive",
+           "guided-cd": "consistency_distillation"}
 # A student taking the guidance weight w as input (Meng et al. 2023): "guidance" learns the teacher's classifier-free
 # guided prediction for w ~ U[W_RANGE] ("stage one"), "guided-pd" is a progressive round of such a student (w given to
-# teacher and student alike, "stage two").
+# teacher and student alike, "stage two"), "guided-cd" consistency distillation with the teacher's one ODE step guided
+# at the student's w (LCM, Luo et al. 2023).
 W_STUDENT = {"guidance_embed_dim": 64}
 W_RANGE = (1.0, 4.0)
 DIGITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py")
@@ -52,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill = dict(method=METHODS[method], teacher=None, student_steps=16 if pd else 0, spacing="trailing",
                      num_scales=1000 if method == "guidance" else 32, solver="heun", w_min=W_RANGE[0],
                      w_max=W_RANGE[1])
-    if method in ("guidance", "guided-pd"):
+    if method.startswith("guid"):
         c.model.update(W_STUDENT)
     if method == "ct":   # from scratch on EDM's levels, the teacher's recipe otherwise
         c.schedule = dict(kind="edm", name="cosine", num_timesteps=1000)
@@ -61,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     else:                # fine-tuning from the teacher's weights: a smaller, decaying rate without warmup
         c.optim.learning_rate, c.optim.warmup_steps = 5e-4, 0
         c.train.steps = 20 if debug else (1000 if method in ("progressive", "guidance", "guided-pd") else 2500)
-    c.sample.sampler = "ddim" if method in ("progressive", "guidance", "guided-pd") else "consistency"
+    c.sample.sampler = "consistency" if METHODS[method].startswith("consistency") else "ddim"
     c.sample.steps = c.distill.get_ref("student_steps") if pd else (50 if method == "guidance" else 1)
     c.sample.clip_denoised = 0.0
     c.lock()

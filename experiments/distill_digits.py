@@ -16,6 +16,8 @@ students' recipes are configs/distill_digits.py's):
   guided    guidance distillation (Meng et al. 2023, stage one): the teacher's uncond + w (cond - uncond) learned by a
             student with w as input (w ~ U[1, 4], all 1000 levels), --guided-steps updates from the teacher's weights
   guided-pd-N  stage two: progressive rounds 32 -> 16 -> 8 -> 4 steps of the guided student, w given to both
+  guided-cd consistency distillation of a student taking w (LCM, Luo et al. 2023): the teacher's one Heun step guided
+            at the student's w ~ U[1, 4] (two branches), --cd-steps updates from the teacher's weights
 Every cell samples the same --num standard-normal x_T (EDM's scaled by sigma_max) with balanced labels (i mod 10),
 no clipping; guidance only in the cells marked w (two branches for the teacher, an input for the guided students).
 Per cell: FD on the digits classifier's features against the held-out split (balanced reference statistics, stratified
@@ -50,7 +52,9 @@ PAIRED = [("pd-4", "DDIM 4", "teacher", "DDIM 50"), ("pd-8", "DDIM 8", "teacher"
           ("guided-pd-8", "DDIM 8 w=2", "teacher", "DDIM 50 w=2"), ("guided-pd-4", "DDIM 4 w=2", "teacher",
                                                                     "DDIM 50 w=2"),
           ("guided-pd-4", "DDIM 4 w=3", "teacher", "DDIM 50 w=3"), ("guided-pd-4", "DDIM 4 w=2", "teacher",
-                                                                    "DDIM 8 w=2")]
+                                                                    "DDIM 8 w=2"),
+          ("guided-cd", "CM 1 w=2", "teacher", "DDIM 50 w=2"), ("guided-cd", "CM 1 w=2", "guided-pd-4", "DDIM 4 w=2"),
+          ("guided-cd", "CM 1 w=1", "cd", "CM 1")]
 
 
 def config_of(name: str, args) -> tuple[str, list[str]]:
@@ -66,6 +70,8 @@ def config_of(name: str, args) -> tuple[str, list[str]]:
         return DISTILL + ":cd", [f"distill.teacher={args.teacher}", f"train.steps={args.cd_steps}"]
     if name == "guided":
         return DISTILL + ":guidance", [f"distill.teacher={args.teacher}", f"train.steps={args.guided_steps}"]
+    if name == "guided-cd":
+        return DISTILL + ":guided-cd", [f"distill.teacher={args.teacher}", f"train.steps={args.cd_steps}"]
     if name.startswith("guided-pd-"):
         n = int(name[len("guided-pd-"):])
         teacher = os.path.join(args.root, "guided" if n == GUIDED_PD[0] else f"guided-pd-{2 * n}")
@@ -102,7 +108,9 @@ def cells_of(name: str, exp) -> list[tuple[str, str, str, int, float]]:
         if not takes_w:
             return [(f"DDIM {n}", "ddim", exp.distill.spacing, n, 1.0) for n in steps]
         return [(f"DDIM {n} w={w:g}", "ddim", exp.distill.spacing, n, w) for w in W_STUDENT for n in steps]
-    return [(f"CM {n}", "consistency", exp.distill.spacing, n, 1.0) for n in (1, 2)]
+    ws = W_STUDENT if takes_w else (1.0,)
+    return [(f"CM {n}" + (f" w={w:g}" if takes_w else ""), "consistency", exp.distill.spacing, n, w) for w in ws
+            for n in (1, 2)]
 
 
 def evaluate(row: dict, noise, labels, scorer, args) -> tuple[list[dict], dict]:
@@ -170,7 +178,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
     names = (["teacher"] + [f"pd-{PD_FIRST >> k}" for k in range(PD_FIRST.bit_length())] + ["cd", "ct", "guided"]
-             + [f"guided-pd-{n}" for n in GUIDED_PD])
+             + [f"guided-pd-{n}" for n in GUIDED_PD] + ["guided-cd"])
     models = [train(name, args) for name in names]
     scorer = Scorer.for_experiment(load_experiment(BASE)[0], progress=not args.no_progress)
     noise = np.asarray(jax.random.normal(jax.random.PRNGKey(2026), (args.num, 8, 8, 1)))

@@ -39,10 +39,10 @@ import numpy as np
 
 from diffusion_jax.config import Experiment, build_schedule, consistency_of
 from diffusion_jax.inference.sampling import network_denoise_fn
+from diffusion_jax.models.layers import GUIDANCE_PARAM
 from diffusion_jax.objectives import distill as maths
 from diffusion_jax.objectives.discrete import mean_flat, read_batch
 from diffusion_jax.samplers.registry import get_entry, get_sampler, make_grid
-from diffusion_jax.models.layers import GUIDANCE_PARAM
 from diffusion_jax.samplers.wrapper import guide, make_denoiser
 
 

@@ -290,3 +290,18 @@ def test_bad_guidance_distillation_configs_name_the_key(overrides, match):
     with pytest.raises(ValueError, match="classifier-free guidance needs a conditional model"):
         maths.check_distill(maths.DistillConfig(method="guidance", teacher="/x"), "discrete", "v",
                             guidance_embed_dim=8, conditional=False)
+
+
+@pytest.mark.parametrize("method", ["progressive", "cd", "ct", "guidance", "guided-pd", "guided-cd"])
+def test_the_digits_distillation_recipes_load_and_validate(method):
+    """configs/distill_digits.py's recipes (experiments/distill_digits.py runs them): each one's method, and the
+    guidance weight as an input exactly for the guided ones."""
+    teacher = [] if method == "ct" else ["distill.teacher=/x"]
+    for arg in (method, method + ",debug"):
+        exp = load_experiment(f"configs/distill_digits.py:{arg}", teacher)[0]
+        assert (exp.model.guidance_embed_dim is not None) == method.startswith("guid")
+        assert exp.distill.method == {"progressive": "progressive", "cd": "consistency_distillation",
+                                      "ct": "consistency_training", "guidance": "guidance",
+                                      "guided-pd": "progressive", "guided-cd": "consistency_distillation"}[method]
+    with pytest.raises(ValueError, match="takes one of"):
+        load_experiment("configs/distill_digits.py:lcm")
