@@ -321,13 +321,19 @@ def consistency_of(exp: Experiment) -> ConsistencyParam | None:
     return ConsistencyParam(float(s_min), exp.distill.sigma_data)
 
 
+def takes_w(exp: Experiment) -> bool:
+    """Whether the run's network takes the guidance weight w as input (model.guidance_embed_dim: a
+    guidance-distilled student)."""
+    return getattr(exp.model, "guidance_embed_dim", None) is not None
+
+
 def sampling_kwargs(exp: Experiment) -> dict:
     """The keywords `inference.sampling.make_sample_fn` takes from a trained run: how to read its output
     (loss.prediction, model.learn_sigma, a consistency model's parameterization), its classes (the null class of
     guidance) and whether the network takes the guidance weight w as input (a guidance-distilled student)."""
     m = exp.model
     return dict(prediction=exp.loss.prediction, learn_sigma=m.learn_sigma, num_classes=m.num_classes,
-                consistency=consistency_of(exp), guidance_input=getattr(m, "guidance_embed_dim", None) is not None)
+                consistency=consistency_of(exp), guidance_input=takes_w(exp))
 
 
 def build_section(name: str, klass, values, *, check_types: bool = True):

@@ -78,6 +78,11 @@ def guidance_embedding(w: jax.Array, dim: int) -> jax.Array:
 GUIDANCE_PARAM = "cond_proj"   # the name of the guidance projection in every network that takes w (diffusers')
 
 
+def is_guidance_param(path) -> bool:
+    """Whether a params key path (`jax.tree_util` keys) lies in a guidance projection (GUIDANCE_PARAM)."""
+    return any(getattr(k, "key", None) == GUIDANCE_PARAM for k in path)
+
+
 def guidance_projection(dim: int, out: int, rngs: nnx.Rngs) -> nnx.Linear:
     """The Linear without bias (dim -> out) that adds `guidance_embedding(w, dim)` to a network's time sinusoids
     (diffusers' `cond_proj`, LCM). Zero-initialised: a student built from its teacher's weights starts as the

@@ -37,9 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.config import Experiment, build_schedule, consistency_of
+from diffusion_jax.config import Experiment, build_schedule, consistency_of, takes_w
 from diffusion_jax.inference.sampling import network_denoise_fn
-from diffusion_jax.models.layers import GUIDANCE_PARAM
+from diffusion_jax.models.layers import is_guidance_param
 from diffusion_jax.objectives import distill as maths
 from diffusion_jax.objectives.discrete import mean_flat, read_batch
 from diffusion_jax.samplers.registry import get_entry, get_sampler, make_grid
@@ -110,11 +110,6 @@ def check_teacher(exp: Experiment, teacher: Experiment) -> None:
                          f"{t.student_steps // 2}, distill.spacing={t.spacing!r}")
 
 
-def takes_w(exp: Experiment) -> bool:
-    """Whether the run's network takes the guidance weight as input (model.guidance_embed_dim)."""
-    return getattr(exp.model, "guidance_embed_dim", None) is not None
-
-
 def check_guided_teacher(exp: Experiment, teacher: Experiment) -> None:
     """A student taking w learns a teacher taking w (the same width) or a classifier-free guided one (trained with
     dropped labels / captions); a student without w cannot learn a teacher that needs it."""
@@ -169,8 +164,7 @@ def load_teacher(exp: Experiment):
 
 def params_take_w(params) -> bool:
     """Whether a network's params hold a guidance projection (its model.guidance_embed_dim is set)."""
-    return any(any(getattr(k, "key", None) == GUIDANCE_PARAM for k in path)
-               for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+    return any(is_guidance_param(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
 
 
 def _batched(tree):

@@ -19,7 +19,7 @@ from diffusion_jax import parallel, viz
 from diffusion_jax.config import Experiment, build_schedule, learned_gamma, sampling_kwargs
 from diffusion_jax.data import load_source
 from diffusion_jax.data.conditions import ControlSource
-from diffusion_jax.models.layers import GUIDANCE_PARAM
+from diffusion_jax.models.layers import is_guidance_param
 from diffusion_jax.models.registry import backbone
 from diffusion_jax.inference.sampling import SamplerSpec, class_labels, make_sample_fn
 from diffusion_jax.train import runner
@@ -135,14 +135,11 @@ def init_params(run: str, fresh, load_params, key: str = "train.init_from"):
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{key}={run!r}: {e}") from e
     flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-    def guidance_param(path):
-        return any(getattr(k, "key", None) == GUIDANCE_PARAM for k in path)
-
-    new = key == "distill.teacher" and not any(map(guidance_param, flat))
+    new = key == "distill.teacher" and not any(map(is_guidance_param, flat))
     out = []
     for path, want in jax.tree_util.tree_flatten_with_path(fresh)[0]:
         got = flat.pop(path, None)
-        if got is None and new and guidance_param(path):
+        if got is None and new and is_guidance_param(path):
             got = want
         out.append(np.asarray(got, np.asarray(want).dtype) if got is not None else None)
         if got is None or np.shape(got) != np.shape(want):
