@@ -9,6 +9,9 @@ in EDM coordinates s = sigma / alpha, where s_end is the grid's last level (0 at
 when the grid stops at t_min) and z_i ~ N(0, I) from fold_in(key, i). NFE = K: every level but the last is evaluated.
 Any x0 predictor can be sampled this way (for a diffusion model it is a crude restart sampler); for a consistency
 model the levels are the ones it should be sampled at, e.g. "trailing": K = 2 re-noises to t_max / 2.
+
+diffusers' LCMScheduler (latent consistency models, Luo et al. 2023) is this algorithm on a clean-ended grid with its
+own consistency function of the discrete timestep t, `lcm_boundary`: f = c_skip(t) x_t + c_out(t) x0_hat.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 
 from diffusion_jax.samplers.checks import check_bool, check_key
 from diffusion_jax.samplers.euler import check_grid, with_trajectory
+from diffusion_jax.samplers.wrapper import eps_from_x0
 
 
 def multistep_consistency(denoiser, grid, x_T, key=None, *, return_trajectory: bool = False):
@@ -46,3 +50,19 @@ def multistep_consistency(denoiser, grid, x_T, key=None, *, return_trajectory: b
     if return_trajectory:
         traj = jnp.concatenate([y[None], traj])
     return y_last, {"nfe": K, **with_trajectory(x_T, traj, return_trajectory)}
+
+
+def lcm_boundary(denoiser, timestep_scaling: float, sigma_data: float = 0.5):
+    """The denoiser of a latent consistency model as diffusers' LCMScheduler reads its network: the consistency
+    function f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat, with c_skip = d^2 / ((k t)^2 + d^2) and
+    c_out = k t / sqrt((k t)^2 + d^2) of the discrete timestep t (k = timestep_scaling, d = sigma_data), after
+    `denoiser`'s clipping of x0_hat; eps_hat re-derived from f. Unlike `objectives.distill.ConsistencyParam` the skip
+    term is x_t itself, not x_t / alpha_t: LCM's choice (c_skip(t) < 1e-5 for t >= 19 at k = 10)."""
+    def den(x, t, alpha, sigma):
+        x0 = denoiser(x, t, alpha, sigma)[0]
+        kt = timestep_scaling * jnp.asarray(t, jnp.float32)
+        c_skip = sigma_data ** 2 / (kt ** 2 + sigma_data ** 2)
+        c_out = kt * jax.lax.rsqrt(kt ** 2 + sigma_data ** 2)
+        f = (c_skip * x + c_out * x0).astype(x.dtype)
+        return f, eps_from_x0(x, f, alpha, sigma)
+    return den

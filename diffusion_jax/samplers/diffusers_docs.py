@@ -77,7 +77,7 @@ def scheduler_markdown() -> str:
              f"every value below was imported at {STEPS} inference steps of 1000 (`sampler_from_diffusers`). A config "
              "key that is not an option of its class is listed and logged as ignored (diffusers ignores it too); "
              "`_class_name` and `_diffusers_version` change nothing. The numbers are checked against diffusers on a "
-             "grid of 333 configurations (tests/parity/test_scheduler_configs.py), the FlowMatch schedulers on 12 "
+             "grid of 348 configurations (tests/parity/test_scheduler_configs.py), the FlowMatch schedulers on 12 "
              f"more (tests/parity/test_flow_match.py); use_dynamic_shifting was imported with mu = {PROBE_MU}, which "
              "the pipeline computes from the image size and passes as `sampler_from_diffusers(..., mu=)`.", "",
              "| diffusers class | runs as | our solver |", "|---|---|---|"]

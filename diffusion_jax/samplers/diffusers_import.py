@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.samplers.consistency import lcm_boundary
 from diffusion_jax.samplers.diffusers_flow import FLOW_SCHEDULERS
 from diffusion_jax.samplers.diffusers_keys import Keys, Plan
 from diffusion_jax.samplers.diffusers_levels import betas_from_config
@@ -59,9 +60,10 @@ class ImportedScheduler:
 
     def denoiser(self, denoise_fn, *, guidance: Guidance | None = None, uncond_fn=None, pair_fn=None):
         p = self.plan
-        return make_denoiser(denoise_fn, p.prediction, clip_denoised=p.clip_denoised, threshold=p.threshold,
-                             rederive_eps=p.rederive_eps, guidance=guidance, uncond_fn=uncond_fn, pair_fn=pair_fn,
-                             learned_variance=p.learned_variance)
+        den = make_denoiser(denoise_fn, p.prediction, clip_denoised=p.clip_denoised, threshold=p.threshold,
+                            rederive_eps=p.rederive_eps, guidance=guidance, uncond_fn=uncond_fn, pair_fn=pair_fn,
+                            learned_variance=p.learned_variance)
+        return den if p.lcm is None else lcm_boundary(den, *p.lcm)
 
     def sample(self, denoise_fn, key, shape, *, noise=None, guidance: Guidance | None = None, uncond_fn=None,
                pair_fn=None):

@@ -26,6 +26,7 @@ class Plan:
     out_scale: float = 1.0
     learned_variance: bool = False
     edm_sigma_data: float | None = None    # an EDM scheduler: the network's EDM preconditioning has this sigma_data
+    lcm: tuple[float, float] | None = None  # LCMScheduler: (timestep_scaling, sigma_data) of consistency.lcm_boundary
     extra: dict = dataclasses.field(default_factory=dict)    # solver arguments that are not options (half_grid)
 
 

@@ -123,6 +123,24 @@ def pndm(c, K: int) -> Plan:
     return Plan("pndm", {}, grid, "eps", extra={"half_grid": lv.vp_grid(abar, half, 1.0)})
 
 
+def lcm(c, K: int) -> Plan:
+    """LCMScheduler: multistep consistency sampling (`consistency.multistep_consistency`) on K of the
+    original_inference_steps timesteps ((1 .. N) T // N - 1, descending, evenly spaced in index), re-noising to each
+    next one and returning the last denoised sample (a clean end, abar = 1), with its consistency function
+    `consistency.lcm_boundary` (timestep_scaling) applied after clipping."""
+    T, abar, _ = _table(c)
+    n = c.int("original_inference_steps", lo=1)
+    if n > T:
+        raise c.bad("original_inference_steps", f"must be at most num_train_timesteps={T}")
+    if K > n:
+        raise c.bad("original_inference_steps", f"caps LCMScheduler's inference steps (its timesteps are a subset "
+                    f"of these), got {K} steps")
+    origin = (np.arange(1, n + 1) * (T // n) - 1)[::-1]
+    ts = origin[np.floor(np.linspace(0, n, K, endpoint=False)).astype(np.int64)]
+    return Plan("consistency", {}, lv.vp_grid(abar, ts, 1.0), _prediction(c), rederive_eps=False,
+                lcm=(c.number("timestep_scaling"), 0.5), **_x0_post(c))
+
+
 # ------------------------------------------------------------------------------------- sigma schedulers (VE)
 def _euler_levels(c, K: int, *, kinds: bool = True, final_key: bool = False, round_karras: bool = False):
     """(timesteps (K,), sigmas (K + 1,)) of EulerDiscreteScheduler.set_timesteps and its siblings."""
@@ -397,6 +415,14 @@ SCHEDULERS: dict[str, Scheduler] = {
         lower_order_final=True), _FLOW_NEUTRAL),
 }
 
+SCHEDULERS["LCMScheduler"] = Scheduler(lcm, _d(
+    _BASE, _SD_BETAS, _CLIP, _X0, beta_schedule="scaled_linear", original_inference_steps=50, clip_sample=False,
+    set_alpha_to_one=True, timestep_spacing="leading", timestep_scaling=10.0, rescale_betas_zero_snr=False), {
+    "set_alpha_to_one": "sets the level after timestep 0, which LCM never steps to (its last step returns the "
+                        "denoised sample)",
+    "timestep_spacing": "not read by LCMScheduler.set_timesteps (original_inference_steps sets the timesteps)",
+    "steps_offset": "not read by LCMScheduler.set_timesteps (original_inference_steps sets the timesteps)"})
+
 _EDM = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "sigma_schedule": "karras",
         "num_train_timesteps": 1000, "prediction_type": "epsilon", "rho": 7.0}
 SCHEDULERS["EDMEulerScheduler"] = Scheduler(edm_euler, _d(_EDM, final_sigmas_type="zero"),
@@ -407,9 +433,8 @@ SCHEDULERS["EDMDPMSolverMultistepScheduler"] = Scheduler(edm_dpm_multistep, _d(
 
 SCHEDULERS.update({name: Scheduler(build, defaults, neutral) for name, (build, defaults, neutral) in
                    FLOW_SCHEDULERS.items()})
-_CONSISTENCY_WHY = "needs a consistency / latent-consistency model, not in diffusion_jax yet"
 REFUSED: dict[str, str] = {
-    "LCMScheduler": _CONSISTENCY_WHY,
-    "TCDScheduler": _CONSISTENCY_WHY,
+    "TCDScheduler": "(trajectory consistency distillation's strategic stochastic sampling) is not in diffusion_jax; "
+                    "LCMScheduler is",
     "KarrasVeScheduler": "was removed from diffusers",
 }

@@ -148,7 +148,8 @@ def _run_scheduler_config(workdir, tmp_path, name: str, **keys) -> str:
 
 def test_sample_with_a_diffusers_scheduler_config(capsys, trained_workdir, tmp_path):
     """--scheduler-config DDIMScheduler (leading, no clipping) gives our ddim's samples; EulerDiscreteScheduler runs as
-    euler; flags it decides, another noise schedule and refused classes are named errors (exit 2)."""
+    euler and LCMScheduler as consistency; flags it decides, another noise schedule and refused classes are named
+    errors (exit 2)."""
     ddim = _run_scheduler_config(trained_workdir, tmp_path, "DDIMScheduler", timestep_spacing="leading",
                                  clip_sample=False, steps_offset=0, set_alpha_to_one=True)
     common = ["sample", "--workdir", trained_workdir, "--steps", "3", "--num", "4", "--seed", "2"]
@@ -163,13 +164,16 @@ def test_sample_with_a_diffusers_scheduler_config(capsys, trained_workdir, tmp_p
     euler = _run_scheduler_config(trained_workdir, tmp_path, "EulerDiscreteScheduler", use_karras_sigmas=True)
     code, out = run(capsys, *common, "--scheduler-config", euler, "--out", str(tmp_path / "c.png"))
     assert code == 0 and "EulerDiscreteScheduler as euler" in out.out, out.err
+    lcm = _run_scheduler_config(trained_workdir, tmp_path, "LCMScheduler")      # any x0 predictor runs (a restart)
+    code, out = run(capsys, *common, "--scheduler-config", lcm, "--out", str(tmp_path / "e.png"))
+    assert code == 0 and "LCMScheduler as consistency" in out.out, out.err
     for extra, match in ((["--scheduler-config", ddim, "--sampler", "heun"], "--sampler: the --scheduler-config"),
                          (["--scheduler-config", _run_scheduler_config(
                              trained_workdir, tmp_path, "DDIMScheduler", trained_betas=[0.01] * 1000,
                              timestep_spacing="leading")],
                           "another noise schedule"),
-                         (["--scheduler-config", _run_scheduler_config(trained_workdir, tmp_path, "LCMScheduler")],
-                          "consistency")):
+                         (["--scheduler-config", _run_scheduler_config(trained_workdir, tmp_path, "TCDScheduler")],
+                          "TCDScheduler")):
         code, out = run(capsys, *common, *extra, "--out", str(tmp_path / "d.png"))
         assert code == 2 and match in out.err, out.err
         assert not (tmp_path / "d.png").exists()

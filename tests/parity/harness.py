@@ -244,17 +244,18 @@ def brownian_noise_sampler(key, shape):
     return sampler
 
 
-def patch_randn(monkeypatch, module, key, max_calls: int | None = None) -> list:
+def patch_randn(monkeypatch, module, key, max_calls: int | None = None, first: int = 0) -> list:
     """Make `module.randn_tensor` (a diffusers scheduler module) return our noise: its i-th call gives
-    step_noise(key, i, shape) (float32), as our stochastic solvers draw step i's noise from fold_in(key, i).
-    More than max_calls calls fail. Returns the list of call indices (clear it to restart the count)."""
+    step_noise(key, first + i, shape) (float32), as our stochastic solvers draw step i's noise from fold_in(key, i)
+    (multistep consistency sampling's first noise is step 1's: first=1). More than max_calls calls fail. Returns the
+    list of call indices (clear it to restart the count)."""
     calls = []
 
     def randn_tensor(shape, *args, **kwargs):
         i = len(calls)
         assert max_calls is None or i < max_calls, f"diffusers drew noise {i + 1} times, expected at most {max_calls}"
         calls.append(i)
-        return step_noise(key, i, shape)
+        return step_noise(key, first + i, shape)
 
     monkeypatch.setattr(module, "randn_tensor", randn_tensor)
     return calls

@@ -120,6 +120,13 @@ def _combos():
                                                       "sigma_min"}]))
     add("EDMDPMSolverMultistepScheduler", [{"algorithm_type": "sde-dpmsolver++"}, {"solver_type": "heun"},
                                            {"thresholding": True, "sample_max_value": 1.5}, {"euler_at_final": True}])
+    add("LCMScheduler", _grid([{}, {"original_inference_steps": 25}, V, {**COS, **V, "timestep_scaling": 3.0}]), K=1)
+    add("LCMScheduler", _grid([{}, {"original_inference_steps": 20, "timestep_spacing": "trailing"}, V,
+                               {"clip_sample": True, "clip_sample_range": 0.7}, {"thresholding": True},
+                               {"rescale_betas_zero_snr": True, **V, "set_alpha_to_one": False}]), K=4)
+    add("LCMScheduler", [{}, {"original_inference_steps": 8}], K=8)
+    # c_skip(t) is below 1e-5 at LCM's timesteps with timestep_scaling 10: a tiny scaling makes the boundary count
+    add("LCMScheduler", _grid([{"timestep_scaling": 0.002}], [{}, V, {"clip_sample": True}]), K=4)
     # what diffusers itself cannot run (and we can: a finite sample)
     add("UniPCMultistepScheduler", [{"lower_order_final": False}, {"solver_type": "bh1"}], fails="not finite")
     add("DPMSolverMultistepScheduler", [{"algorithm_type": "dpmsolver"}], fails="ValueError")
@@ -154,14 +161,16 @@ def _edm_raw_network(sigma_data: float):
 
 
 @functools.lru_cache(maxsize=None)
-def _runner(sampler, options_items, prediction, clip, threshold, rederive, learned, K):
+def _runner(sampler, options_items, prediction, clip, threshold, rederive, learned, K, lcm=None):
     """jit((grid, extra, sched, x_T, key) -> x): our solver on the exact network; one compilation per solver setup."""
     options = dict(options_items)
 
     def run(grid, extra, sched, x_T, key):
+        from diffusion_jax.samplers.consistency import lcm_boundary
         from diffusion_jax.samplers.wrapper import make_denoiser
         den = make_denoiser(functools.partial(_network, prediction, sched), prediction,
                             clip_denoised=clip, threshold=threshold, rederive_eps=rederive)
+        den = den if lcm is None else lcm_boundary(den, *lcm)
         return get_sampler(sampler, **options)(den, grid, x_T, key, **extra)[0]
     return jax.jit(run, compiler_options=CHEAP_COMPILE)
 
@@ -170,7 +179,7 @@ def _ours(imp, sched):
     p = imp.plan
     opts = tuple(sorted(p.options.items()))
     run = _runner(p.sampler, opts, p.prediction, p.clip_denoised, p.threshold, p.rederive_eps, p.learned_variance,
-                  imp.steps)
+                  imp.steps, p.lcm)
     x = run(p.grid, p.extra, sched, Z * p.noise_scale, jax.random.fold_in(KEY, 1))
     return np.asarray(x, np.float64) * p.out_scale
 
@@ -180,7 +189,9 @@ STOCHASTIC_MODULES = {"DDPMScheduler": "scheduling_ddpm",
                       "DPMSolverMultistepScheduler": "scheduling_dpmsolver_multistep",
                       "DPMSolverSinglestepScheduler": "scheduling_dpmsolver_singlestep",
                       "KDPM2AncestralDiscreteScheduler": "scheduling_k_dpm_2_ancestral_discrete",
-                      "EDMDPMSolverMultistepScheduler": "scheduling_edm_dpmsolver_multistep"}
+                      "EDMDPMSolverMultistepScheduler": "scheduling_edm_dpmsolver_multistep",
+                      "LCMScheduler": "scheduling_lcm"}
+NOISE_FIRST = {"LCMScheduler": 1}      # multistep consistency sampling draws its first noise at step 1
 
 
 def _float64_tables(ref, cls, cfg):
@@ -210,7 +221,7 @@ def _diffusers(cls, cfg, K, sched, prediction, monkeypatch):
     ref.set_timesteps(K)
     if cls in STOCHASTIC_MODULES:
         module = importlib.import_module(f"diffusers.schedulers.{STOCHASTIC_MODULES[cls]}")
-        patch_randn(monkeypatch, module, jax.random.fold_in(KEY, 1))
+        patch_randn(monkeypatch, module, jax.random.fold_in(KEY, 1), first=NOISE_FIRST.get(cls, 0))
     if cls == "DPMSolverSDEScheduler":
         ref.noise_sampler = brownian_noise_sampler(jax.random.fold_in(KEY, 1), Z.shape)
     if prediction == "edm":

@@ -143,3 +143,42 @@ def test_scheduler_config_end_to_end(sd_folder, tmp_path, cls, keys, steps, monk
     spec = SamplerSpec("ddim", steps, clip_denoised=None, guidance_scale=4.0, scheduler_config=str(path))
     got, _ = generate(load_text_to_image(folder), PROMPTS, spec, latents=nhwc(latents), seed=0)
     assert np.abs(got * 0.5 + 0.5 - want).max() <= 1e-3, np.abs(got * 0.5 + 0.5 - want).max()
+
+
+def test_latent_consistency_folder_gives_diffusers_images(sd_folder, tmp_path, monkeypatch):
+    """A latent consistency model folder (diffusers' LatentConsistencyModelPipeline: a U-Net with time_cond_proj_dim,
+    LCMScheduler): `generate` with its scheduler config and w = 4 as the U-Net's input gives diffusers' decoded
+    images to 1e-3 from the same latents and step noise (LCM re-noises between its 4 steps)."""
+    import jax
+
+    folder, sd = sd_folder
+    torch.manual_seed(1)
+    unet = diffusers.UNet2DConditionModel(**{**sd.unet.config, "time_cond_proj_dim": 8}).eval()
+    with torch.no_grad():
+        unet.conv_out.weight.normal_(0, 0.05)
+        unet.time_embedding.cond_proj.weight.normal_(0, 0.05)     # zero-initialised by LCM's distillation
+    scheduler = diffusers.LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    ref = diffusers.LatentConsistencyModelPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
+                                                   unet=unet, scheduler=scheduler, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    lcm_folder = str(tmp_path / "lcm")
+    ref.save_pretrained(lcm_folder)
+    latents = np.random.default_rng(2).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    from diffusers.schedulers import scheduling_lcm
+    key, calls = jax.random.fold_in(jax.random.PRNGKey(0), 1), []
+
+    def randn_tensor(shape, *args, **kwargs):     # multistep consistency sampling's step-i noise, i >= 1, NHWC
+        n, c, h, w = shape
+        calls.append(len(calls) + 1)
+        return to_torch(np.asarray(jax.random.normal(jax.random.fold_in(key, calls[-1]), (n, h, w, c))),
+                        nchw_from_nhwc=True)
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", randn_tensor)
+    with torch.no_grad():
+        want = ref(PROMPTS, num_inference_steps=4, guidance_scale=4.0, latents=to_torch(latents),
+                   output_type="np").images
+    assert calls == [1, 2, 3]
+    spec = SamplerSpec("ddim", 4, clip_denoised=None, guidance_scale=4.0,
+                       scheduler_config=os.path.join(lcm_folder, "scheduler"))
+    got, nfe = generate(load_text_to_image(lcm_folder), PROMPTS, spec, latents=nhwc(latents), seed=0)
+    assert nfe == 4
+    assert np.abs(got * 0.5 + 0.5 - want).max() <= 1e-3, np.abs(got * 0.5 + 0.5 - want).max()

@@ -34,7 +34,10 @@ def test_every_key_of_every_class_is_read_or_neutral(name):
 
 @pytest.mark.parametrize("cfg, steps, match", [
     ({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True}, 10, "needs the pipeline's mu"),
-    ({"_class_name": "LCMScheduler"}, 4, "consistency"),
+    ({"_class_name": "TCDScheduler"}, 4, "trajectory consistency distillation"),
+    ({"_class_name": "LCMScheduler"}, 51, "original_inference_steps=50 caps LCMScheduler's inference steps"),
+    ({"_class_name": "LCMScheduler", "original_inference_steps": 1001}, 10,
+     "original_inference_steps=1001 must be at most num_train_timesteps=1000"),
     ({"_class_name": "NoSuchScheduler"}, 10, "unknown; supported"),
     ({}, 10, "_class_name=None is unknown"),
     ({"_class_name": "DDIMScheduler", "timestep_spacing": "sometimes"}, 10, "timestep_spacing='sometimes'"),
