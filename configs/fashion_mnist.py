@@ -12,15 +12,18 @@ The full run (100k steps, batch 128) is meant for an accelerator; on 2 CPU cores
 U-Net (1, 2) with one res block per level, 2,000 steps of batch 64 with label dropout 0.1 (for classifier-free
 guidance); the digits recipe (lr 2e-3 cosine, EMA 0.995). Measured 0.9 s/step on 2 CPU cores shared with another
 job (~30 min); estimated ~0.45 s/step (~15 min) on idle ones.
+`:cpu-v` is that model in the digits default's parameterisation, v-prediction on the cosine schedule: the teacher of
+the few-step students of experiments/distill.py --data fashion_mnist (progressive distillation needs a v / x0
+teacher).
 """
 import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    if arg not in (None, "debug", "cpu"):
-        raise ValueError(f"configs/fashion_mnist.py takes no argument, 'debug' or 'cpu', got {arg!r}")
-    if arg == "cpu":
-        return _cpu_config(get_config("debug"))
+    if arg not in (None, "debug", "cpu", "cpu-v"):
+        raise ValueError(f"configs/fashion_mnist.py takes no argument, 'debug', 'cpu' or 'cpu-v', got {arg!r}")
+    if arg in ("cpu", "cpu-v"):
+        return _cpu_config(get_config("debug"), v=arg == "cpu-v")
     debug = arg == "debug"
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -49,9 +52,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
-def _cpu_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The :debug config (16x16, a (1, 2) U-Net), widened and trained long enough to draw recognisable classes."""
+def _cpu_config(c: ml_collections.ConfigDict, v: bool = False) -> ml_collections.ConfigDict:
+    """The :debug config (16x16, a (1, 2) U-Net), widened and trained long enough to draw recognisable classes;
+    v: v-prediction on the cosine schedule (as configs/digits.py) instead of eps on the linear one."""
     with c.unlocked():
+        if v:
+            c.schedule.update(name="cosine", beta_start=None, beta_end=None)
+            c.loss.prediction = "v"
+            c.sample.spacing = "trailing"
         c.model.update(channels=32, num_res_blocks=1, num_groups=8, num_heads=1, dropout=0.0)
         c.optim.update(learning_rate=2e-3, warmup_steps=100, decay="cosine")
         c.train.update(steps=2000, batch_size=64, ema_decay=0.995, log_every=100, ckpt_every=500,

@@ -293,15 +293,22 @@ def test_bad_guidance_distillation_configs_name_the_key(overrides, match):
 
 
 @pytest.mark.parametrize("method", ["progressive", "cd", "ct", "guidance", "guided-pd", "guided-cd"])
-def test_the_digits_distillation_recipes_load_and_validate(method):
-    """configs/distill_digits.py's recipes (experiments/distill_digits.py runs them): each one's method, and the
-    guidance weight as an input exactly for the guided ones."""
+def test_the_distillation_recipes_load_and_validate(method):
+    """configs/distill.py's recipes (experiments/distill.py runs them): each one's method, the guidance weight as an
+    input exactly for the guided ones, and the teacher's model, schedule and prediction for each data option."""
     teacher = [] if method == "ct" else ["distill.teacher=/x"]
-    for arg in (method, method + ",debug"):
-        exp = load_experiment(f"configs/distill_digits.py:{arg}", teacher)[0]
+    for arg, base in ((method, "configs/digits.py"), (method + ",debug", "configs/digits.py:debug"),
+                      (method + ",fashion_mnist", "configs/fashion_mnist.py:cpu-v")):
+        exp = load_experiment(f"configs/distill.py:{arg}", teacher)[0]
+        ref = load_experiment(base)[0]
+        assert (exp.data.name, exp.model.channels, exp.model.channel_mult) == (
+            ref.data.name, ref.model.channels, ref.model.channel_mult)
+        if method != "ct":
+            assert (exp.schedule, exp.loss.prediction) == (ref.schedule, ref.loss.prediction)
         assert (exp.model.guidance_embed_dim is not None) == method.startswith("guid")
         assert exp.distill.method == {"progressive": "progressive", "cd": "consistency_distillation",
                                       "ct": "consistency_training", "guidance": "guidance",
                                       "guided-pd": "progressive", "guided-cd": "consistency_distillation"}[method]
-    with pytest.raises(ValueError, match="takes one of"):
-        load_experiment("configs/distill_digits.py:lcm")
+    for bad in ("lcm", method + ",cifar10"):
+        with pytest.raises(ValueError, match="takes one of"):
+            load_experiment(f"configs/distill.py:{bad}")

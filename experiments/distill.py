@@ -1,12 +1,15 @@
-"""Few-step generation on the digits default: the teacher's solvers at 1-8 and 50 NFE against progressive distillation
-(1-16 steps), consistency distillation and consistency training (1 and 2 steps), and guidance distillation (a student
-taking the guidance weight w as input, then progressive rounds of it) against the teacher's two-branch classifier-free
-guidance at w = 2, 3, on the same x_T.
+"""Few-step generation on the digits default (or Fashion-MNIST): the teacher's solvers at 1-8 and 50 NFE against
+progressive distillation (1-16 steps), consistency distillation and consistency training (1 and 2 steps), and guidance
+distillation (a student taking the guidance weight w as input, then progressive rounds of it) against the teacher's
+two-branch classifier-free guidance at w = 2, 3, on the same x_T.
 
-    python experiments/distill_digits.py [--root workdirs/distill_digits] [--num 1000] [--out results/distill_digits]
+    python experiments/distill.py [--data digits] [--root workdirs/distill_DATA] [--num 1000] \
+        [--out results/distill_DATA]
+    python experiments/distill.py --data fashion_mnist --models teacher,pd,cd,ct --pd-steps 500 --cd-steps 1000
 
-Models (configs/digits.py: the 8x8 digits, class-conditional, v-prediction on the cosine schedule, 2,500 steps; the
-students' recipes are configs/distill_digits.py's):
+Teachers (--data): digits is configs/digits.py (the 8x8 digits, class-conditional, v-prediction on the cosine schedule,
+2,500 steps), fashion_mnist is configs/fashion_mnist.py:cpu-v (16x16, a 32-channel U-Net, v-prediction on the cosine
+schedule, 2,000 steps). The students' recipes are configs/distill.py's; --models picks families of them:
   teacher   the default run (or --teacher WORKDIR of one)
   pd-N      progressive distillation (Salimans & Ho 2022), rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1 teacher DDIM steps on
             trailing levels, --pd-steps updates per round (AdamW 5e-4, cosine), each from the previous round's EMA
@@ -20,10 +23,10 @@ students' recipes are configs/distill_digits.py's):
             at the student's w ~ U[1, 4] (two branches), --cd-steps updates from the teacher's weights
 Every cell samples the same --num standard-normal x_T (EDM's scaled by sigma_max) with balanced labels (i mod 10),
 no clipping; guidance only in the cells marked w (two branches for the teacher, an input for the guided students).
-Per cell: FD on the digits classifier's features against the held-out split (balanced reference statistics, stratified
+Per cell: FD on the data's classifier's features against the held-out split (balanced reference statistics, stratified
 bootstrap interval), KID, class agreement (Wilson) and the sampling wall time of all --num samples after compilation.
 Paired FD differences (same x_T, paired bootstrap) answer the questions in PAIRED. Floor: --num real training images.
-Writes OUT/distill_digits.md, cells.csv, paired.csv, models.csv, fd_vs_nfe.png, guided_fd_vs_nfe.png and grids/*.png.
+Writes OUT/distill_DATA.md, cells.csv, paired.csv, models.csv, fd_vs_nfe.png, guided_fd_vs_nfe.png and grids/*.png.
 """
 import argparse
 import json
@@ -35,8 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-BASE = "configs/digits.py"
-DISTILL = "configs/distill_digits.py"
+BASES = {"digits": "configs/digits.py", "fashion_mnist": "configs/fashion_mnist.py:cpu-v"}
+DISTILL = "configs/distill.py"
+FAMILIES = ("teacher", "pd", "cd", "ct", "guided", "guided-pd", "guided-cd")
 TEACHER_CELLS = [("ddim", "trailing", n) for n in (1, 2, 4, 8, 16, 50)] + [("dpmpp_2m", "logsnr", n)
                                                                            for n in (2, 4, 8, 16)]
 PD_FIRST = 16       # the first student's steps (its teacher takes 32)
@@ -58,9 +62,14 @@ PAIRED = [("pd-4", "DDIM 4", "teacher", "DDIM 50"), ("pd-8", "DDIM 8", "teacher"
 
 
 def config_of(name: str, args) -> tuple[str, list[str]]:
-    """(config file, overrides) of a model: configs/distill_digits.py holds each method's recipe."""
+    """(config file, overrides) of a model: configs/distill.py holds each method's recipe."""
     if name == "teacher":
-        return BASE, []
+        return BASES[args.data], []
+    config, overrides = _student_config(name, args)
+    return config + ("" if args.data == "digits" else "," + args.data), overrides
+
+
+def _student_config(name: str, args) -> tuple[str, list[str]]:
     if name.startswith("pd-"):
         n = int(name[3:])
         teacher = args.teacher if n == PD_FIRST else os.path.join(args.root, f"pd-{2 * n}")
@@ -96,13 +105,13 @@ def train(name: str, args) -> dict:
             "train_s": json.load(open(timing))["seconds"]}
 
 
-def cells_of(name: str, exp) -> list[tuple[str, str, str, int, float]]:
+def cells_of(name: str, exp, guided: bool = True) -> list[tuple[str, str, str, int, float]]:
     """(label, sampler, spacing, steps, guidance weight w) of a model's cells; w != 1 (or a student taking w) is
-    in the label."""
+    in the label. guided: the teacher's two-branch guidance cells too (the guided students' references)."""
     takes_w = exp.model.guidance_embed_dim is not None
     if name == "teacher":
         return ([(f"{'DDIM' if s == 'ddim' else 'DPM++'} {n}", s, sp, n, 1.0) for s, sp, n in TEACHER_CELLS]
-                + [(f"DDIM {n} w={w:g}", "ddim", "trailing", n, w) for w in W_TEACHER for n in (8, 50)])
+                + [(f"DDIM {n} w={w:g}", "ddim", "trailing", n, w) for w in W_TEACHER for n in (8, 50) if guided])
     if exp.distill.method in ("progressive", "guidance"):
         steps = (8, 50) if exp.distill.method == "guidance" else (exp.distill.student_steps,)
         if not takes_w:
@@ -128,7 +137,8 @@ def evaluate(row: dict, noise, labels, scorer, args) -> tuple[list[dict], dict]:
     schedule = build_schedule(exp.schedule)
     mu, sigma = scorer.real_stats
     rows, kept = [], {}
-    for label, sampler, spacing, steps, w in cells_of(row["model"], exp):
+    guided = any(f.startswith("guided") for f in args.models.split(","))
+    for label, sampler, spacing, steps, w in cells_of(row["model"], exp, guided):
         spec = SamplerSpec(sampler, steps=steps, spacing=spacing, clip_denoised=None, guidance_scale=w)
         fn = make_sample_fn(graphdef, schedule, spec, (args.batch,) + noise.shape[1:], **sampling_kwargs(exp))
         x_T = noise * (float(schedule.sigma_max) if schedule.kind == "edm" else 1.0)
@@ -155,9 +165,13 @@ def evaluate(row: dict, noise, labels, scorer, args) -> tuple[list[dict], dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="workdirs/distill_digits")
-    p.add_argument("--teacher", default=None, help="a trained run of configs/digits.py (default: ROOT/teacher)")
-    p.add_argument("--out", default="results/distill_digits")
+    p.add_argument("--data", choices=sorted(BASES), default="digits", help="the teacher's data (and config)")
+    p.add_argument("--models", default=",".join(FAMILIES),
+                   help=f"comma-separated families of models to train and sample, of {', '.join(FAMILIES)}")
+    p.add_argument("--root", default=None, help="workdirs of the models (default: workdirs/distill_DATA)")
+    p.add_argument("--teacher", default=None, help="a trained run of the data's teacher config (default: "
+                   "ROOT/teacher)")
+    p.add_argument("--out", default=None, help="results folder (default: results/distill_DATA)")
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--batch", type=int, default=500, help="samples per compiled call")
     p.add_argument("--pd-steps", type=int, default=1000, help="updates per progressive round")
@@ -166,6 +180,13 @@ def main(argv=None) -> int:
     p.add_argument("--guided-steps", type=int, default=1000, help="updates of guidance distillation (stage one)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    families = args.models.split(",")
+    if "teacher" not in families or not set(families) <= set(FAMILIES):
+        p.error(f"--models: a comma-separated subset of {', '.join(FAMILIES)} that includes teacher, "
+                f"got {args.models!r}")
+    args.command = " ".join(["python experiments/distill.py", *(sys.argv[1:] if argv is None else argv)])
+    args.root = args.root or f"workdirs/distill_{args.data}"
+    args.out = args.out or f"results/distill_{args.data}"
     args.teacher = args.teacher or os.path.join(args.root, "teacher")
     from diffusion_jax.host import reuse_host_memory
 
@@ -177,11 +198,17 @@ def main(argv=None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
-    names = (["teacher"] + [f"pd-{PD_FIRST >> k}" for k in range(PD_FIRST.bit_length())] + ["cd", "ct", "guided"]
-             + [f"guided-pd-{n}" for n in GUIDED_PD] + ["guided-cd"])
-    models = [train(name, args) for name in names]
-    scorer = Scorer.for_experiment(load_experiment(BASE)[0], progress=not args.no_progress)
-    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(2026), (args.num, 8, 8, 1)))
+    names = {"teacher": ["teacher"], "pd": [f"pd-{PD_FIRST >> k}" for k in range(PD_FIRST.bit_length())],
+             "cd": ["cd"], "ct": ["ct"], "guided": ["guided"], "guided-pd": [f"guided-pd-{n}" for n in GUIDED_PD],
+             "guided-cd": ["guided-cd"]}
+    if "guided-pd" in families and "guided" not in families:
+        families.append("guided")        # the first round's teacher
+    models = [train(name, args) for family in FAMILIES if family in families for name in names[family]]
+    teacher = load_experiment(BASES[args.data])[0]
+    scorer = Scorer.for_experiment(teacher, progress=not args.no_progress)
+    m = teacher.model
+    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(2026), (args.num, m.image_size, m.image_size,
+                                                                    m.in_channels)))
     labels = balanced_labels(args.num, 10)
     cells, kept = [], {}
     for row in models:
@@ -220,8 +247,8 @@ def write(args, models, cells, paired, floor, seconds) -> None:
 
     for rows, name in ((cells, "cells"), (paired, "paired"), (models, "models")):
         write_csv(rows, os.path.join(args.out, f"{name}.csv"))
-    lines = [f"# Few-step generation on the digits ({args.num} samples per cell)", "",
-             f"`python experiments/distill_digits.py --num {args.num}`: {seconds / 60:.0f} min on this machine "
+    lines = [f"# Few-step generation on {args.data} ({args.num} samples per cell)", "",
+             f"`{args.command}`: {seconds / 60:.0f} min on this machine "
              "(training included when the workdirs were new).", "", "## Models", "",
              markdown_table(["model", "updates", "train s"],
                             [[m["model"], str(m["steps"]), f"{m['train_s']:.0f}"] for m in models]), "",
@@ -235,7 +262,7 @@ def write(args, models, cells, paired, floor, seconds) -> None:
                               f"{c['sample_s']:.2f}"] for c in cells]),
              "", "## Paired comparisons (same x_T and labels; FD(a) - FD(b), paired bootstrap)", "",
              *[f"- {r['verdict']}" for r in paired], ""]
-    with open(os.path.join(args.out, "distill_digits.md"), "w") as f:
+    with open(os.path.join(args.out, f"distill_{args.data}.md"), "w") as f:
         f.write("\n".join(lines))
     def group(c):
         """The curve of a cell in the plots: the teacher per solver, progressive rounds together."""
@@ -250,6 +277,8 @@ def write(args, models, cells, paired, floor, seconds) -> None:
     for name, keep, title in (("fd_vs_nfe.png", lambda c: c["w"] == 1 and not c["model"].startswith("guided"),
                                "no guidance"),
                               ("guided_fd_vs_nfe.png", lambda c: c["w"] == 2, "classifier-free guidance w = 2")):
+        if not any(map(keep, cells)):     # e.g. no guided models in --models
+            continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
         groups = {}
         for c in filter(keep, cells):
