@@ -145,6 +145,7 @@ def test_scheduler_config_end_to_end(sd_folder, tmp_path, cls, keys, steps, monk
     assert np.abs(got * 0.5 + 0.5 - want).max() <= 1e-3, np.abs(got * 0.5 + 0.5 - want).max()
 
 
+@pytest.mark.slow    # about 30 s: a second tiny pipeline saved, loaded, and sampled by diffusers and by us
 def test_latent_consistency_folder_gives_diffusers_images(sd_folder, tmp_path, monkeypatch):
     """A latent consistency model folder (diffusers' LatentConsistencyModelPipeline: a U-Net with time_cond_proj_dim,
     LCMScheduler): `generate` with its scheduler config and w = 4 as the U-Net's input gives diffusers' decoded
