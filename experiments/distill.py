@@ -5,7 +5,7 @@ two-branch classifier-free guidance at w = 2, 3, on the same x_T.
 
     python experiments/distill.py [--data digits] [--root workdirs/distill_DATA] [--num 1000] \
         [--out results/distill_DATA]
-    python experiments/distill.py --data fashion_mnist --models teacher,pd,cd,ct --pd-steps 500 --cd-steps 1000
+    python experiments/distill.py --data fashion_mnist --models teacher,pd,cd,ct --cd-steps 1000 --ct-steps 2000
 
 Teachers (--data): digits is configs/digits.py (the 8x8 digits, class-conditional, v-prediction on the cosine schedule,
 2,500 steps), fashion_mnist is configs/fashion_mnist.py:cpu-v (16x16, a 32-channel U-Net, v-prediction on the cosine
@@ -283,11 +283,11 @@ def write(args, models, cells, paired, floor, seconds) -> None:
         groups = {}
         for c in filter(keep, cells):
             groups.setdefault(group(c), []).append(c)
-        for key, rows in groups.items():
+        for key, rows in groups.items():     # the basic bootstrap interval may exclude the (biased) estimate
             rows = sorted(rows, key=lambda c: c["calls"])
-            ax.errorbar([c["calls"] for c in rows], [c["fd"] for c in rows],
-                        yerr=[[c["fd"] - c["fd_lo"] for c in rows], [c["fd_hi"] - c["fd"] for c in rows]],
-                        marker="o", capsize=3, label=key)
+            calls = [c["calls"] for c in rows]
+            line, = ax.plot(calls, [c["fd"] for c in rows], marker="o", label=key)
+            ax.vlines(calls, [c["fd_lo"] for c in rows], [c["fd_hi"] for c in rows], color=line.get_color())
         ax.axhline(floor["fd"], color="k", ls=":", label="real vs real")
         ax.set(xscale="log", yscale="log", xlabel="NFE (network calls per sample)", ylabel="FD (classifier features)",
                title=title)
