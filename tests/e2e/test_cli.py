@@ -66,6 +66,7 @@ def test_sample_with_ddpm_and_bad_steps(capsys, trained_workdir, tmp_path):
     assert code == 2 and "--steps" in out.err
 
 
+@pytest.mark.slow    # about 39 s on 2 cores (fresh clone): every cell of a compare grid, then a resumed run
 def test_compare_runs_every_cell_and_resumes(capsys, trained_workdir, tmp_path, metrics_cache):
     out_dir = tmp_path / "cmp"
     argv = ["compare", "--workdir", trained_workdir, "--samplers", "ddim,heun,ddim:eta=1,pndm", "--nfe", "3,5",
