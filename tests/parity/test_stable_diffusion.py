@@ -106,6 +106,22 @@ def test_bad_folders_are_named(tmp_path, sd_folder):
         generate(model, ["a cat"], SamplerSpec("ddim", 2))
 
 
+def _patch_step_noise(monkeypatch, module, first: int = 0) -> list:
+    """Make `module.randn_tensor` give generate's step noise at seed 0: its i-th call returns
+    normal(fold_in(fold_in(PRNGKey(0), 1), first + i)) drawn in NHWC, as NCHW. Returns the step indices drawn."""
+    import jax
+
+    key, calls = jax.random.fold_in(jax.random.PRNGKey(0), 1), []
+
+    def randn_tensor(shape, *args, **kwargs):
+        n, c, h, w = shape
+        calls.append(first + len(calls))
+        return to_torch(np.asarray(jax.random.normal(jax.random.fold_in(key, calls[-1]), (n, h, w, c))),
+                        nchw_from_nhwc=True)
+    monkeypatch.setattr(module, "randn_tensor", randn_tensor)
+    return calls
+
+
 @pytest.mark.parametrize("cls, keys, steps", [
     ("DDIMScheduler", {"set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}, 5),
     ("PNDMScheduler", {"skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading"}, 6),
@@ -118,24 +134,15 @@ def test_scheduler_config_end_to_end(sd_folder, tmp_path, cls, keys, steps, monk
     decoded images to 1e-3."""
     import json
 
-    import jax
-
     folder, ref = sd_folder
     saved = {k: v for k, v in ref.scheduler.config.items() if k != "_use_default_values"}     # as a json file has it
     config = {**saved, "_class_name": cls, **keys}
     path = tmp_path / "scheduler_config.json"
     path.write_text(json.dumps(config))
     latents = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
-    if cls == "EulerAncestralDiscreteScheduler":   # its step noise = ours: fold_in(fold_in(key(seed), 1), i), NHWC
+    if cls == "EulerAncestralDiscreteScheduler":
         from diffusers.schedulers import scheduling_euler_ancestral_discrete as module
-        key, calls = jax.random.fold_in(jax.random.PRNGKey(0), 1), []
-
-        def randn_tensor(shape, *args, **kwargs):
-            n, c, h, w = shape
-            calls.append(len(calls))
-            return to_torch(np.asarray(jax.random.normal(jax.random.fold_in(key, calls[-1]), (n, h, w, c))),
-                            nchw_from_nhwc=True)
-        monkeypatch.setattr(module, "randn_tensor", randn_tensor)
+        _patch_step_noise(monkeypatch, module)
     with torch.no_grad():
         ref.scheduler = getattr(diffusers, cls).from_config(config)
         want = ref(PROMPTS, num_inference_steps=steps, guidance_scale=4.0, latents=to_torch(latents),
@@ -150,7 +157,6 @@ def test_latent_consistency_folder_gives_diffusers_images(sd_folder, tmp_path, m
     """A latent consistency model folder (diffusers' LatentConsistencyModelPipeline: a U-Net with time_cond_proj_dim,
     LCMScheduler): `generate` with its scheduler config and w = 4 as the U-Net's input gives diffusers' decoded
     images to 1e-3 from the same latents and step noise (LCM re-noises between its 4 steps)."""
-    import jax
 
     folder, sd = sd_folder
     torch.manual_seed(1)
@@ -166,14 +172,7 @@ def test_latent_consistency_folder_gives_diffusers_images(sd_folder, tmp_path, m
     ref.save_pretrained(lcm_folder)
     latents = np.random.default_rng(2).standard_normal((2, 4, 8, 8)).astype(np.float32)
     from diffusers.schedulers import scheduling_lcm
-    key, calls = jax.random.fold_in(jax.random.PRNGKey(0), 1), []
-
-    def randn_tensor(shape, *args, **kwargs):     # multistep consistency sampling's step-i noise, i >= 1, NHWC
-        n, c, h, w = shape
-        calls.append(len(calls) + 1)
-        return to_torch(np.asarray(jax.random.normal(jax.random.fold_in(key, calls[-1]), (n, h, w, c))),
-                        nchw_from_nhwc=True)
-    monkeypatch.setattr(scheduling_lcm, "randn_tensor", randn_tensor)
+    calls = _patch_step_noise(monkeypatch, scheduling_lcm, first=1)    # multistep consistency: steps i >= 1
     with torch.no_grad():
         want = ref(PROMPTS, num_inference_steps=4, guidance_scale=4.0, latents=to_torch(latents),
                    output_type="np").images
